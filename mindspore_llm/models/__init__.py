@@ -1,0 +1,1 @@
+"""Model families (one file each), the layers they share, and the architecture registry."""

@@ -1,0 +1,73 @@
+"""Hugging Face ``architectures`` names -> (config class, builder), and ``AutoModelForCausalLM``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from mindspore_llm.checkpoint import load_weights
+from mindspore_llm.config_utils import ConfigError, from_dict
+from mindspore_llm.models import qwen
+from mindspore_llm.models.layers import CausalLM, Precision
+from mindspore_llm.parallel.config import ParallelConfig
+from mindspore_llm.parallel.plan import apply_plan
+
+# architecture name -> (config class with from_hf, builder(config, precision) -> CausalLM)
+REGISTRY: dict[str, tuple[type, Callable[..., CausalLM]]] = {
+    name: (qwen.QwenConfig, qwen.build_qwen) for name in qwen.ARCHITECTURES
+}
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json"):
+    architecture = (hf.get("architectures") or [None])[0]
+    if architecture not in REGISTRY:
+        raise ConfigError(f"{source}: architectures {hf.get('architectures')!r} is not supported; "
+                          f"supported: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[architecture][0].from_hf(hf, source)
+
+
+def config_from_yaml_section(section: Mapping[str, Any], source: str):
+    """A YAML ``model:`` section with inline dimensions; ``architecture`` picks the family."""
+    architecture = section.get("architecture")
+    if architecture not in REGISTRY:
+        raise ConfigError(f"{source}.architecture: {architecture!r} is not one of {', '.join(sorted(REGISTRY))}")
+    return from_dict(REGISTRY[architecture][0], section, source)
+
+
+def load_config(path: str | os.PathLike):
+    """Config from a model directory or a ``config.json`` path."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        hf = json.loads(file.read_text())
+    except OSError as err:
+        raise ConfigError(f"{file}: cannot read ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{file}: invalid JSON ({err})") from None
+    return config_from_hf(hf, str(file))
+
+
+def build_model(config, precision: Precision = Precision(), parallel: ParallelConfig | None = None) -> CausalLM:
+    """Randomly initialised model for `config`, with the parallel plan applied (inert stand-alone)."""
+    model = REGISTRY[config.architecture][1](config, precision)
+    apply_plan(model, parallel or ParallelConfig())
+    return model
+
+
+class AutoModelForCausalLM:
+    """``AutoModelForCausalLM.from_pretrained(path)`` for a Hugging Face directory (config.json + safetensors)
+    or a directory written by ``msllm-ckpt hf2ms``."""
+
+    @staticmethod
+    def from_config(config, param_dtype: str = "fp32", compute_dtype: str = "fp32",
+                    parallel: ParallelConfig | None = None) -> CausalLM:
+        return build_model(config, Precision.from_names(param_dtype, compute_dtype), parallel)
+
+    @staticmethod
+    def from_pretrained(path: str | os.PathLike, param_dtype: str = "fp32", compute_dtype: str = "fp32",
+                        parallel: ParallelConfig | None = None) -> CausalLM:
+        model = AutoModelForCausalLM.from_config(load_config(path), param_dtype, compute_dtype, parallel)
+        load_weights(model, path)
+        model.name_or_path = str(path)
+        return model

@@ -1,0 +1,419 @@
+"""Layers every family shares: linear, RMSNorm, rotary embeddings (default/linear/dynamic/yarn), the attention
+mask, dot-product attention, grouped-query attention, the SwiGLU MLP, the decoder skeleton and the LM loss.
+
+Precision policy: parameters live in ``param_dtype``; matmuls run in ``compute_dtype``; norms, rotary tables,
+softmax and the loss run in fp32. Ops that a parallel plan may split are primitive instances (``P.MatMul()``...) so
+that ``mindspore_llm.parallel.plan`` can give each its strategy; the model code never decides a split.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+from mindspore.ops import operations as P
+from mindspore.ops.auto_generate.gen_ops_prim import SiLU
+
+from mindspore_llm.models.config import RopeConfig
+
+DTYPES = {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float16": ms.float16,
+          "bf16": ms.bfloat16, "bfloat16": ms.bfloat16}
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Precision:
+    param_dtype: ms.dtype = ms.float32
+    compute_dtype: ms.dtype = ms.float32
+
+    @classmethod
+    def from_names(cls, param_dtype: str = "fp32", compute_dtype: str = "fp32") -> "Precision":
+        for name in (param_dtype, compute_dtype):
+            if name not in DTYPES:
+                raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+        return cls(DTYPES[param_dtype], DTYPES[compute_dtype])
+
+
+class Linear(nn.Cell):
+    """y = x W^T + b, W stored (out, in) as in Hugging Face checkpoints, computed in the compute dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, precision: Precision, init_std: float):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = precision.compute_dtype
+        self.weight = Parameter(initializer(Normal(init_std), (out_features, in_features), precision.param_dtype),
+                                name="weight")
+        self.bias = (Parameter(initializer("zeros", (out_features,), precision.param_dtype), name="bias")
+                     if bias else None)
+        self.matmul = P.MatMul(transpose_b=True)
+        self.bias_add = P.Add()
+        self.cast = P.Cast()
+
+    def construct(self, x):
+        out_shape = x.shape[:-1] + (self.out_features,)
+        x = self.cast(x, self.compute_dtype).reshape(-1, self.in_features)
+        y = self.matmul(x, self.cast(self.weight, self.compute_dtype))
+        if self.bias is not None:
+            y = self.bias_add(y, self.cast(self.bias, self.compute_dtype))
+        return y.reshape(out_shape)
+
+
+class Embedding(nn.Cell):
+    def __init__(self, vocab_size: int, hidden_size: int, precision: Precision, init_std: float):
+        super().__init__()
+        self.compute_dtype = precision.compute_dtype
+        self.weight = Parameter(initializer(Normal(init_std), (vocab_size, hidden_size), precision.param_dtype),
+                                name="weight")
+        self.gather = P.Gather()
+        self.cast = P.Cast()
+
+    def construct(self, input_ids):
+        return self.cast(self.gather(self.weight, input_ids, 0), self.compute_dtype)
+
+
+class RMSNorm(nn.Cell):
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in fp32 and returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float, precision: Precision):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(initializer("ones", (dim,), precision.param_dtype), name="weight")
+        self.square = P.Square()
+        self.mean = P.ReduceMean(keep_dims=True)
+        self.rsqrt = P.Rsqrt()
+        self.add_eps = P.Add()
+        self.mul = P.Mul()
+        self.mul_weight = P.Mul()
+        self.cast = P.Cast()
+
+    def construct(self, x):
+        dtype = x.dtype
+        x32 = self.cast(x, ms.float32)
+        variance = self.mean(self.square(x32), -1)
+        normed = self.mul(x32, self.rsqrt(self.add_eps(variance, self.eps)))
+        return self.mul_weight(self.cast(normed, dtype), self.cast(self.weight, dtype))
+
+
+def rope_inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
+    """inv_freq (dim/2,) and the cos/sin scale, as transformers' ROPE_INIT_FUNCTIONS compute them.
+
+    ``dynamic`` returns the unscaled frequencies: RotaryEmbedding rescales them from the positions it sees.
+    """
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (1.0 / rope.rope_theta ** exponents).astype(np.float32)
+    if rope.rope_type in ("default", "dynamic"):
+        return inv_freq, 1.0
+    if rope.rope_type == "linear":
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32), 1.0
+    # yarn (https://arxiv.org/abs/2309.00071): interpolate low frequencies, keep high ones, ramp in between.
+    factor, base = rope.factor, rope.rope_theta
+
+    def mscale(scale: float, coefficient: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * coefficient * math.log(scale) + 1.0
+
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # the reference's guard against a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extrapolation_weight = 1 - ramp
+    interpolated = inv_freq / np.float32(factor)
+    mixed = interpolated * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
+    return mixed.astype(np.float32), float(attention_factor)
+
+
+class RotaryEmbedding(nn.Cell):
+    """cos/sin tables (B, S, dim) in fp32 for the given position ids; computed in-graph, so any positions
+    (left padding, packed documents with reset positions) work without a precomputed table."""
+
+    def __init__(self, rope: RopeConfig, dim: int, max_position_embeddings: int):
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_inverse_frequencies(rope, dim)
+        self.inv_freq = Tensor(inv_freq)
+        self.dynamic = rope.rope_type == "dynamic"
+        self.factor = rope.factor
+        self.base = rope.rope_theta
+        self.dim = dim
+        self.max_position_embeddings = max_position_embeddings
+        self.exponents = Tensor(np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+        self.cast = P.Cast()
+        self.concat = P.Concat(-1)
+
+    def construct(self, position_ids):
+        positions = self.cast(position_ids, ms.float32)
+        inv_freq = self.inv_freq
+        if self.dynamic:
+            # NTK-aware base growth once the sequence outgrows max_position_embeddings (no change below it).
+            seq_len = ops.maximum(positions.max() + 1.0, float(self.max_position_embeddings))
+            growth = (self.factor * seq_len / self.max_position_embeddings) - (self.factor - 1)
+            base = self.base * ops.pow(growth, self.dim / (self.dim - 2))
+            inv_freq = 1.0 / ops.pow(base, self.exponents)
+        freqs = positions.expand_dims(-1) * inv_freq
+        emb = self.concat((freqs, freqs))
+        return ops.cos(emb) * self.attention_scaling, ops.sin(emb) * self.attention_scaling
+
+
+class ApplyRotary(nn.Cell):
+    """x * cos + rotate_half(x) * sin for x (B, heads, S, dim) and tables (B, S, dim)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.half = dim // 2
+        self.mul_cos = P.Mul()
+        self.mul_sin = P.Mul()
+        self.add = P.Add()
+        self.neg = P.Neg()
+        self.concat = P.Concat(-1)
+        self.cast = P.Cast()
+
+    def construct(self, x, cos, sin):
+        dtype = x.dtype
+        x = self.cast(x, ms.float32)
+        x1 = x[..., :self.half]
+        x2 = x[..., self.half:]
+        rotated = self.concat((self.neg(x2), x1))
+        out = self.add(self.mul_cos(x, cos.expand_dims(1)), self.mul_sin(rotated, sin.expand_dims(1)))
+        return self.cast(out, dtype)
+
+
+class AttentionMask(nn.Cell):
+    """Additive fp32 bias (B, 1, S, S): 0 where query i may see key j, the float32 minimum elsewhere.
+
+    ``attention_mask`` is Hugging Face's 0/1 padding mask or, for packed sequences, document ids (0 = padding):
+    key j is visible to query i when j <= i, j is not padding, and both belong to the same document.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.min_value = float(np.finfo(np.float32).min)
+
+    def construct(self, attention_mask, seq_len: int):
+        rows = ops.arange(seq_len).reshape(seq_len, 1)
+        cols = ops.arange(seq_len).reshape(1, seq_len)
+        allowed = (cols <= rows).reshape(1, 1, seq_len, seq_len)
+        if attention_mask is not None:
+            doc = attention_mask.astype(ms.int32)
+            query_doc = doc.reshape(doc.shape[0], 1, seq_len, 1)
+            key_doc = doc.reshape(doc.shape[0], 1, 1, seq_len)
+            allowed = ops.logical_and(allowed, ops.logical_and(query_doc == key_doc, key_doc != 0))
+        return ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
+                          ops.full(allowed.shape, self.min_value, dtype=ms.float32))
+
+
+class DotProductAttention(nn.Cell):
+    """softmax(q k^T * scaling + bias) v over (B, heads, S, dim); scores and softmax in fp32."""
+
+    def __init__(self, scaling: float, compute_dtype):
+        super().__init__()
+        self.scaling = scaling
+        self.compute_dtype = compute_dtype
+        self.qk_matmul = P.BatchMatMul(transpose_b=True)
+        self.scale = P.Mul()
+        self.add_bias = P.Add()
+        self.softmax = P.Softmax(-1)
+        self.pv_matmul = P.BatchMatMul()
+        self.cast = P.Cast()
+
+    def construct(self, query, key, value, bias):
+        scores = self.cast(self.qk_matmul(query, key), ms.float32)
+        scores = self.add_bias(self.scale(scores, self.scaling), bias)
+        probs = self.cast(self.softmax(scores), self.compute_dtype)
+        return self.pv_matmul(probs, self.cast(value, self.compute_dtype))
+
+
+class GroupedQueryAttention(nn.Cell):
+    """Attention with num_key_value_heads <= num_attention_heads (Qwen2: q/k/v bias; Qwen3: per-head q/k RMSNorm)."""
+
+    def __init__(self, hidden_size: int, num_attention_heads: int, num_key_value_heads: int, head_dim: int,
+                 qkv_bias: bool, o_bias: bool, qk_norm: bool, rms_norm_eps: float,
+                 precision: Precision, init_std: float):
+        super().__init__()
+        self.num_heads = num_attention_heads
+        self.num_kv_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.q_proj = Linear(hidden_size, num_attention_heads * head_dim, qkv_bias, precision, init_std)
+        self.k_proj = Linear(hidden_size, num_key_value_heads * head_dim, qkv_bias, precision, init_std)
+        self.v_proj = Linear(hidden_size, num_key_value_heads * head_dim, qkv_bias, precision, init_std)
+        self.o_proj = Linear(num_attention_heads * head_dim, hidden_size, o_bias, precision, init_std)
+        self.q_norm = RMSNorm(head_dim, rms_norm_eps, precision) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, rms_norm_eps, precision) if qk_norm else None
+        self.rotary = ApplyRotary(head_dim)
+        self.attention = DotProductAttention(head_dim ** -0.5, precision.compute_dtype)
+        self.transpose = P.Transpose()
+        self.merge_transpose = P.Transpose()
+        self.repeat_kv = P.Tile()
+
+    def _heads(self, x, num_heads, norm):
+        batch, seq_len, _ = x.shape
+        x = x.reshape(batch, seq_len, num_heads, self.head_dim)
+        if norm is not None:  # Qwen3 normalises each head before rope
+            x = norm(x)
+        return self.transpose(x, (0, 2, 1, 3))
+
+    def _expand_kv(self, x):
+        groups = self.num_heads // self.num_kv_heads
+        if groups == 1:
+            return x
+        batch, _, seq_len, dim = x.shape
+        x = self.repeat_kv(x.expand_dims(2), (1, 1, groups, 1, 1))
+        return x.reshape(batch, self.num_heads, seq_len, dim)
+
+    def construct(self, hidden, cos, sin, bias):
+        batch, seq_len, _ = hidden.shape
+        query = self.rotary(self._heads(self.q_proj(hidden), self.num_heads, self.q_norm), cos, sin)
+        key = self.rotary(self._heads(self.k_proj(hidden), self.num_kv_heads, self.k_norm), cos, sin)
+        value = self._heads(self.v_proj(hidden), self.num_kv_heads, None)
+        out = self.attention(query, self._expand_kv(key), self._expand_kv(value), bias)
+        out = self.merge_transpose(out, (0, 2, 1, 3)).reshape(batch, seq_len, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class SwiGLU(nn.Cell):
+    """down(silu(gate(x)) * up(x)): the Qwen MLP, DeepSeek's dense and shared-expert MLP."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, precision: Precision, init_std: float):
+        super().__init__()
+        self.gate_proj = Linear(hidden_size, intermediate_size, False, precision, init_std)
+        self.up_proj = Linear(hidden_size, intermediate_size, False, precision, init_std)
+        self.down_proj = Linear(intermediate_size, hidden_size, False, precision, init_std)
+        self.silu = SiLU()
+        self.mul = P.Mul()
+
+    def construct(self, x):
+        return self.down_proj(self.mul(self.silu(self.gate_proj(x)), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Cell):
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + mlp(norm(h)). The family picks attn and mlp."""
+
+    def __init__(self, hidden_size: int, rms_norm_eps: float, self_attn: nn.Cell, mlp: nn.Cell,
+                 precision: Precision):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps, precision)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps, precision)
+        self.mlp = mlp
+        self.attn_residual = P.Add()
+        self.mlp_residual = P.Add()
+
+    def construct(self, x, cos, sin, bias):
+        h = self.attn_residual(x, self.self_attn(self.input_layernorm(x), cos, sin, bias))
+        return self.mlp_residual(h, self.mlp(self.post_attention_layernorm(h)))
+
+
+class DecoderModel(nn.Cell):
+    """Embedding, decoder layers, final norm; named like Hugging Face's ``model.*`` so checkpoints map 1:1."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, rms_norm_eps: float, layers: list[nn.Cell],
+                 rotary_emb: RotaryEmbedding, precision: Precision, init_std: float):
+        super().__init__()
+        self.embed_tokens = Embedding(vocab_size, hidden_size, precision, init_std)
+        self.layers = nn.CellList(layers)
+        self.norm = RMSNorm(hidden_size, rms_norm_eps, precision)
+        self.rotary_emb = rotary_emb
+        self.attention_mask = AttentionMask()
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None):
+        batch, seq_len = input_ids.shape
+        if position_ids is None:
+            position_ids = ops.arange(seq_len).reshape(1, seq_len).broadcast_to((batch, seq_len))
+        cos, sin = self.rotary_emb(position_ids)
+        bias = self.attention_mask(attention_mask, seq_len)
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, bias)
+        return self.norm(hidden)
+
+
+class LMHead(nn.Cell):
+    """Hidden states to fp32 logits; with tied embeddings the embedding matrix is passed in as the weight."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, tied: bool, precision: Precision, init_std: float):
+        super().__init__()
+        self.compute_dtype = precision.compute_dtype
+        self.weight = (None if tied else
+                       Parameter(initializer(Normal(init_std), (vocab_size, hidden_size), precision.param_dtype),
+                                 name="weight"))
+        self.matmul = P.MatMul(transpose_b=True)
+        self.cast = P.Cast()
+
+    def construct(self, hidden, tied_weight):
+        weight = tied_weight if self.weight is None else self.weight
+        batch, seq_len, hidden_size = hidden.shape
+        flat = self.cast(hidden, self.compute_dtype).reshape(-1, hidden_size)
+        logits = self.matmul(flat, self.cast(weight, self.compute_dtype))
+        return self.cast(logits, ms.float32).reshape(batch, seq_len, -1)
+
+
+class CausalLMLoss(nn.Cell):
+    """Token cross-entropy of logits[:, t] against labels[:, t + 1], skipping IGNORE_INDEX, as transformers'
+    ForCausalLMLoss. Returns (sum of token losses, number of counted tokens) so that callers can average over
+    several micro-batches exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce_max = P.ReduceMax(keep_dims=True)
+        self.sub = P.Sub()
+        self.exp = P.Exp()
+        self.reduce_sum = P.ReduceSum(keep_dims=True)
+        self.log = P.Log()
+        self.gather = P.GatherD()
+        self.concat = P.Concat(1)
+
+    def construct(self, logits, labels):
+        batch, _, vocab = logits.shape
+        ignore = ops.full((batch, 1), IGNORE_INDEX, dtype=labels.dtype)
+        targets = self.concat((labels[:, 1:], ignore)).reshape(-1)
+        logits = logits.reshape(-1, vocab)
+        counted = targets != IGNORE_INDEX
+        safe_targets = ops.select(counted, targets, ops.zeros_like(targets)).astype(ms.int32)
+        row_max = ops.stop_gradient(self.reduce_max(logits, -1))
+        shifted = self.sub(logits, row_max)
+        log_normaliser = self.log(self.reduce_sum(self.exp(shifted), -1))
+        picked = self.gather(shifted, 1, safe_targets.reshape(-1, 1))
+        token_loss = (log_normaliser - picked).reshape(-1)
+        weights = counted.astype(ms.float32)
+        return (token_loss * weights).sum(), weights.sum()
+
+
+class CausalLM(nn.Cell):
+    """``model(input_ids, attention_mask=None, position_ids=None)`` -> fp32 logits (B, S, V);
+    ``model.loss(input_ids, labels, ...)`` -> mean token loss (what training differentiates)."""
+
+    def __init__(self, config, model: DecoderModel, precision: Precision):
+        super().__init__()
+        self.config = config
+        self.precision = precision
+        self.model = model
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, config.tie_word_embeddings, precision,
+                              config.initializer_range)
+        self.loss_fn = CausalLMLoss()
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None):
+        hidden = self.model(input_ids, attention_mask, position_ids)
+        return self.lm_head(hidden, self.model.embed_tokens.weight)
+
+    def loss_sum(self, input_ids, labels, attention_mask=None, position_ids=None):
+        """(sum of token losses, counted tokens): the form gradient accumulation averages exactly."""
+        return self.loss_fn(self.construct(input_ids, attention_mask, position_ids), labels)
+
+    def loss(self, input_ids, labels, attention_mask=None, position_ids=None):
+        total, count = self.loss_sum(input_ids, labels, attention_mask, position_ids)
+        return total / ops.maximum(count, 1.0)

@@ -1,0 +1,35 @@
+"""mindspore_llm: LLM training, fine-tuning and checkpoint conversion with MindSpore for Ascend NPUs."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mindspore_llm",
+    version="0.1.0",
+    description="Train and fine-tune Qwen2/2.5/3 and DeepSeek-V3/R1 with MindSpore on Ascend; convert HF checkpoints",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mindspore_llm", "mindspore_llm.*", "ckpt_tools", "ckpt_tools.*"]),
+    # Tested with mindspore 2.10.0 (PyPI, CPU target) on Python 3.11.
+    install_requires=[
+        "mindspore>=2.10,<2.11",
+        "numpy",
+        "pyyaml",
+        "click>=8",
+        "sentencepiece",
+        "tokenizers",
+        "safetensors",
+        "jinja2",
+        "tqdm",
+    ],
+    extras_require={
+        # The reference implementation for parity tests. torch is pinned exactly: 2.13.0 is the CPU wheel here,
+        # any other version would pull a multi-GB CUDA build. Parity tests were run with transformers 5.23.
+        "test": ["pytest", "torch==2.13.0", "transformers>=5.0,<6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "msllm=mindspore_llm.cli:main",
+            "msllm-ckpt=ckpt_tools.cli:main",
+        ],
+    },
+)
