@@ -57,8 +57,42 @@ def generate(model_path, prompt, max_new_tokens, tokenizer_path, device_target):
         raise UserError(str(err)) from None
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    new_ids = greedy_generate(model, tokenizer.encode(prompt), max_new_tokens, eos, pad)
-    click.echo(prompt + tokenizer.decode(new_ids))
+    prompt_ids = tokenizer.encode(prompt)
+    new_ids = greedy_generate(model, prompt_ids, max_new_tokens, eos, pad)
+    click.echo(tokenizer.decode(prompt_ids + new_ids))
+
+
+@main.command()
+@click.option("--data-config", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A training YAML (its `data:` section is used) or a YAML holding only the data section.")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Directory to write: data.mindrecord shard(s) with .db indexes, and meta.json.")
+@click.option("--shards", default=1, show_default=True, type=click.IntRange(1, 1000),
+              help="Number of MindRecord files to spread the sequences over.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+def preprocess(data_config, output, shards, overwrite):
+    """Tokenize and pack a data set once, offline, into MindRecord.
+
+    Every rank of a (multi-node) job then reads the same sequences: point the training config's `data.path` at
+    OUTPUT (keep kind, seq_length, packing and the reset_* flags as they were here; a mismatch is an error).
+    Paths in the YAML are relative to the YAML file.
+
+    \b
+    Examples:
+      msllm preprocess --data-config configs/tiny_sft.yaml --output data/tiny_sft
+      msllm preprocess --data-config data.yaml --output /shared/pretrain --shards 8
+    """
+    from mindspore_llm.data import build_sequences, load_data_config, write_mindrecord
+
+    try:
+        cfg = load_data_config(data_config)
+        arrays = build_sequences(cfg)
+        write_mindrecord(arrays, cfg, output, shards, overwrite)
+    except (ConfigError, FileExistsError) as err:
+        raise UserError(str(err)) from None
+    counted = int((arrays["labels"] != -100).sum())
+    click.echo(f"wrote {output}: {len(arrays['input_ids'])} sequences of {cfg.seq_length} tokens, "
+               f"{counted} counted in the loss, {shards} shard(s)")
 
 
 if __name__ == "__main__":
