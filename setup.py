@@ -9,10 +9,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mindspore_llm", "mindspore_llm.*", "ckpt_tools", "ckpt_tools.*"]),
+    # the tiny tokenizer and data sets `scripts/make_tiny_assets.py` writes, shipped for the from-scratch demo
+    package_data={"mindspore_llm": ["assets/tiny/*"]},
     # Tested with mindspore 2.10.0 (PyPI, CPU target) on Python 3.11.
     install_requires=[
         "mindspore>=2.10,<2.11",
-        "numpy",
+        # mindspore 2.10's PyPI wheel is built against NumPy 1.x: with NumPy 2 its eager (PyNative) ops fail.
+        "numpy>=1.25,<2",
         "pyyaml",
         "click>=8",
         "sentencepiece",
@@ -20,11 +23,13 @@ setup(
         "safetensors",
         "jinja2",
         "tqdm",
+        "tensorboardX",  # TensorBoard event files of training metrics (pure Python)
+        "matplotlib",  # the loss-curve PNG at the end of training
     ],
     extras_require={
         # The reference implementation for parity tests. torch is pinned exactly: 2.13.0 is the CPU wheel here,
         # any other version would pull a multi-GB CUDA build. Parity tests were run with transformers 5.23.
-        "test": ["pytest", "torch==2.13.0", "transformers>=5.0,<6"],
+        "test": ["pytest", "torch==2.13.0", "transformers>=5.0,<6", "peft"],
     },
     entry_points={
         "console_scripts": [

@@ -1,11 +1,14 @@
 """Reading checkpoints tensor by tensor: Hugging Face safetensors (single or sharded, incl. bf16 and fp8 which
-NumPy cannot name) and MindSpore .ckpt directories written by ``ckpt_tools``; loading them into a model.
+NumPy cannot name), MindSpore .ckpt files and MindSpore's safetensors flavour; loading them into a model.
 
-Safetensors are read through ``np.memmap`` views, so a tensor costs memory only when it is converted.
+Every format is parsed down to where each tensor's bytes sit in which file, so a tensor costs memory only when it
+is read, and can be read in bounded chunks (``TensorFile.chunks``). MindSpore's own ``load_checkpoint`` reads a
+whole .ckpt into memory (twice, while parsing), which is why .ckpt files are parsed here.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -13,15 +16,22 @@ from typing import Iterator
 
 import numpy as np
 
-# safetensors dtype tag -> (NumPy storage dtype, bytes per element). bf16/fp8 are kept as raw bit patterns.
+# safetensors dtype tag -> NumPy storage dtype. bf16/fp8 are kept as raw bit patterns.
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "F8_E4M3": np.uint8, "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+# safetensors dtype tag <-> the tensor_type string of a MindSpore .ckpt (mindspore.train.serialization).
+MINDSPORE_DTYPES = {
+    "F64": "Float64", "F32": "Float32", "F16": "Float16", "BF16": "BFloat16", "I64": "Int64", "I32": "Int32",
+    "I16": "Int16", "I8": "Int8", "U8": "UInt8", "BOOL": "Bool",
+}
+SAFETENSORS_FROM_MINDSPORE = {ms: st for st, ms in MINDSPORE_DTYPES.items()}
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
-MS_INDEX = "mindspore_model.ckpt.index.json"
+# Written by `msllm-ckpt hf2ms` for both of its formats (.ckpt and MindSpore safetensors).
+MS_INDEX = "mindspore_model.index.json"
 
 
 class CheckpointError(ValueError):
@@ -43,8 +53,94 @@ def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     return out
 
 
-class SafetensorsFile:
-    """One .safetensors file: its header, and each tensor as a memory-mapped NumPy view of its stored bytes."""
+class TensorFile:
+    """One checkpoint file: name -> dtype tag, shape and the byte ranges ("segments") holding its data."""
+
+    path: Path
+    tensors: dict[str, dict]  # name -> {"dtype": safetensors tag, "shape": [...], "segments": [(offset, n)]}
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def dtype(self, name: str) -> str:
+        return self.tensors[name]["dtype"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name]["shape"])
+
+    def nbytes(self, name: str) -> int:
+        return sum(n for _, n in self.tensors[name]["segments"])
+
+    def _check(self, name: str, size: int) -> None:
+        info = self.tensors[name]
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        end = max((offset + n for offset, n in info["segments"]), default=0)
+        if end > size:
+            raise CheckpointError(f"{self.path}: tensor {name} ends at byte {end} but the file has {size} bytes "
+                                  f"(truncated?)")
+        expected = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize
+        if self.nbytes(name) != expected:
+            raise CheckpointError(f"{self.path}: tensor {name} holds {self.nbytes(name)} bytes, its shape "
+                                  f"{list(info['shape'])} and dtype {info['dtype']} need {expected} (truncated?)")
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes as an array (bf16 as uint16 bits, fp8 as uint8 bits); memory-mapped when contiguous."""
+        info = self.tensors[name]
+        storage = SAFETENSORS_DTYPES[info["dtype"]]
+        segments = info["segments"]
+        if len(segments) == 1 and segments[0][1] > 0:
+            offset, n = segments[0]
+            return np.memmap(self.path, dtype=storage, mode="r", offset=offset,
+                             shape=(n // np.dtype(storage).itemsize,)).reshape(info["shape"])
+        out = np.empty(self.nbytes(name), np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            start = 0
+            for offset, n in segments:
+                f.seek(offset)
+                self._read_into(f, memoryview(out)[start:start + n], name)
+                start += n
+        return out.view(storage).reshape(info["shape"])
+
+    def _read_into(self, f, view: memoryview, name: str) -> None:
+        got = 0
+        while got < len(view):
+            read = f.readinto(view[got:])
+            if not read:
+                raise CheckpointError(f"{self.path}: tensor {name} is cut short (truncated file)")
+            got += read
+
+    def chunks(self, name: str, chunk_bytes: int) -> Iterator[np.ndarray]:
+        """The stored elements in order, as flat arrays of at most `chunk_bytes` (rounded down to whole elements).
+
+        Read with ``readinto`` into one buffer, so memory stays at one chunk whatever the tensor's size; each
+        yielded array is only valid until the next one is requested.
+        """
+        storage = np.dtype(SAFETENSORS_DTYPES[self.dtype(name)])
+        chunk_bytes = max(chunk_bytes // storage.itemsize, 1) * storage.itemsize
+        buffer = np.empty(min(chunk_bytes, max(self.nbytes(name), 1)), np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            for offset, n in self.tensors[name]["segments"]:
+                f.seek(offset)
+                # A chunk never straddles segments; .ckpt slices hold whole elements.
+                while n > 0:
+                    want = min(n, len(buffer))
+                    self._read_into(f, memoryview(buffer)[:want], name)
+                    yield buffer[:want].view(storage)
+                    n -= want
+
+    def float32(self, name: str) -> np.ndarray:
+        dtype = self.dtype(name)
+        raw = self.raw(name)
+        if dtype == "BF16":
+            return bf16_bits_to_float32(raw)
+        if dtype == "F8_E4M3":
+            raise CheckpointError(f"{self.path}: tensor {name} is FP8; convert it with `msllm-ckpt hf2ms` first")
+        return np.asarray(raw, dtype=np.float32)
+
+
+class SafetensorsFile(TensorFile):
+    """One .safetensors file (Hugging Face's, or MindSpore's flavour with ``{"format": "ms"}`` metadata)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -58,97 +154,163 @@ class SafetensorsFile:
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{self.path}: not a readable safetensors file ({err})") from None
         self.metadata = header.pop("__metadata__", {}) or {}
-        self.tensors = header
         self.data_offset = 8 + header_len
+        self.tensors = {}
         for name, info in header.items():
-            end = info["data_offsets"][1]
-            if self.data_offset + end > size:
-                raise CheckpointError(f"{self.path}: tensor {name} ends at byte {self.data_offset + end} "
-                                      f"but the file has {size} bytes (truncated?)")
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def dtype(self, name: str) -> str:
-        return self.tensors[name]["dtype"]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name]["shape"])
-
-    def raw(self, name: str) -> np.ndarray:
-        """The stored bytes as an array (bf16 as uint16 bits, fp8 as uint8 bits), memory-mapped."""
-        info = self.tensors[name]
-        start, end = info["data_offsets"]
-        storage = SAFETENSORS_DTYPES[info["dtype"]]
-        count = (end - start) // np.dtype(storage).itemsize
-        if count == 0:
-            return np.zeros(info["shape"], storage)
-        array = np.memmap(self.path, dtype=storage, mode="r", offset=self.data_offset + start, shape=(count,))
-        return array.reshape(info["shape"])
-
-    def float32(self, name: str) -> np.ndarray:
-        dtype = self.dtype(name)
-        raw = self.raw(name)
-        if dtype == "BF16":
-            return bf16_bits_to_float32(raw)
-        if dtype == "F8_E4M3":
-            raise CheckpointError(f"{self.path}: tensor {name} is FP8; convert it with `msllm-ckpt hf2ms` first")
-        return np.asarray(raw, dtype=np.float32)
+            start, end = info["data_offsets"]
+            self.tensors[name] = {"dtype": info["dtype"], "shape": info["shape"],
+                                  "segments": [(self.data_offset + start, end - start)]}
+            self._check(name, size)
 
 
-def hf_weight_files(directory: str | os.PathLike) -> dict[str, Path]:
-    """tensor name -> safetensors file for a Hugging Face model directory (single file or sharded with index)."""
-    directory = Path(directory)
-    index = directory / HF_INDEX
-    if index.exists():
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+class CkptFile(TensorFile):
+    """One MindSpore .ckpt: a protobuf ``Checkpoint`` (mindspore/train/checkpoint.proto) whose repeated ``Value``
+    entries each hold a tag (the parameter name) and a TensorProto (dims, tensor_type, tensor_content). MindSpore
+    splits big tensors into several consecutive Values of the same tag; only the headers are parsed here."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tensors = {}
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
-        files = {name: directory / file for name, file in weight_map.items()}
-        for name, file in files.items():
-            if not file.exists():
-                raise CheckpointError(f"{index}: tensor {name} is listed in {file.name}, which is missing")
-        return files
-    single = directory / HF_SINGLE
-    if single.exists():
-        return {name: single for name in SafetensorsFile(single).names()}
-    shards = sorted(directory.glob("*.safetensors"))
+            size = self.path.stat().st_size
+            if size:
+                with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                    self._parse(buf, size)
+        except (OSError, IndexError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{self.path}: not a readable MindSpore checkpoint ({err or 'truncated'})") from None
+        for name in self.tensors:
+            self._check(name, size)
+
+    def _parse(self, buf, size: int) -> None:
+        end = size
+        if size >= 17 and buf[size - 17:size - 10] == b"crc_num":  # MindSpore's optional CRC trailer
+            end = size - 17
+        pos = 0
+        while pos < end:
+            key, pos = _varint(buf, pos)
+            length, pos = _varint(buf, pos)
+            if key != 0x0A or pos + length > end:
+                raise CheckpointError(f"{self.path}: tensor {self._tag(buf, pos, end)} is cut short at byte {end} "
+                                      f"(truncated or corrupt file)")
+            name, dtype, dims, content = self._value(buf, pos, pos + length)
+            pos += length
+            info = self.tensors.get(name)
+            if info is None:
+                self.tensors[name] = {"dtype": dtype, "shape": dims, "segments": [content]}
+            elif info["dtype"] != dtype or info["shape"] != dims:
+                raise CheckpointError(f"{self.path}: tensor {name} appears twice with different shapes or dtypes")
+            else:
+                info["segments"].append(content)
+
+    def _tag(self, buf, pos: int, end: int) -> str:
+        """The name at the start of a Value, for error messages ('?' if it is not readable)."""
+        try:
+            key, pos = _varint(buf, pos)
+            n, pos = _varint(buf, pos)
+            return bytes(buf[pos:min(pos + n, end)]).decode() if key == 0x0A else "?"
+        except (IndexError, UnicodeDecodeError):
+            return "?"
+
+    def _value(self, buf, pos: int, end: int):
+        name = dtype = content = None
+        dims: list[int] = []
+        while pos < end:
+            key, pos = _varint(buf, pos)
+            if key == 0x0A:  # Value.tag
+                n, pos = _varint(buf, pos)
+                name = bytes(buf[pos:pos + n]).decode()
+                pos += n
+            elif key == 0x12:  # Value.tensor
+                n, pos = _varint(buf, pos)
+                tensor_end = pos + n
+                while pos < tensor_end:
+                    key, pos = _varint(buf, pos)
+                    if key == 0x08:  # dims, unpacked
+                        dim, pos = _varint(buf, pos)
+                        dims.append(dim)
+                        continue
+                    n, pos = _varint(buf, pos)
+                    if key == 0x0A:  # dims, packed
+                        stop = pos + n
+                        while pos < stop:
+                            dim, pos = _varint(buf, pos)
+                            dims.append(dim)
+                        continue
+                    if key == 0x12:
+                        dtype = bytes(buf[pos:pos + n]).decode()
+                    elif key == 0x1A:
+                        content = (pos, n)
+                    pos += n
+            else:
+                raise CheckpointError(f"{self.path}: entry {name or '?'} is not a plain tensor (map parameter?)")
+        if name is None or dtype is None or content is None:
+            raise CheckpointError(f"{self.path}: corrupt or truncated MindSpore checkpoint entry {name or '?'}")
+        if dtype not in SAFETENSORS_FROM_MINDSPORE:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {dtype}")
+        return name, SAFETENSORS_FROM_MINDSPORE[dtype], dims, content
+
+
+def open_tensor_file(path: str | os.PathLike) -> TensorFile:
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        return CkptFile(path)
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if path.suffix == ".bin":
+        raise CheckpointError(f"{path}: a pickle (PyTorch .bin); convert it with `msllm-ckpt hf2ms --allow-pickle` "
+                              f"if you trust its origin")
+    raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors or .ckpt)")
+
+
+def weight_files(path: str | os.PathLike) -> dict[str, Path]:
+    """tensor name -> file for a checkpoint: one file, or a directory (Hugging Face or `msllm-ckpt hf2ms` output,
+    with an index or without: then every *.safetensors or *.ckpt file in it)."""
+    path = Path(path)
+    if path.is_file():
+        return {name: path for name in open_tensor_file(path).names()}
+    for index in (path / HF_INDEX, path / MS_INDEX):
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index}: not a valid checkpoint index ({err})") from None
+            files = {name: path / file for name, file in weight_map.items()}
+            for name, file in files.items():
+                if not file.exists():
+                    raise CheckpointError(f"{index}: tensor {name} is listed in {file.name}, which is missing")
+            return files
+    if (path / HF_SINGLE).exists():
+        return weight_files(path / HF_SINGLE)
+    shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.ckpt"))
     if shards:
-        return {name: shard for shard in shards for name in SafetensorsFile(shard).names()}
-    if (directory / "pytorch_model.bin").exists():
-        raise CheckpointError(f"{directory}: only pytorch_model.bin (a pickle) is present; convert it with "
-                              f"`msllm-ckpt hf2ms --allow-pickle` if you trust its origin")
-    raise CheckpointError(f"{directory}: no *.safetensors or *.ckpt weights found")
+        return {name: shard for shard in shards for name in open_tensor_file(shard).names()}
+    if (path / "pytorch_model.bin").exists():
+        open_tensor_file(path / "pytorch_model.bin")
+    raise CheckpointError(f"{path}: no *.safetensors or *.ckpt weights found")
 
 
-def iter_hf_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, SafetensorsFile]]:
-    """(name, file) for every tensor of a Hugging Face directory, one file opened at a time."""
+def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, TensorFile]]:
+    """(name, file) for every tensor of a checkpoint, in file order, one file opened at a time."""
     by_file: dict[Path, list[str]] = {}
-    for name, file in hf_weight_files(directory).items():
+    for name, file in weight_files(path).items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        reader = SafetensorsFile(file)
+        reader = open_tensor_file(file)
         for name in names:
             if name not in reader.tensors:
                 raise CheckpointError(f"{file}: tensor {name} is listed in the index but not in the file")
             yield name, reader
-
-
-def is_mindspore_dir(directory: str | os.PathLike) -> bool:
-    return any(Path(directory).glob("*.ckpt"))
-
-
-def _mindspore_tensors(directory: Path) -> dict[str, np.ndarray]:
-    import mindspore as ms
-
-    tensors = {}
-    for file in sorted(directory.glob("*.ckpt")):
-        for name, param in ms.load_checkpoint(str(file)).items():
-            tensors[name] = param
-    return tensors
 
 
 # Tensors a Hugging Face checkpoint may carry that are not model parameters.
@@ -156,46 +318,37 @@ NON_PARAMETER_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def load_weights(model, directory: str | os.PathLike) -> None:
-    """Fill every parameter of `model` from a checkpoint directory; names must match exactly.
+    """Fill every parameter of `model` from a checkpoint directory (Hugging Face, or `msllm-ckpt hf2ms` output in
+    either format); names must match exactly.
 
     Missing or unexpected tensors and shape mismatches are errors naming the tensor and file.
     """
     import mindspore as ms
 
-    directory = Path(directory)
     params = model.parameters_dict()
     loaded = set()
     unexpected = []
-
-    def assign(name: str, array_or_param, source) -> None:
+    tensors = iter_tensors(directory)
+    # A family whose Cells lay tensors out differently from checkpoints (DeepSeek's stacked experts) maps them.
+    if hasattr(model, "checkpoint_tensors"):
+        tensors = model.checkpoint_tensors(tensors)
+    for name, reader in tensors:
+        if name not in params:
+            if not name.endswith(NON_PARAMETER_SUFFIXES):
+                unexpected.append(name)
+            continue
         param = params[name]
-        shape = tuple(array_or_param.shape)
-        if shape != tuple(param.shape):
-            raise CheckpointError(f"{source}: tensor {name} has shape {shape}, the model expects {tuple(param.shape)}")
-        if isinstance(array_or_param, np.ndarray):
-            value = ms.Tensor(array_or_param, dtype=param.dtype)
-        else:
-            value = array_or_param.astype(param.dtype)
-        param.set_data(value)
+        if reader.shape(name) != tuple(param.shape):
+            raise CheckpointError(f"{reader.path}: tensor {name} has shape {reader.shape(name)}, "
+                                  f"the model expects {tuple(param.shape)}")
+        param.set_data(ms.Tensor(reader.float32(name), dtype=param.dtype))
         loaded.add(name)
-
-    if is_mindspore_dir(directory):
-        for name, tensor in _mindspore_tensors(directory).items():
-            if name in params:
-                assign(name, tensor, directory)
-            elif not name.endswith(NON_PARAMETER_SUFFIXES):
-                unexpected.append(name)
-    else:
-        for name, reader in iter_hf_tensors(directory):
-            if name in params:
-                assign(name, reader.float32(name), reader.path)
-            elif not name.endswith(NON_PARAMETER_SUFFIXES):
-                unexpected.append(name)
     missing = sorted(set(params) - loaded)
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
+                         f"{' ...' if len(missing) > 8 else ''}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(sorted(unexpected)[:8])}"
                          f"{' ...' if len(unexpected) > 8 else ''}")

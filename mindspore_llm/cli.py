@@ -79,10 +79,10 @@ def preprocess(data_config, output, shards, overwrite):
 
     \b
     Examples:
-      msllm preprocess --data-config configs/tiny_sft.yaml --output data/tiny_sft
+      msllm preprocess --data-config configs/tiny_qwen_sft.yaml --output data/tiny_sft
       msllm preprocess --data-config data.yaml --output /shared/pretrain --shards 8
     """
-    from mindspore_llm.data import build_sequences, load_data_config, write_mindrecord
+    from mindspore_llm.data import IGNORE_INDEX, build_sequences, load_data_config, write_mindrecord
 
     try:
         cfg = load_data_config(data_config)
@@ -90,9 +90,220 @@ def preprocess(data_config, output, shards, overwrite):
         write_mindrecord(arrays, cfg, output, shards, overwrite)
     except (ConfigError, FileExistsError) as err:
         raise UserError(str(err)) from None
-    counted = int((arrays["labels"] != -100).sum())
+    counted = int((arrays["labels"] != IGNORE_INDEX).sum())
     click.echo(f"wrote {output}: {len(arrays['input_ids'])} sequences of {cfg.seq_length} tokens, "
                f"{counted} counted in the loss, {shards} shard(s)")
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config value (repeatable); VALUE is read as YAML: 3, 1e-4, true, null, bf16.")
+@click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint in the checkpoint dir.")
+def train(config_path, overrides, resume):
+    """Train (pretraining or SFT) as CONFIG describes: logs, checkpoints, final model directory.
+
+    Every step logs loss, learning rate, grad norm, loss scale, overflow and tokens/s to
+    <output_dir>/logs (metrics.jsonl, TensorBoard events, loss.png at the end). Checkpoints go to
+    <output_dir>/checkpoints every checkpoint.every_n_steps; SIGTERM or Ctrl-C finishes the current step,
+    saves and exits 0. The trained model is written to <output_dir>/final (config.json + safetensors).
+
+    \b
+    Examples:
+      msllm train configs/tiny_qwen_sft.yaml
+      msllm train configs/tiny_qwen_sft.yaml --set train.steps=50 --set schedule.lr=1e-3
+      msllm train configs/tiny_qwen_sft.yaml --resume          # after an interruption
+      msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True --log_dir=runs/msrun_logs \\
+          python -m mindspore_llm.cli train configs/tiny_qwen_sft.yaml --set output_dir=runs/tiny_2p
+    """
+    import logging
+
+    from mindspore_llm.checkpoint import CheckpointError
+    from mindspore_llm.train.config import load_train_config
+    from mindspore_llm.train.trainer import Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        config = load_train_config(config_path, overrides)
+        trainer = Trainer(config, resume=resume)
+    except (ConfigError, CheckpointError) as err:
+        raise UserError(str(err)) from None
+    result = trainer.run()
+    if trainer.context.is_main:
+        click.echo(result.summary())
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.option("--device-num", required=True, type=click.IntRange(1), help="Devices of the job.")
+@click.option("--hbm-gb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Memory one device may use (910B: 64; mindformers' recipes cap jobs at 58).")
+def plan(config_path, device_num, hbm_gb):
+    """Print the parallel plan of a training CONFIG: device mesh, pipeline stages, op strategies and the
+    per-device memory (parameters, gradients, optimizer states, activations), and whether it fits.
+
+    Reads the model, parallel, data.seq_length, train, precision, lora and distill sections; nothing is
+    compiled or allocated. Exit code 1 when a stage does not fit, 2 when the plan is invalid.
+
+    \b
+    Examples:
+      msllm plan configs/qwen2_5_32b_sft_8k_16p.yaml --device-num 16 --hbm-gb 58
+      msllm plan configs/deepseek_v3_671b_pretrain_4k_2048p.yaml --device-num 2048
+    """
+    from mindspore_llm.parallel.memory import load_plan_inputs, plan_report
+
+    try:
+        text, fits = plan_report(load_plan_inputs(config_path), device_num, hbm_gb)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    click.echo(text)
+    sys.exit(0 if fits else 1)
+
+
+@main.group("rank-table")
+def rank_table():
+    """HCCL rank tables (version 1.0): generate one for your servers, or check one before a job.
+
+    \b
+    Examples:
+      msllm rank-table generate --servers 10.0.0.1,10.0.0.2 --devices 0-7 --output rank_table_16p.json
+      msllm rank-table generate --servers 10.0.0.1 --devices 0-7 --device-ips-file /etc/hccn.conf
+      msllm rank-table validate rank_tables/rank_table_16p.json --device-num 16
+    """
+
+
+@rank_table.command("generate")
+@click.option("--servers", required=True, help="Host IPs of the servers, comma-separated, in rank order.")
+@click.option("--devices", default="0-7", show_default=True, help="Device ids used on every server: 0-7, 0,1,2,3.")
+@click.option("--device-ips-file", type=click.Path(exists=True, dir_okay=False),
+              help="/etc/hccn.conf of a (single) server: its address_N device IPs. Default: placeholders "
+                   "192.168.(100+N).(server+1) -- replace them with your hccn.conf values.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write here (atomically); default: stdout.")
+def rank_table_generate(servers, devices, device_ips_file, output):
+    """Write an HCCL v1.0 rank table: ranks 0..N-1 over the servers in the order given."""
+    import json
+
+    from mindspore_llm.parallel import rank_table as rt
+
+    try:
+        ips = rt.read_hccn_conf(device_ips_file) if device_ips_file else None
+        table = rt.generate([s.strip() for s in servers.split(",") if s.strip()], rt.parse_devices(devices), ips)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    if output:
+        rt.write(table, output)
+        click.echo(f"wrote {output}: {table['server_count']} server(s) x {len(table['server_list'][0]['device'])} "
+                   f"devices", err=True)
+    else:
+        click.echo(json.dumps(table, indent=4))
+
+
+def _validate_table(table_path, device_num, config_path):
+    """(table, summary) of a rank table checked against `device_num` or a training YAML's parallel section."""
+    from mindspore_llm.config_utils import from_dict, load_yaml
+    from mindspore_llm.parallel import rank_table as rt
+    from mindspore_llm.parallel.config import ParallelConfig
+
+    if config_path:
+        parallel = from_dict(ParallelConfig, load_yaml(config_path).get("parallel") or {}, f"{config_path}: parallel")
+        if device_num is not None and device_num != parallel.device_num:
+            raise ConfigError(f"--device-num {device_num} disagrees with {config_path}'s parallel section "
+                              f"({parallel.device_num} devices)")
+        device_num = parallel.device_num
+    return rt.load(table_path, device_num)
+
+
+def _table_options(command):
+    command = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+                           help="A training YAML: its parallel section's dp x mp x pp must equal the table's "
+                                "device count.")(command)
+    command = click.option("--device-num", type=click.IntRange(1), help="The device count the job needs.")(command)
+    return click.argument("table_path", metavar="FILE", type=click.Path(dir_okay=False))(command)
+
+
+@rank_table.command("validate")
+@_table_options
+def rank_table_validate(table_path, device_num, config_path):
+    """Check FILE (JSON, fields, server_count, rank ids 0..N-1, unique device ids per server and device IPs,
+    equal devices per server, the device count). Prints a summary; exit 2 with the problem otherwise."""
+    try:
+        _, summary = _validate_table(table_path, device_num, config_path)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    click.echo(f"{table_path}: ok, {len(summary['servers'])} server(s) x {summary['devices_per_server']} devices "
+               f"= {summary['rank_size']} ranks")
+
+
+@rank_table.command("local", hidden=True)
+@_table_options
+@click.option("--server-index", type=click.IntRange(0), help="This server's position in server_list.")
+@click.option("--local-ips", default="", help="This host's addresses (space-separated), to find it by server_id.")
+def rank_table_local(table_path, device_num, config_path, server_index, local_ips):
+    """For scripts/run_distribute.sh: `validate`, then 'SERVER_INDEX RANK_SIZE' and one 'RANK_ID DEVICE_ID' line
+    per device of this server (one process start instead of two)."""
+    from mindspore_llm.parallel import rank_table as rt
+
+    try:
+        table, summary = _validate_table(table_path, device_num, config_path)
+        click.echo(f"{table_path}: ok, {len(summary['servers'])} server(s) x {summary['devices_per_server']} "
+                   f"devices = {summary['rank_size']} ranks", err=True)
+        index = rt.find_server(table, table_path, server_index, local_ips.split())
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    click.echo(f"{index} {summary['rank_size']}")
+    for rank, device in rt.local_ranks(table, index):
+        click.echo(f"{rank} {device}")
+
+
+@main.command("distill-topk")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--top-k", type=click.IntRange(1), help="Logits kept per token (default: distill.top_k of CONFIG).")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--device-target", default="CPU", show_default=True, type=click.Choice(["CPU", "Ascend"]))
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def distill_topk(config_path, output, top_k, batch_size, device_target, quiet):
+    """Run the teacher of training YAML CONFIG over its data set once and store each token's top-k teacher
+    logits in OUTPUT (one safetensors file) for offline distillation (`distill: {mode: offline,
+    teacher_logits: OUTPUT}`).
+
+    The teacher is `distill.teacher`; the sequences are built from `data:` exactly as the run builds them (row r of
+    OUTPUT is sequence r before sharding and shuffling). The teacher's tokenizer must be the data's. Size: rows x
+    seq_length x k x 8 bytes. Paths in the YAML are relative to the YAML file.
+
+    \b
+    Example:
+      msllm distill-topk configs/qwen_kd_offline.yaml data/teacher_top64.safetensors --top-k 64
+    """
+    from pathlib import Path
+
+    from mindspore_llm.checkpoint import CheckpointError
+    from mindspore_llm.config_utils import load_yaml
+    from mindspore_llm.data import build_sequences, load_data_config
+    from mindspore_llm.distill import check_same_tokenizer, write_teacher_topk
+    from mindspore_llm.models.auto import AutoModelForCausalLM
+
+    set_graph_mode(device_target)
+    try:
+        distill = load_yaml(config_path).get("distill") or {}
+        if not distill.get("teacher"):
+            raise ConfigError(f"{config_path}: distill.teacher: name the teacher model directory")
+        teacher_dir = Path(config_path).parent / distill["teacher"]
+        top_k = top_k or distill.get("top_k")
+        if not top_k:
+            raise ConfigError(f"{config_path}: distill.top_k: give it, or --top-k")
+        data = load_data_config(config_path)
+        check_same_tokenizer(data.tokenizer, teacher_dir)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+        arrays = build_sequences(data)
+        rows = len(arrays["input_ids"])
+        batches = ({key: arrays[key][start:start + batch_size]
+                    for key in ("input_ids", "attention_mask", "position_ids") if key in arrays}
+                   for start in range(0, rows, batch_size))
+        write_teacher_topk(teacher, batches, output, top_k, rows, data.seq_length, str(teacher_dir), quiet)
+    except (ConfigError, CheckpointError) as err:
+        raise UserError(str(err)) from None
+    click.echo(f"wrote {output}: top {top_k} teacher logits of {rows} sequences x {data.seq_length} tokens")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,18 @@
 ``*.model``, with the special tokens and chat template of ``tokenizer_config.json`` when present."""
 from __future__ import annotations
 
+import functools
 import json
+from datetime import datetime
 from pathlib import Path
+
+# Qwen2-Instruct's ChatML template: used when tokenizer_config.json has no chat_template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 class TokenizerError(ValueError):
@@ -24,9 +34,7 @@ class Tokenizer:
         self.pad_token_id = self._special_id("pad_token")
 
     def _special_id(self, key: str) -> int | None:
-        token = self.config.get(key)
-        if isinstance(token, dict):  # {"content": "<|endoftext|>", ...}
-            token = token.get("content")
+        token = _token_text(self.config.get(key))  # a string or {"content": "<|endoftext|>", ...}
         return self._token_to_id(token) if token else None
 
     def token_to_id(self, token: str) -> int | None:
@@ -37,6 +45,59 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._decode(ids)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """Render `messages` as transformers' ``apply_chat_template(..., tokenize=False)`` does: the
+        tokenizer_config.json template (ChatML when absent) in a sandboxed jinja2 environment, with the special
+        tokens (``bos_token``, ``eos_token``, ...) as variables."""
+        import jinja2
+
+        variables = {key: _token_text(self.config.get(key))
+                     for key in ("bos_token", "eos_token", "pad_token", "unk_token") if self.config.get(key)}
+        variables.update(kwargs)
+        try:  # a syntax error (compiling) or the template's raise_exception (rendering)
+            return _compile_template(self.chat_template or CHATML_TEMPLATE).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.TemplateError as err:
+            raise TokenizerError(f"{self.source}: chat template: {err}") from None
+
+
+def _token_text(token) -> str:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(template: str):
+    """The environment of transformers' chat templates: sandboxed, trim_blocks/lstrip_blocks, loop controls,
+    ``raise_exception``, ``strftime_now`` and a ``tojson`` that keeps non-ASCII text."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(jinja2.ext.Extension):
+        # `{% generation %}...{% endgeneration %}` marks assistant text for transformers; here it renders its body.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -31,6 +31,15 @@ def make_hf_model(config_cls, model_cls, directory, seed: int = 0, perturb_norms
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(directory)
     return model
+# DeepSeek-V3: 3 layers (1 dense, 2 MoE), 8 routed experts in 4 groups, top-2 of the best 2 groups, q_lora, yarn
+# with DeepSeek's mscale fields. num_key_value_heads must equal the heads (the config default, 128, would not).
+DEEPSEEK_V3 = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
+                   num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                   max_position_embeddings=256, tie_word_embeddings=False,
+                   rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                                    "mscale_all_dim": 1.0, "original_max_position_embeddings": 64})
 
 
 def qwen2(directory, **overrides):
@@ -39,6 +48,19 @@ def qwen2(directory, **overrides):
 
 def qwen3(directory, **overrides):
     return make_hf_model(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, directory, **{**QWEN3, **overrides})
+
+
+def deepseek_v3(directory, correction_bias_std: float = 0.1, **overrides):
+    """A tiny DeepseekV3ForCausalLM whose routers carry a random nonzero e_score_correction_bias (a saved buffer,
+    used for expert selection only), so a loader that ignores it picks different experts."""
+    model = make_hf_model(transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, directory,
+                          **{**DEEPSEEK_V3, **overrides})
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer) * correction_bias_std)
+    model.save_pretrained(directory)
+    return model
 
 
 def random_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0, left_pad: tuple[int, ...] = ()):

@@ -8,14 +8,15 @@ from typing import Any, Callable, Mapping
 
 from mindspore_llm.checkpoint import load_weights
 from mindspore_llm.config_utils import ConfigError, from_dict
-from mindspore_llm.models import qwen
+from mindspore_llm.models import deepseek_v3, qwen
 from mindspore_llm.models.layers import CausalLM, Precision
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.plan import apply_plan
 
 # architecture name -> (config class with from_hf, builder(config, precision) -> CausalLM)
 REGISTRY: dict[str, tuple[type, Callable[..., CausalLM]]] = {
-    name: (qwen.QwenConfig, qwen.build_qwen) for name in qwen.ARCHITECTURES
+    **{name: (qwen.QwenConfig, qwen.build_qwen) for name in qwen.ARCHITECTURES},
+    **{name: (deepseek_v3.DeepseekV3Config, deepseek_v3.build_deepseek_v3) for name in deepseek_v3.ARCHITECTURES},
 }
 
 

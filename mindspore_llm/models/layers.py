@@ -417,3 +417,251 @@ class CausalLM(nn.Cell):
     def loss(self, input_ids, labels, attention_mask=None, position_ids=None):
         total, count = self.loss_sum(input_ids, labels, attention_mask, position_ids)
         return total / ops.maximum(count, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSeek-V2/V3: multi-head latent attention and DeepSeekMoE (https://arxiv.org/abs/2412.19437)
+
+
+class MultiHeadLatentAttention(nn.Cell):
+    """MLA: queries from an optional low-rank path, keys/values from one compressed latent per token.
+
+    q = q_proj(x) or q_b_proj(norm(q_a_proj(x))), split per head into (nope, rope) parts; the latent
+    kv_a_proj_with_mqa(x) = [c_kv, k_rope]; k_rope is one rotary key shared by all heads; kv_b_proj(norm(c_kv))
+    gives every head's (k_nope, v). ``rope_interleave``: the checkpoints store rotary pairs interleaved
+    (x0, x1), (x2, x3)...; de-interleaving both q and k before the half-split rotation is what the reference does.
+    """
+
+    def __init__(self, hidden_size: int, num_attention_heads: int, q_lora_rank: int | None, kv_lora_rank: int,
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, attention_bias: bool,
+                 rope_interleave: bool, scaling: float, precision: Precision, init_std: float):
+        super().__init__()
+        self.num_heads = num_attention_heads
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.rope_interleave = rope_interleave
+        q_out = num_attention_heads * self.qk_head_dim
+        if q_lora_rank is None:
+            self.q_proj = Linear(hidden_size, q_out, False, precision, init_std)
+            self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+        else:
+            self.q_proj = None
+            self.q_a_proj = Linear(hidden_size, q_lora_rank, attention_bias, precision, init_std)
+            # The reference builds both latent norms with the default eps (1e-6), not config.rms_norm_eps.
+            self.q_a_layernorm = RMSNorm(q_lora_rank, 1e-6, precision)
+            self.q_b_proj = Linear(q_lora_rank, q_out, False, precision, init_std)
+        self.kv_a_proj_with_mqa = Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, attention_bias, precision,
+                                         init_std)
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, 1e-6, precision)
+        self.kv_b_proj = Linear(kv_lora_rank, num_attention_heads * (qk_nope_head_dim + v_head_dim), False,
+                                precision, init_std)
+        self.o_proj = Linear(num_attention_heads * v_head_dim, hidden_size, attention_bias, precision, init_std)
+        self.rotary = ApplyRotary(qk_rope_head_dim)
+        self.attention = DotProductAttention(scaling, precision.compute_dtype)
+        self.q_transpose = P.Transpose()
+        self.kv_transpose = P.Transpose()
+        self.merge_transpose = P.Transpose()
+        self.q_concat = P.Concat(-1)
+        self.k_concat = P.Concat(-1)
+        self.broadcast_k_rope = P.Tile()
+        self.deinterleave_concat = P.Concat(-1)
+
+    def _deinterleave(self, x):
+        if not self.rope_interleave:
+            return x
+        return self.deinterleave_concat((x[..., 0::2], x[..., 1::2]))
+
+    def construct(self, hidden, cos, sin, bias):
+        batch, seq_len, _ = hidden.shape
+        if self.q_proj is not None:
+            q = self.q_proj(hidden)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        q = self.q_transpose(q.reshape(batch, seq_len, self.num_heads, self.qk_head_dim), (0, 2, 1, 3))
+        q_nope = q[..., :self.qk_nope_head_dim]
+        q_rope = self.rotary(self._deinterleave(q[..., self.qk_nope_head_dim:]), cos, sin)
+
+        latent = self.kv_a_proj_with_mqa(hidden)
+        c_kv = self.kv_a_layernorm(latent[..., :self.kv_lora_rank])
+        k_rope = latent[..., self.kv_lora_rank:].reshape(batch, 1, seq_len, self.qk_rope_head_dim)
+        k_rope = self.rotary(self._deinterleave(k_rope), cos, sin)
+
+        kv = self.kv_b_proj(c_kv).reshape(batch, seq_len, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        kv = self.kv_transpose(kv, (0, 2, 1, 3))
+        key = self.k_concat((kv[..., :self.qk_nope_head_dim],
+                             self.broadcast_k_rope(k_rope, (1, self.num_heads, 1, 1))))
+        value = kv[..., self.qk_nope_head_dim:]
+        query = self.q_concat((q_nope, q_rope))
+        out = self.attention(query, key, value, bias)
+        out = self.merge_transpose(out, (0, 2, 1, 3)).reshape(batch, seq_len, self.num_heads * self.v_head_dim)
+        return self.o_proj(out)
+
+
+class GroupLimitedTopKRouter(nn.Cell):
+    """DeepSeek-V3 routing ("gate"): sigmoid affinities; the correction bias shifts them for *selection only*;
+    experts are picked among the ``topk_group`` groups with the largest sum of their top-2 biased scores.
+    The weights are the unbiased scores of the picked experts, optionally renormalised, times
+    ``routed_scaling_factor``. Routing runs in fp32, as in the reference.
+
+    ``e_score_correction_bias`` is a buffer (no gradient): ``update_expert_bias`` moves it between steps.
+    """
+
+    def __init__(self, hidden_size: int, n_routed_experts: int, num_experts_per_tok: int, n_group: int,
+                 topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float, precision: Precision,
+                 init_std: float):
+        super().__init__()
+        self.num_experts = n_routed_experts
+        self.top_k = num_experts_per_tok
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+        self.weight = Parameter(initializer(Normal(init_std), (n_routed_experts, hidden_size), precision.param_dtype),
+                                name="weight")
+        self.e_score_correction_bias = Parameter(initializer("zeros", (n_routed_experts,), ms.float32),
+                                                 name="e_score_correction_bias", requires_grad=False)
+        self.matmul = P.MatMul(transpose_b=True)
+        self.sigmoid = P.Sigmoid()
+        self.add_bias = P.Add()
+        self.group_top2 = P.TopK(sorted=True)
+        self.group_topk = P.TopK(sorted=True)
+        self.expert_topk = P.TopK(sorted=True)
+        self.group_one_hot = P.OneHot()
+        self.gather = P.GatherD()
+        self.cast = P.Cast()
+        self.min_value = float(np.finfo(np.float32).min)
+
+    def construct(self, x):
+        """x (T, hidden) -> (weights (T, top_k) fp32, expert indices (T, top_k) int32, scores (T, E) fp32)."""
+        tokens = x.shape[0]
+        logits = self.matmul(self.cast(x, ms.float32), self.cast(self.weight, ms.float32))
+        scores = self.sigmoid(logits)
+        choice = ops.stop_gradient(self.add_bias(scores, self.e_score_correction_bias))
+        if self.n_group > 1:
+            grouped = choice.reshape(tokens, self.n_group, self.num_experts // self.n_group)
+            group_scores = self.group_top2(grouped, 2)[0].sum(-1)
+            group_index = self.group_topk(group_scores, self.topk_group)[1]
+            group_mask = self.group_one_hot(group_index, self.n_group, Tensor(1.0, ms.float32),
+                                            Tensor(0.0, ms.float32)).sum(1)
+            expert_mask = group_mask.reshape(tokens, self.n_group, 1).broadcast_to(grouped.shape)
+            choice = ops.select(expert_mask.reshape(tokens, self.num_experts) > 0, choice,
+                                ops.full(choice.shape, self.min_value, dtype=ms.float32))
+        indices = self.expert_topk(choice, self.top_k)[1]
+        weights = self.gather(scores, 1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+        return weights * self.routed_scaling_factor, indices, scores
+
+
+class StackedExperts(nn.Cell):
+    """All routed SwiGLU experts as stacked weights with the expert dimension first — gate/up (E, I, H), down
+    (E, H, I) — computed with batched matmuls over that dimension, which ``expert_parallel`` splits.
+
+    Dense dropless dispatch: every expert runs on every token and the outputs are summed with the (mostly zero)
+    per-token combine weights (T, E). Exact and static-shaped (compiles in graph mode, nothing dropped), at
+    E / top_k times the FLOPs of a sparse dispatch; see docs/deepseek_v3.md.
+    """
+
+    def __init__(self, n_routed_experts: int, hidden_size: int, moe_intermediate_size: int, precision: Precision,
+                 init_std: float):
+        super().__init__()
+        self.num_experts = n_routed_experts
+        self.compute_dtype = precision.compute_dtype
+        shape_in = (n_routed_experts, moe_intermediate_size, hidden_size)
+        shape_out = (n_routed_experts, hidden_size, moe_intermediate_size)
+        self.gate_proj = Parameter(initializer(Normal(init_std), shape_in, precision.param_dtype), name="gate_proj")
+        self.up_proj = Parameter(initializer(Normal(init_std), shape_in, precision.param_dtype), name="up_proj")
+        self.down_proj = Parameter(initializer(Normal(init_std), shape_out, precision.param_dtype), name="down_proj")
+        self.broadcast_tokens = P.Tile()
+        self.gate_matmul = P.BatchMatMul(transpose_b=True)
+        self.up_matmul = P.BatchMatMul(transpose_b=True)
+        self.down_matmul = P.BatchMatMul(transpose_b=True)
+        self.silu = SiLU()
+        self.mul = P.Mul()
+        self.weigh = P.Mul()
+        self.combine = P.ReduceSum()
+        self.transpose = P.Transpose()
+        self.cast = P.Cast()
+
+    def construct(self, x, combine_weights):
+        """x (T, H), combine_weights (T, E) -> sum_e combine_weights[:, e] * expert_e(x), (T, H)."""
+        tokens, hidden = x.shape
+        x = self.broadcast_tokens(self.cast(x, self.compute_dtype).reshape(1, tokens, hidden),
+                                  (self.num_experts, 1, 1))
+        gate = self.gate_matmul(x, self.cast(self.gate_proj, self.compute_dtype))
+        up = self.up_matmul(x, self.cast(self.up_proj, self.compute_dtype))
+        out = self.down_matmul(self.mul(self.silu(gate), up), self.cast(self.down_proj, self.compute_dtype))
+        weights = self.cast(self.transpose(combine_weights, (1, 0)), self.compute_dtype).reshape(
+            self.num_experts, tokens, 1)
+        return self.combine(self.weigh(out, weights), 0)
+
+
+class AuxLossGradient(nn.Cell):
+    """Identity on `output` whose backward also sends gradient 1 into `aux_loss`: the auxiliary loss joins the
+    gradient of the loss without changing what layers return (Megatron's MoEAuxLossAutoScaler)."""
+
+    def construct(self, output, aux_loss):
+        return output
+
+    def bprop(self, output, aux_loss, out, dout):
+        return dout, ops.ones_like(aux_loss)
+
+
+class DeepSeekMoE(nn.Cell):
+    """Shared experts + routed experts: y = shared(x) + sum_k w_k expert_{i_k}(x) (dropless).
+
+    ``tokens_per_expert`` adds up how many (token, slot) assignments each expert received since the last
+    ``update_expert_bias`` (which resets it), and after every call
+    ``aux_loss`` the sequence-wise balance loss (0 when ``aux_loss_alpha`` is 0): buffers for the bias update and
+    the training log.
+    """
+
+    def __init__(self, hidden_size: int, moe_intermediate_size: int, n_routed_experts: int, n_shared_experts: int,
+                 router: GroupLimitedTopKRouter, aux_loss_alpha: float, precision: Precision, init_std: float):
+        super().__init__()
+        self.num_experts = n_routed_experts
+        self.top_k = router.top_k
+        self.aux_loss_alpha = aux_loss_alpha
+        self.gate = router
+        self.experts = StackedExperts(n_routed_experts, hidden_size, moe_intermediate_size, precision, init_std)
+        self.shared_experts = (SwiGLU(hidden_size, moe_intermediate_size * n_shared_experts, precision, init_std)
+                               if n_shared_experts > 0 else None)
+        self.tokens_per_expert = Parameter(initializer("zeros", (n_routed_experts,), ms.float32),
+                                           name="tokens_per_expert", requires_grad=False)
+        self.aux_loss = Parameter(initializer("zeros", (), ms.float32), name="aux_loss", requires_grad=False)
+        self.one_hot = P.OneHot()
+        self.add_shared = P.Add()
+        self.aux_gradient = AuxLossGradient()
+
+    def _sequence_aux_loss(self, scores, assignments, batch: int):
+        """alpha * sum_i f_i P_i per sequence, averaged over sequences (DeepSeek-V3 eqs. 17-20):
+        f_i = E / (K T) * tokens routed to i, P_i = mean over tokens of the normalised affinity s_i / sum_j s_j."""
+        scores = scores.reshape(batch, -1, self.num_experts)
+        seq_len = scores.shape[1]
+        fraction = ops.stop_gradient(assignments.reshape(batch, seq_len, self.num_experts).sum(1)) * (
+            self.num_experts / (self.top_k * seq_len))
+        probability = (scores / (scores.sum(-1, keepdims=True) + 1e-20)).mean(1)
+        return self.aux_loss_alpha * (fraction * probability).sum(-1).mean()
+
+    def construct(self, x):
+        batch, seq_len, hidden = x.shape
+        flat = x.reshape(-1, hidden)
+        routing = self.gate(flat)  # (weights, indices, scores); scores are read only for the aux loss
+        weights, indices = routing[0], routing[1]
+        one_hot = self.one_hot(indices, self.num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        assignments = one_hot.sum(1)  # (T, E), 0/1
+        combine_weights = (one_hot * weights.expand_dims(-1)).sum(1)
+        # summed over calls until update_expert_bias resets it: every micro-batch of an accumulated step counts
+        ops.assign_add(self.tokens_per_expert, ops.stop_gradient(assignments.sum(0)))
+        out = self.experts(flat, combine_weights)
+        if self.aux_loss_alpha > 0:
+            aux = self._sequence_aux_loss(routing[2], assignments, batch)
+            ops.assign(self.aux_loss, ops.stop_gradient(aux))
+            out = self.aux_gradient(out, aux)
+        out = out.astype(x.dtype).reshape(batch, seq_len, hidden)
+        if self.shared_experts is not None:
+            out = self.add_shared(out, self.shared_experts(x))
+        return out

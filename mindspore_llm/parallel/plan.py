@@ -1,19 +1,30 @@
-"""The one place that decides how every op is split (Megatron-style tensor parallel + data parallel).
+"""The one place that decides how every op and every parameter is split (Megatron-style tensor parallel, data
+parallel, expert parallel, pipeline stages, sequence parallel, recompute).
 
-``apply_plan(model, parallel)`` walks a built model and gives each shardable primitive its strategy. The model
-files never mention parallelism; stand-alone (and on CPU) the strategies are inert, but the same code runs.
+``apply_plan(model, parallel)`` walks a built model and gives each shardable primitive its strategy, each decoder
+layer its pipeline stage and recompute mode. The model files never mention parallelism; stand-alone (and on CPU)
+the strategies are inert, but the same code runs.
 Layouts: data parallel splits the batch dimension by ``dp``; tensor parallel (``mp``) splits attention heads and
 FFN columns (column-parallel in-projections, row-parallel out-projections) and, with ``vocab_parallel``, the
-vocabulary of the embedding, LM head and loss.
+vocabulary of the embedding, LM head and loss; sequence parallel splits the norms and residual adds along the
+sequence by ``mp`` (row-parallel outputs reduce-scatter into that layout); expert parallel splits the stacked
+routed experts over ``ep`` of the data-parallel replicas.
+
+``validate_plan`` checks a parallel config against the model and the device count before anything starts;
+``parameter_layout`` is the split of every parameter (what the memory planner divides by, and what
+``write_strategy_file`` gives MindSpore to merge or reshard per-rank checkpoint slices).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from mindspore import nn
 
+from mindspore_llm.config_utils import ConfigError
+from mindspore_llm.lora import LoraLinear
 from mindspore_llm.models import layers
-from mindspore_llm.parallel.config import ParallelConfig
+from mindspore_llm.parallel.config import RECOMPUTE_MODES, ParallelConfig
 
 # Linear layers by their attribute name: how the weight (out, in) is split across model_parallel.
 COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "q_b_proj", "kv_b_proj"}
@@ -21,20 +32,57 @@ ROW_PARALLEL = {"o_proj", "down_proj"}
 # Low-rank down-projections (MLA) are small and feed a norm over their whole width: replicate them.
 REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa"}
 HEAD_NORMS = {"q_norm", "k_norm"}  # RMSNorm over (B, S, heads, head_dim)
+VOCAB = {"embed_tokens", "lm_head"}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A primitive's input strategy and, where the output layout differs from the default, its output strategy."""
+    in_strategy: tuple[tuple[int, ...], ...]
+    out_strategy: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
 class OpStrategy:
     path: str  # e.g. "model.layers.0.self_attn.q_proj.matmul"
     strategy: tuple[tuple[int, ...], ...]
+    out_strategy: tuple[tuple[int, ...], ...] | None = None
 
 
-def _linear(cell: layers.Linear, kind: str, dp: int, mp: int) -> dict:
+def linear_kind(leaf: str) -> str:
+    return "column" if leaf in COLUMN_PARALLEL else "row" if leaf in ROW_PARALLEL else "replicated"
+
+
+def _linear(kind: str, dp: int, mp: int, sequence_parallel: bool, bias: bool = True) -> dict:
     if kind == "column":
-        return {"matmul": ((dp, 1), (mp, 1)), "bias_add": ((dp, mp), (mp,))}
-    if kind == "row":
-        return {"matmul": ((dp, mp), (1, mp)), "bias_add": ((dp, 1), (1,))}
-    return {"matmul": ((dp, 1), (1, 1)), "bias_add": ((dp, 1), (1,))}
+        strategies = {"matmul": ((dp, 1), (mp, 1)), "bias_add": ((dp, mp), (mp,))}
+    elif kind == "row" and sequence_parallel:  # reduce-scatter the partial sums along the (flattened) sequence
+        strategies = {"matmul": Shard(((dp, mp), (1, mp)), ((dp * mp, 1),)), "bias_add": ((dp * mp, 1), (1,))}
+    elif kind == "row":
+        strategies = {"matmul": ((dp, mp), (1, mp)), "bias_add": ((dp, 1), (1,))}
+    else:
+        strategies = {"matmul": ((dp, 1), (1, 1)), "bias_add": ((dp, 1), (1,))}
+    if not bias:
+        del strategies["bias_add"]
+    return strategies
+
+
+def _lora_adapter(adapter: str, base_kind: str, dp: int, mp: int, sequence_parallel: bool) -> dict:
+    """LoRA's A (rank, in) and B (out, rank) follow their base layer and never split the rank: column base -> A
+    whole, B split on out; row base -> A split on in (partial sums reduced as the base's are), B whole."""
+    if base_kind == "column":
+        return _linear("replicated" if adapter == "lora_A" else "column", dp, mp, False)
+    if base_kind == "row" and adapter == "lora_A":
+        return _linear("row", dp, mp, sequence_parallel)
+    tokens = dp * mp if base_kind == "row" and sequence_parallel else dp
+    return {"matmul": ((tokens, 1), (1, 1)), "bias_add": ((tokens, 1), (1,))}
+
+
+def _lora_update(kind: str, dp: int, mp: int, sequence_parallel: bool, dropout: bool) -> dict:
+    """LoraLinear's own ops: dropout on its (N, in) input, scale and add on the (N, out) update (the base's layout)."""
+    x = (dp, mp) if kind == "row" else (dp, 1)
+    y = {"column": (dp, mp), "row": (dp * mp, 1) if sequence_parallel else (dp, 1)}.get(kind, (dp, 1))
+    return {"scale": (y, ()), "add": (y, y), **({"lora_dropout": (x,)} if dropout else {})}
 
 
 def _rms_norm(rank_mp: tuple[int, ...], dp: int) -> dict:
@@ -43,17 +91,37 @@ def _rms_norm(rank_mp: tuple[int, ...], dp: int) -> dict:
             "mul": (x, x[:-1] + (1,)), "mul_weight": (x, (1,))}
 
 
-def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig) -> dict:
-    """The strategies of one cell's primitives, keyed by the primitive's attribute name."""
-    dp, mp = parallel.data_parallel, parallel.model_parallel
+def _stacked_experts(dp: int, ep: int, mp: int) -> dict:
+    """(E, T, H) activations: experts split by ep, tokens by the remaining dp / ep, the expert FFN by mp."""
+    tokens = dp // ep
+    x, hidden = (ep, tokens, 1), (ep, tokens, mp)
+    return {"broadcast_tokens": ((1, dp, 1),), "gate_matmul": (x, (ep, mp, 1)), "up_matmul": (x, (ep, mp, 1)),
+            "silu": (hidden,), "mul": (hidden, hidden), "down_matmul": (hidden, (ep, 1, mp)),
+            "weigh": (x, x), "combine": (x,), "transpose": ((dp, 1),)}
+
+
+def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: nn.Cell | None = None) -> dict:
+    """The strategies of one cell's primitives, keyed by the primitive's attribute name (a tuple: the input
+    strategy; a ``Shard``: input and output strategies). Dispatches on the cell's type (and its parent's)."""
+    dp, mp, ep = parallel.data_parallel, parallel.model_parallel, parallel.expert_parallel
+    sp = mp if parallel.sequence_parallel else 1
     vp = mp if parallel.vocab_parallel else 1
     leaf = name.rsplit(".", 1)[-1]
     heads = (dp, mp, 1, 1)  # (B, heads, S, head_dim)
+    hidden = (dp, sp, 1)  # (B, S, H) outside the tensor-parallel regions
     if isinstance(cell, layers.Linear):
-        kind = "column" if leaf in COLUMN_PARALLEL else "row" if leaf in ROW_PARALLEL else "replicated"
-        return _linear(cell, kind, dp, mp)
+        if isinstance(parent, LoraLinear) and leaf in ("lora_A", "lora_B"):
+            return _lora_adapter(leaf, linear_kind(name.rsplit(".", 2)[-2]), dp, mp, parallel.sequence_parallel)
+        strategies = _linear(linear_kind(leaf), dp, mp, parallel.sequence_parallel, cell.bias is not None)
+        if isinstance(cell, LoraLinear):
+            strategies.update(_lora_update(linear_kind(leaf), dp, mp, parallel.sequence_parallel,
+                                           cell.lora_dropout is not None))
+        return strategies
     if isinstance(cell, layers.RMSNorm):
-        return _rms_norm((1, mp, 1) if leaf in HEAD_NORMS else (1, 1), dp)
+        if leaf in HEAD_NORMS:
+            return _rms_norm((1, mp, 1), dp)
+        # the model's hidden-size norms follow sequence parallel; MLA's latent norms see replicated latents
+        return _rms_norm((1, 1) if leaf.endswith("a_layernorm") else (sp, 1), dp)
     if isinstance(cell, layers.Embedding):
         return {"gather": ((vp, 1), (dp, 1))}
     if isinstance(cell, layers.LMHead):
@@ -62,26 +130,224 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig) -> dict:
         return {"qk_matmul": (heads, heads), "scale": (heads, ()), "add_bias": (heads, (dp, 1, 1, 1)),
                 "softmax": (heads,), "pv_matmul": (heads, heads)}
     if isinstance(cell, layers.ApplyRotary):
+        if isinstance(parent, layers.MultiHeadLatentAttention):
+            heads = (dp, 1, 1, 1)  # the same rotary serves the queries and the one shared rotary key head
         return {"mul_cos": (heads, (dp, 1, 1, 1)), "mul_sin": (heads, (dp, 1, 1, 1)), "add": (heads, heads),
                 "neg": (heads,), "concat": (heads, heads)}
     if isinstance(cell, layers.GroupedQueryAttention):
         return {"transpose": ((dp, 1, mp, 1),), "merge_transpose": (heads,), "repeat_kv": ((dp, mp, 1, 1, 1),)}
+    if isinstance(cell, layers.MultiHeadLatentAttention):
+        return {"q_transpose": ((dp, 1, mp, 1),), "kv_transpose": ((dp, 1, mp, 1),), "merge_transpose": (heads,),
+                "q_concat": (heads, heads), "k_concat": (heads, heads), "broadcast_k_rope": ((dp, 1, 1, 1),)}
+    if isinstance(cell, layers.StackedExperts):
+        return _stacked_experts(dp, ep, mp)
+    if isinstance(cell, layers.GroupLimitedTopKRouter):
+        return {"matmul": ((dp, 1), (1, 1)), "sigmoid": ((dp, 1),), "add_bias": ((dp, 1), (1,))}
+    if isinstance(cell, layers.DeepSeekMoE):
+        return {"add_shared": (hidden, hidden)}
     if isinstance(cell, layers.SwiGLU):
         return {"silu": ((dp, 1, mp),), "mul": ((dp, 1, mp), (dp, 1, mp))}
     if isinstance(cell, layers.DecoderLayer):
-        return {"attn_residual": ((dp, 1, 1), (dp, 1, 1)), "mlp_residual": ((dp, 1, 1), (dp, 1, 1))}
+        return {"attn_residual": (hidden, hidden), "mlp_residual": (hidden, hidden)}
     if isinstance(cell, layers.CausalLMLoss):
         return {"reduce_max": ((dp, vp),), "sub": ((dp, vp), (dp, 1)), "exp": ((dp, vp),),
                 "reduce_sum": ((dp, vp),), "log": ((dp, 1),), "gather": ((dp, vp), (dp, 1))}
     return {}
 
 
+def parameter_layout(name: str, ndim: int, parallel: ParallelConfig) -> tuple[str | None, ...]:
+    """Which mesh axis ("mp", "ep") splits each dimension of parameter `name` (Hugging Face / our names)."""
+    parts = name.split(".")
+    if parts[-2] in ("lora_A", "lora_B"):  # adapters follow the split of the layer they adapt
+        kind = linear_kind(parts[-3])
+        if (kind, parts[-2]) == ("column", "lora_B"):
+            return ("mp", None)
+        return (None, "mp") if (kind, parts[-2]) == ("row", "lora_A") else (None,) * ndim
+    owner = parts[-2] if len(parts) > 1 else ""
+    if parts[-1] in ("gate_proj", "up_proj") and owner == "experts":  # stacked (E, I, H)
+        return ("ep", "mp", None)
+    if parts[-1] == "down_proj" and owner == "experts":  # stacked (E, H, I)
+        return ("ep", None, "mp")
+    if owner in VOCAB:
+        return ("mp" if parallel.vocab_parallel else None, None)
+    kind = linear_kind(owner)
+    if kind == "column":
+        return ("mp",) + (None,) * (ndim - 1)
+    if kind == "row" and parts[-1] == "weight":
+        return (None, "mp")
+    return (None,) * ndim
+
+
+def parameter_split(name: str, ndim: int, parallel: ParallelConfig) -> tuple[int, ...]:
+    """How many pieces each dimension of parameter `name` is cut into."""
+    size = {"mp": parallel.model_parallel, "ep": parallel.expert_parallel, None: 1}
+    return tuple(size[axis] for axis in parameter_layout(name, ndim, parallel))
+
+
 def apply_plan(model: nn.Cell, parallel: ParallelConfig) -> list[OpStrategy]:
-    """Give every shardable primitive of `model` its strategy; return them in model order."""
+    """Give every shardable primitive of `model` its strategy, every decoder layer its pipeline stage and
+    recompute mode; return the op strategies in model order."""
     applied = []
-    for name, cell in model.cells_and_names():
-        for op_name, strategy in strategies_for(name, cell, parallel).items():
-            op = getattr(cell, op_name)
-            op.shard(strategy)
-            applied.append(OpStrategy(f"{name}.{op_name}" if name else op_name, strategy))
+    cells = dict(model.cells_and_names())
+    for name, cell in cells.items():
+        parent = cells.get(name.rsplit(".", 1)[0]) if "." in name else None
+        for op_name, strategy in strategies_for(name, cell, parallel, parent).items():
+            shard = strategy if isinstance(strategy, Shard) else Shard(strategy)
+            getattr(cell, op_name).shard(shard.in_strategy, out_strategy=shard.out_strategy)
+            applied.append(OpStrategy(f"{name}.{op_name}" if name else op_name, shard.in_strategy,
+                                      shard.out_strategy))
+    decoder = getattr(model, "model", None)
+    if isinstance(decoder, layers.DecoderModel):
+        _assign_stages_and_recompute(model, decoder, parallel)
     return applied
+
+
+def _assign_stages_and_recompute(model: nn.Cell, decoder: layers.DecoderModel, parallel: ParallelConfig) -> None:
+    num_layers = len(decoder.layers)
+    per_stage = parallel.layers_per_stage(num_layers)
+    if sum(per_stage) != num_layers:
+        raise ConfigError(f"parallel: stages of {per_stage} layers do not cover the model's {num_layers} layers")
+    if isinstance(parallel.recompute, list) and len(parallel.recompute) not in (parallel.pipeline_stages, num_layers):
+        raise ConfigError(f"parallel.recompute: {len(parallel.recompute)} entries for {parallel.pipeline_stages} "
+                          f"stages and {num_layers} layers")
+    for layer, mode in zip(decoder.layers, parallel.recompute_of_layers(num_layers)):
+        if mode == "full":
+            layer.recompute()
+        elif mode == "selective":  # the core attention: scores and softmax, the s^2 activations
+            for _, cell in layer.cells_and_names():
+                if isinstance(cell, layers.DotProductAttention):
+                    cell.recompute()
+    if parallel.pipeline_stages == 1:
+        return
+    last = parallel.pipeline_stages - 1
+    for layer, stage in zip(decoder.layers, parallel.stage_of_layers(num_layers)):
+        layer.pipeline_stage = stage
+    decoder.embed_tokens.pipeline_stage = 0
+    decoder.rotary_emb.pipeline_stage = 0
+    decoder.norm.pipeline_stage = last
+    for cell in (getattr(model, "lm_head", None), getattr(model, "loss_fn", None)):
+        if cell is not None:
+            cell.pipeline_stage = last
+
+
+def check_strategies(applied: list[OpStrategy], parallel: ParallelConfig) -> None:
+    """Every input's device matrix must divide the devices of one pipeline stage (dp x mp); every output
+    strategy's product must equal its input device matrix."""
+    devices = parallel.stage_devices
+    for op in applied:
+        for i, strategy in enumerate(op.strategy):
+            used = math.prod(strategy)
+            if devices % used:
+                raise ConfigError(f"{op.path}: input {i} strategy {strategy} uses {used} devices, which does not "
+                                  f"divide the {devices} devices of a stage (dp x mp)")
+        if op.out_strategy is not None:
+            used = max(math.prod(s) for s in op.strategy)
+            for strategy in op.out_strategy:
+                if math.prod(strategy) != used:
+                    raise ConfigError(f"{op.path}: output strategy {strategy} does not match the input device "
+                                      f"matrix of {used} devices")
+
+
+def _divides(errors: list[str], field: str, size: int, by_field: str, by: int) -> None:
+    if by > 1 and size % by:
+        errors.append(f"{field} ({size}) is not divisible by {by_field} ({by})")
+
+
+def validate_plan(model_config, parallel: ParallelConfig, device_num: int, global_batch_size: int | None = None,
+                  micro_batch_size: int = 1, gradient_accumulation_steps: int = 1,
+                  seq_length: int | None = None) -> None:
+    """Check `parallel` against the model and the device count; raise ConfigError listing every problem.
+
+    The global batch is data_parallel x micro_batch_size x micro_batch_num x gradient_accumulation_steps.
+    """
+    errors: list[str] = []
+    dp, mp, ep, pp = (parallel.data_parallel, parallel.model_parallel, parallel.expert_parallel,
+                      parallel.pipeline_stages)
+    if parallel.device_num != device_num:
+        errors.append(f"parallel: data_parallel ({dp}) x model_parallel ({mp}) x pipeline_stages ({pp}) = "
+                      f"{parallel.device_num} devices, but the job has {device_num}")
+    c = model_config
+    _divides(errors, "num_attention_heads", c.num_attention_heads, "model_parallel", mp)
+    kv_heads = getattr(c, "num_key_value_heads", None)
+    if kv_heads is not None and getattr(c, "kv_lora_rank", None) is None:
+        _divides(errors, "num_key_value_heads", kv_heads, "model_parallel", mp)
+    _divides(errors, "intermediate_size", c.intermediate_size, "model_parallel", mp)
+    if parallel.vocab_parallel:
+        _divides(errors, "vocab_size", c.vocab_size, "model_parallel", mp)
+    experts = getattr(c, "n_routed_experts", None)
+    if experts:
+        _divides(errors, "moe_intermediate_size", c.moe_intermediate_size, "model_parallel", mp)
+        _divides(errors, "n_routed_experts", experts, "expert_parallel", ep)
+    elif ep > 1:
+        errors.append(f"expert_parallel ({ep}) needs a mixture-of-experts model; {c.architecture} has no experts")
+    layers_num = c.num_hidden_layers
+    if parallel.stage_layers is not None:
+        if sum(parallel.stage_layers) != layers_num:
+            errors.append(f"stage_layers {parallel.stage_layers} sum to {sum(parallel.stage_layers)}, the model has "
+                          f"num_hidden_layers {layers_num}")
+    elif pp > layers_num:
+        errors.append(f"pipeline_stages ({pp}) exceeds num_hidden_layers ({layers_num})")
+    elif layers_num % pp:
+        errors.append(f"num_hidden_layers ({layers_num}) is not divisible by pipeline_stages ({pp}); "
+                      f"give stage_layers for an uneven split")
+    if isinstance(parallel.recompute, list) and len(parallel.recompute) not in (pp, layers_num):
+        errors.append(f"recompute has {len(parallel.recompute)} entries; give one per pipeline stage ({pp}) or "
+                      f"one per layer ({layers_num})")
+    for mode in ([parallel.recompute] if isinstance(parallel.recompute, str) else parallel.recompute):
+        if mode not in RECOMPUTE_MODES:
+            errors.append(f"recompute: {mode!r} is not one of {', '.join(RECOMPUTE_MODES)}")
+    if parallel.sequence_parallel and seq_length is not None:
+        _divides(errors, "seq_length", seq_length, "model_parallel (sequence_parallel)", mp)
+    if global_batch_size is not None:
+        per_step = dp * micro_batch_size * parallel.micro_batch_num * gradient_accumulation_steps
+        if global_batch_size != per_step:
+            errors.append(f"global_batch_size ({global_batch_size}) != data_parallel ({dp}) x micro_batch_size "
+                          f"({micro_batch_size}) x micro_batch_num ({parallel.micro_batch_num}) x "
+                          f"gradient_accumulation_steps ({gradient_accumulation_steps}) = {per_step}")
+    if not errors:  # every parameter's split must divide its dimensions (catches what the fields above miss)
+        errors += _parameter_split_errors(model_config, parallel)
+    if errors:
+        raise ConfigError("invalid parallel plan:\n  - " + "\n  - ".join(errors))
+
+
+def _parameter_split_errors(model_config, parallel: ParallelConfig) -> list[str]:
+    from mindspore_llm.parallel.memory import parameter_shapes
+
+    errors = {}
+    for name, shape in parameter_shapes(model_config):
+        split = parameter_split(name, len(shape), parallel)
+        if any(size % parts for size, parts in zip(shape, split)):
+            pattern = ".".join("N" if part.isdigit() else part for part in name.split("."))
+            errors.setdefault(pattern, f"parameter {pattern} of shape {shape} cannot be split {split}")
+    return list(errors.values())
+
+
+def write_strategy_file(model_config, parallel: ParallelConfig, path) -> None:
+    """MindSpore's strategy checkpoint (node_strategy.proto) of every parameter's layout under this plan: what
+    ``mindspore.parallel.transform_checkpoints`` needs to merge per-rank slices into full tensors or to reshard
+    them to another plan, without compiling the network. One pipeline stage; no optimizer-sharded slices."""
+    from mindspore.train import node_strategy_pb2
+
+    from mindspore_llm.fileio import atomic_path
+    from mindspore_llm.parallel.memory import parameter_shapes
+
+    if parallel.pipeline_stages != 1:
+        raise ConfigError("write_strategy_file: pipeline_stages must be 1 (per-stage strategy files are written by "
+                          "the training run itself)")
+    strategy = node_strategy_pb2.ParallelStrategyMap()
+    strategy.current_stage = 0
+    ep = parallel.expert_parallel
+    for name, shape in parameter_shapes(model_config):
+        item = strategy.parallel_layout_item.add()
+        item.param_name = name
+        layout = item.parallel_layouts
+        layout.dev_matrix.add().dim.extend([parallel.data_parallel // ep, ep, parallel.model_parallel])
+        # tensor map: the device-matrix axis of each dimension, counted from the right (mp 0, ep 1; -1 whole)
+        axes = {"mp": 0, "ep": 1, None: -1}
+        layout.tensor_map.add().dim.extend(axes[axis] for axis in parameter_layout(name, len(shape), parallel))
+        layout.param_split_shape.add()
+        layout.indices_offset.add()
+        layout.field, layout.opt_weight_shard_step, layout.opt_weight_shard_size = 0, 0, 0
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(strategy.SerializeToString())
+

@@ -1,0 +1,227 @@
+"""The ``msllm-ckpt`` command (also ``python -m ckpt_tools``)."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from mindspore_llm.cli import UserError
+
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+class ByteSize(click.ParamType):
+    """"4GB", "500MB", "2GiB" or a number of bytes (decimal units, as transformers' max_shard_size)."""
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        found = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B?)\s*", str(value).upper())
+        if not found or found.group(2) not in _UNITS or float(found.group(1)) <= 0:
+            self.fail(f"{value!r} is not a size like 4GB, 500MB or 2GiB", param, ctx)
+        return int(float(found.group(1)) * _UNITS[found.group(2)])
+
+
+def _run(function, *args, **kwargs):
+    """Bad input (a checkpoint or config error, an existing output) becomes one clear line and exit code 2."""
+    from mindspore_llm.checkpoint import CheckpointError
+    from mindspore_llm.config_utils import ConfigError
+
+    try:
+        return function(*args, **kwargs)
+    except (CheckpointError, ConfigError, FileExistsError) as err:
+        raise UserError(str(err)) from None
+
+
+_common = [
+    click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
+                 help="Output dtype. Default: as stored (FP8 weights become bf16)."),
+    click.option("--max-shard-size", type=ByteSize(), default="4GB", show_default=True,
+                 help="Start a new output file when the next tensor would pass this size."),
+    click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete)."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+]
+
+
+def common_options(function):
+    for option in reversed(_common):
+        function = option(function)
+    return function
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Convert checkpoints between Hugging Face safetensors and MindSpore, streaming tensor by tensor.
+
+    Memory stays bounded by a 64 MB working chunk whatever the model size; FP8 (e4m3) weights with 128x128
+    block scales are dequantized on the way. Outputs appear only when complete.
+
+    \b
+    Examples:
+      msllm-ckpt hf2ms ./Qwen2.5-7B ./qwen-ms                      .ckpt shards for mindspore_llm
+      msllm-ckpt hf2ms ./DeepSeek-V3 ./dsv3-ms --dtype bf16        FP8 -> bf16
+      msllm-ckpt hf2ms ./Qwen2.5-7B ./qwen-mf --naming mindformers for mindformers
+      msllm-ckpt ms2hf ./qwen-ms ./qwen-hf                         back to Hugging Face
+      msllm-ckpt verify ./Qwen2.5-7B ./qwen-hf                     exit 1 on any difference
+      msllm-ckpt inspect ./qwen-ms
+      msllm-ckpt export-peft ./runs/lora/checkpoints/step_00001000/rank_0/train_state.ckpt ./adapter --alpha 16
+      msllm-ckpt merge-lora ./Qwen2.5-7B ./adapter ./qwen-merged    LoRA folded into the weights
+    """
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@common_options
+@click.option("--naming", type=click.Choice(["mindspore_llm", "mindformers"]), default="mindspore_llm",
+              show_default=True, help="Parameter names to write: ours (= Hugging Face's) or mindformers' 1.x names.")
+@click.option("--format", "file_format", type=click.Choice(["ckpt", "safetensors"]), default="ckpt",
+              show_default=True, help="MindSpore .ckpt, or MindSpore's safetensors flavour.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept pytorch_model.bin (read with torch.load(weights_only=True)).")
+def hf2ms(src, dst, dtype, max_shard_size, overwrite, quiet, naming, file_format, allow_pickle):
+    """Hugging Face model directory SRC -> MindSpore checkpoint directory DST.
+
+    DST gets mindspore_model-0000N-of-0000M.ckpt (or .safetensors) shards loadable by mindspore.load_checkpoint,
+    mindspore_model.index.json (name -> file), manifest.json (shape, dtype, CRC32 per tensor), and config,
+    tokenizer and generation files. `AutoModelForCausalLM.from_pretrained(DST)` loads it.
+
+    \b
+    Example:
+      msllm-ckpt hf2ms ./DeepSeek-R1-Distill-Qwen-32B ./r1-32b-ms --max-shard-size 2GB
+    """
+    from ckpt_tools.convert import LAYOUTS, convert
+
+    _run(convert, src, dst, target_naming=naming, layout=LAYOUTS[(file_format, "ms")], dtype=dtype,
+         max_shard_bytes=max_shard_size, overwrite=overwrite, allow_pickle=allow_pickle, quiet=quiet,
+         description="hf2ms")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--config", "config_path", type=click.Path(exists=True, path_type=Path),
+              help="config.json (or its directory) of the model; default: the one in SRC.")
+@common_options
+def ms2hf(src, dst, config_path, dtype, max_shard_size, overwrite, quiet):
+    """MindSpore checkpoint SRC (directory or one .ckpt/.safetensors file, mindspore_llm or mindformers names,
+    detected) -> Hugging Face directory DST.
+
+    DST gets model-0000N-of-0000M.safetensors, model.safetensors.index.json and the config/tokenizer files;
+    transformers' AutoModelForCausalLM.from_pretrained(DST) loads it. A tied lm_head is not written.
+
+    \b
+    Example:
+      msllm-ckpt ms2hf ./runs/sft/checkpoint.ckpt ./my-qwen-hf --config ./Qwen2.5-7B --dtype bf16
+    """
+    from ckpt_tools.convert import LAYOUTS, convert
+
+    _run(convert, src, dst, target_naming="hf", layout=LAYOUTS[("safetensors", "hf")], dtype=dtype,
+         max_shard_bytes=max_shard_size, config_path=config_path, overwrite=overwrite, quiet=quiet,
+         description="ms2hf")
+
+
+@main.command()
+@click.argument("a", type=click.Path(exists=True, path_type=Path))
+@click.argument("b", type=click.Path(exists=True, path_type=Path))
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Largest allowed |Δ| per element.")
+@click.option("--ignore-dtype", is_flag=True, help="Compare values only (e.g. fp32 against bf16 with --atol).")
+@click.option("--config", "config_path", type=click.Path(exists=True, path_type=Path),
+              help="config.json used to match names across namings when A or B has none beside it.")
+def verify(a, b, atol, ignore_dtype, config_path):
+    """Compare checkpoints A and B (either format and naming) tensor by tensor: names, shapes, dtypes, max |Δ|.
+
+    Exit code 0 if they agree, 1 on any mismatch, 2 on unreadable input.
+
+    \b
+    Examples:
+      msllm-ckpt verify ./Qwen2.5-7B ./qwen-ms                 bit-identical?
+      msllm-ckpt verify ./qwen-fp32 ./qwen-bf16 --ignore-dtype --atol 1e-2
+    """
+    from ckpt_tools.compare import verify as compare
+
+    report = _run(compare, a, b, atol, ignore_dtype, config_path)
+    click.echo("\n".join(report.lines))
+    if report.mismatches:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--allow-pickle", is_flag=True, help="Read pytorch_model.bin (torch.load(weights_only=True)).")
+def inspect(path, allow_pickle):
+    """List the tensors of checkpoint PATH (file or directory, any format): name, dtype, shape; then totals.
+
+    \b
+    Example:
+      msllm-ckpt inspect ./qwen-ms | tail -1
+    """
+    from ckpt_tools.compare import inspect as listing
+
+    click.echo("\n".join(_run(listing, path, allow_pickle)))
+
+
+@main.command("export-peft")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--alpha", type=float, help="LoRA alpha the adapters were trained with (scaling = alpha / rank).")
+@click.option("--config", "train_config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The training YAML: alpha and dropout are read from its `lora:` section.")
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="Recorded as lora_dropout.")
+@click.option("--base", "base_model", help="base_model_name_or_path to record (e.g. Qwen/Qwen2.5-7B).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
+def export_peft(src, dst, alpha, train_config, dropout, base_model, overwrite):
+    """LoRA adapters of checkpoint SRC -> PEFT adapter directory DST.
+
+    SRC is any checkpoint holding model.*.lora_A.weight / lora_B.weight (a training checkpoint's
+    train_state.ckpt, a saved model directory); the rank is read from the tensors. DST gets adapter_model.safetensors
+    and adapter_config.json, which peft.PeftModel.from_pretrained(base_model, DST) loads.
+
+    \b
+    Example:
+      msllm-ckpt export-peft ./runs/lora/final ./my-adapter --config train_lora.yaml --base Qwen/Qwen2.5-7B
+    """
+    from ckpt_tools.peft import export_peft_from_checkpoint
+    from mindspore_llm.config_utils import from_dict, load_yaml
+    from mindspore_llm.lora import LoraConfig
+
+    if train_config is not None:
+        section = _run(load_yaml, train_config).get("lora")
+        if section is None:
+            raise UserError(f"{train_config}: no `lora:` section")
+        lora = _run(from_dict, LoraConfig, section, f"{train_config}: lora")
+        alpha, dropout = lora.alpha, lora.dropout
+    if alpha is None:
+        raise UserError("give --alpha (the LoRA alpha of the run) or --config (its training YAML)")
+    _run(export_peft_from_checkpoint, src, dst, alpha, dropout, base_model, overwrite)
+    click.echo(f"wrote {dst}")
+
+
+@main.command("merge-lora")
+@click.argument("base", type=click.Path(exists=True, path_type=Path))
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@common_options
+def merge_lora(base, adapter, dst, dtype, max_shard_size, overwrite, quiet):
+    """Base model BASE + PEFT LoRA adapter ADAPTER -> Hugging Face model directory DST with merged weights.
+
+    Each adapted weight becomes W + (B @ A) * lora_alpha / r (computed in float32, stored in the base's dtype or
+    --dtype); every other tensor is copied. BASE is a Hugging Face directory or `msllm-ckpt hf2ms` output. DST
+    loads with transformers' AutoModelForCausalLM.from_pretrained, no peft needed.
+
+    \b
+    Example:
+      msllm-ckpt merge-lora ./Qwen2.5-7B ./my-adapter ./qwen-7b-merged --dtype bf16
+    """
+    from ckpt_tools.peft import merge_adapter
+
+    _run(merge_adapter, base, adapter, dst, dtype=dtype, max_shard_bytes=max_shard_size, overwrite=overwrite,
+         quiet=quiet)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

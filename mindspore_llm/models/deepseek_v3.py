@@ -1,0 +1,295 @@
+"""DeepSeek-V3 / R1 (https://arxiv.org/abs/2412.19437): multi-head latent attention and DeepSeekMoE.
+
+The decoder reads like the paper:
+  - every layer: MLA — low-rank queries (or a plain q_proj when ``q_lora_rank`` is null), one compressed KV latent
+    per token, rope on the ``qk_rope_head_dim`` slice only, one rotary key shared by all heads; with yarn rope
+    the softmax scale is multiplied by mscale(factor, mscale_all_dim)^2 (§2.1.1 and the reference).
+  - layers < ``first_k_dense_replace``: a dense SwiGLU MLP; the rest: DeepSeekMoE — ``n_shared_experts`` always-on
+    experts plus ``n_routed_experts`` routed ones, top-``num_experts_per_tok`` by sigmoid affinity within the
+    ``topk_group`` best of ``n_group`` groups (§2.1.2).
+  - aux-loss-free balancing (§2.1.2): after each optimizer step, ``update_expert_bias`` moves every expert's
+    selection bias by γ·sign(mean load − its load); an optional sequence-wise balance loss (α) joins the loss.
+Multi-token-prediction modules (checkpoint layer index = num_hidden_layers) are not implemented: loading skips
+their tensors with a notice.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import mindspore as ms
+from mindspore import ops
+
+from mindspore_llm.config_utils import ConfigError, from_dict, require
+from mindspore_llm.models.config import DecoderConfig, RopeConfig, hf_fields
+from mindspore_llm.models.layers import (CausalLM, DecoderLayer, DecoderModel, DeepSeekMoE, GroupLimitedTopKRouter,
+                                         MultiHeadLatentAttention, Precision, RotaryEmbedding, SwiGLU)
+
+ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+log = logging.getLogger("mindspore_llm")
+
+
+@dataclass(kw_only=True)
+class DeepseekV3Config(DecoderConfig):
+    architecture: str = "DeepseekV3ForCausalLM"
+    intermediate_size: int  # dense layers
+    # multi-head latent attention
+    q_lora_rank: int | None = 1536  # None: plain q_proj
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    attention_bias: bool = False
+    rope_interleave: bool = True  # checkpoints store rotary pairs interleaved
+    # DeepSeekMoE
+    first_k_dense_replace: int = 3
+    moe_intermediate_size: int = 2048
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    # fields of the original (remote-code) config.json; only the V3 choices are implemented
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    moe_layer_freq: int = 1
+    hidden_act: str = "silu"
+    num_nextn_predict_layers: int = 0  # MTP modules in the checkpoint (skipped when loading)
+    # training-time balancing (ours; not in Hugging Face configs): γ of the bias update, α of the sequence-wise loss
+    bias_update_speed: float = 0.001
+    seq_aux_loss_alpha: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.architecture in ARCHITECTURES,
+                f"architecture {self.architecture!r} is not a DeepSeek-V3 architecture ({', '.join(ARCHITECTURES)})")
+        for name in ("intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                     "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"):
+            value = getattr(self, name)
+            require(value > 0, f"{name} must be positive, got {value}")
+        require(self.q_lora_rank is None or self.q_lora_rank > 0,
+                f"q_lora_rank must be positive or null, got {self.q_lora_rank}")
+        require(self.qk_rope_head_dim % 2 == 0,
+                f"qk_rope_head_dim must be even (rotary pairs), got {self.qk_rope_head_dim}")
+        require(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+                f"first_k_dense_replace must be in [0, num_hidden_layers={self.num_hidden_layers}], "
+                f"got {self.first_k_dense_replace}")
+        require(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        require(self.n_routed_experts % self.n_group == 0,
+                f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
+        per_group = self.n_routed_experts // self.n_group
+        require(self.n_group == 1 or per_group >= 2,
+                f"each of the n_group={self.n_group} groups needs >= 2 experts (groups are ranked by their top-2)")
+        require(self.topk_group <= self.n_group, f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+        require(self.num_experts_per_tok <= self.topk_group * per_group,
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= topk_group * experts per group "
+                f"({self.topk_group * per_group})")
+        require(self.scoring_func == "sigmoid", f"scoring_func {self.scoring_func!r} is not supported (only 'sigmoid')")
+        require(self.topk_method == "noaux_tc",
+                f"topk_method {self.topk_method!r} is not supported (only 'noaux_tc', DeepSeek-V3's)")
+        require(self.moe_layer_freq == 1, f"moe_layer_freq {self.moe_layer_freq} is not supported (only 1)")
+        require(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        require(self.bias_update_speed >= 0, f"bias_update_speed must be >= 0, got {self.bias_update_speed}")
+        require(self.seq_aux_loss_alpha >= 0, f"seq_aux_loss_alpha must be >= 0, got {self.seq_aux_loss_alpha}")
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> "DeepseekV3Config":
+        architecture = (hf.get("architectures") or [""])[0]
+        if architecture not in ARCHITECTURES:
+            raise ConfigError(f"{source}: architectures {hf.get('architectures')!r} is not one of {ARCHITECTURES}")
+        heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
+        if kv_heads is not None and kv_heads != heads:
+            raise ConfigError(f"{source}: num_key_value_heads ({kv_heads}) must equal num_attention_heads ({heads}): "
+                              f"MLA expands every head from the latent")
+        fields = hf_fields(hf, cls)
+        fields["architecture"] = architecture
+        fields = {key: value for key, value in fields.items() if value is not None or key == "q_lora_rank"}
+        fields["rope"] = RopeConfig.from_hf(hf, source)
+        return from_dict(cls, fields, source)
+
+
+def softmax_scale(config: DeepseekV3Config) -> float:
+    """1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)^2 under rope scaling, as the reference's
+    yarn_apply_mscale (yarn stretches positions; this keeps attention entropy where pretraining left it)."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    rope = config.rope
+    if rope.rope_type != "default" and rope.mscale_all_dim and rope.factor > 1:
+        mscale = 0.1 * rope.mscale_all_dim * math.log(rope.factor) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+class DeepseekV3ForCausalLM(CausalLM):
+    """CausalLM whose ``loss`` adds the MoE layers' sequence-wise balance loss when ``seq_aux_loss_alpha`` > 0
+    (its gradient enters inside each MoE layer; here its value joins the reported loss)."""
+
+    def __init__(self, config: DeepseekV3Config, model: DecoderModel, precision: Precision):
+        super().__init__(config, model, precision)
+        self.moe_layer_ids = tuple(range(config.first_k_dense_replace, config.num_hidden_layers))
+        self.with_aux_loss = config.seq_aux_loss_alpha > 0
+
+    def loss(self, input_ids, labels, attention_mask=None, position_ids=None):
+        total, count = self.loss_sum(input_ids, labels, attention_mask, position_ids)
+        loss = total / ops.maximum(count, 1.0)
+        if self.with_aux_loss:
+            for i in self.moe_layer_ids:
+                loss = loss + self.model.layers[i].mlp.aux_loss
+        return loss
+
+    def checkpoint_tensors(self, tensors):
+        """The hook ``checkpoint.load_weights`` calls: checkpoint tensors -> our parameters."""
+        buffers = {block_name + suffix: tuple(getattr(block, suffix[1:]).shape)
+                   for block_name, block in moe_blocks(self) for suffix in (".tokens_per_expert", ".aux_loss")}
+        return stack_checkpoint_tensors(tensors, self.config, buffers)
+
+
+def build_deepseek_v3(config: DeepseekV3Config, precision: Precision) -> DeepseekV3ForCausalLM:
+    std = config.initializer_range
+    scaling = softmax_scale(config)
+
+    def attention():
+        return MultiHeadLatentAttention(
+            config.hidden_size, config.num_attention_heads, config.q_lora_rank, config.kv_lora_rank,
+            config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, config.attention_bias,
+            config.rope_interleave, scaling, precision, std)
+
+    def mlp(layer: int):
+        if layer < config.first_k_dense_replace:
+            return SwiGLU(config.hidden_size, config.intermediate_size, precision, std)
+        router = GroupLimitedTopKRouter(
+            config.hidden_size, config.n_routed_experts, config.num_experts_per_tok, config.n_group,
+            config.topk_group, config.norm_topk_prob, config.routed_scaling_factor, precision, std)
+        return DeepSeekMoE(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts,
+                           config.n_shared_experts, router, config.seq_aux_loss_alpha, precision, std)
+
+    layers = [DecoderLayer(config.hidden_size, config.rms_norm_eps, attention(), mlp(i), precision)
+              for i in range(config.num_hidden_layers)]
+    rotary = RotaryEmbedding(config.rope, config.qk_rope_head_dim, config.max_position_embeddings)
+    model = DecoderModel(config.vocab_size, config.hidden_size, config.rms_norm_eps, layers, rotary, precision, std)
+    return DeepseekV3ForCausalLM(config, model, precision)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint layout. Checkpoints (Hugging Face's saved layout, real and `save_pretrained`) store one tensor per
+# expert; our Cells hold each projection of all experts stacked, expert dimension first. This is the one place
+# that maps between the two; it also skips the multi-token-prediction layers.
+
+EXPERT_TENSOR = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def checkpoint_target(name: str, num_hidden_layers: int) -> tuple[str, int | None] | None:
+    """(our parameter name, expert index or None) for a checkpoint tensor; None for an MTP-layer tensor."""
+    layer = LAYER_TENSOR.match(name)
+    if layer and int(layer.group(1)) >= num_hidden_layers:
+        return None
+    expert = EXPERT_TENSOR.match(name)
+    if expert:
+        return f"{expert.group(1)}.{expert.group(3)}", int(expert.group(2))
+    return name, None
+
+
+def checkpoint_names(param_name: str, num_experts: int) -> list[str]:
+    """The checkpoint tensor names one of our parameters is made of (in expert order for stacked experts)."""
+    stacked = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", param_name)
+    if stacked is None:
+        return [param_name]
+    return [f"{stacked.group(1)}.{e}.{stacked.group(2)}.weight" for e in range(num_experts)]
+
+
+class ArrayTensor:
+    """An array computed while loading (stacked experts, a zeroed statistics buffer), read like a checkpoint file's
+    tensor so ``load_weights`` treats it like any other."""
+
+    def __init__(self, array: np.ndarray, path):
+        self.path = path
+        self.array = array
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def float32(self, name: str) -> np.ndarray:
+        return self.array
+
+
+def stack_checkpoint_tensors(tensors: Iterable[tuple[str, Any]], config: DeepseekV3Config,
+                             buffers: Mapping[str, tuple[int, ...]]) -> Iterator[tuple[str, Any]]:
+    """(name, reader) pairs of a checkpoint -> the same with per-expert tensors stacked into our parameters
+    (yielded once all experts of a projection are read), the MTP layers dropped with a one-line notice, and
+    zeros for the statistics `buffers` (name -> shape) that checkpoints do not hold."""
+    pending: dict[str, dict[int, np.ndarray]] = {}
+    skipped: set[str] = set()
+    path = None
+    for name, reader in tensors:
+        path = reader.path
+        target = checkpoint_target(name, config.num_hidden_layers)
+        if target is None:
+            skipped.add(name)
+            continue
+        param, expert = target
+        if expert is None:
+            yield name, reader
+            continue
+        parts = pending.setdefault(param, {})
+        parts[expert] = reader.float32(name)
+        if sorted(parts) == list(range(config.n_routed_experts)):
+            yield param, ArrayTensor(np.stack([parts[e] for e in range(config.n_routed_experts)]), path)
+            del pending[param]
+    for param, parts in pending.items():  # the parameter stays missing, and load_weights names it
+        log.warning("%s: the checkpoint holds experts %s of 0..%d", param, sorted(parts), config.n_routed_experts - 1)
+    for name, shape in buffers.items():
+        yield name, ArrayTensor(np.zeros(shape, np.float32), path)
+    if skipped:
+        layers = sorted({int(LAYER_TENSOR.match(n).group(1)) for n in skipped})
+        log.warning("skipping %d tensor(s) of multi-token-prediction layer(s) %s (model.layers.%s.*): "
+                    "MTP is not implemented; the main model is complete without them",
+                    len(skipped), ", ".join(map(str, layers)), layers[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aux-loss-free load balancing and expert-load statistics (called by the trainer between steps).
+
+def moe_blocks(model) -> list[tuple[str, DeepSeekMoE]]:
+    return [(name, cell) for name, cell in model.cells_and_names() if isinstance(cell, DeepSeekMoE)]
+
+
+def update_expert_bias(model, gamma: float | None = None, all_reduce: Callable[[np.ndarray], np.ndarray] | None = None
+                       ) -> None:
+    """After an optimizer step: b_i += γ·sign(mean load − load_i) for every MoE layer, from the token counts the
+    layer summed since the previous update (all micro-batches of the step), which it then resets to zero
+    (DeepSeek-V3 §2.1.2). γ defaults to ``config.bias_update_speed``.
+
+    In DATA_PARALLEL mode each rank counts only its own tokens: pass `all_reduce` (summing an array over the
+    data-parallel ranks) so every replica applies the same update. (Under semi-auto parallel the in-graph counts
+    are already global.)"""
+    gamma = model.config.bias_update_speed if gamma is None else gamma
+    for _, block in moe_blocks(model):
+        load = block.tokens_per_expert.asnumpy()
+        if all_reduce is not None:
+            load = all_reduce(load)
+        bias = block.gate.e_score_correction_bias
+        step = gamma * np.sign(load.mean() - load)
+        bias.set_data(ms.Tensor(bias.asnumpy() + step.astype(np.float32), ms.float32))
+        block.tokens_per_expert.set_data(ms.Tensor(np.zeros(load.shape, np.float32)))
+
+
+def expert_load_stats(model) -> dict[str, float]:
+    """Per MoE layer, from the loads counted since the last bias update: max/mean expert load (1.0 = perfectly even), tokens dropped
+    (always 0: the dispatch is dropless) and the sequence-wise balance loss when enabled. Keys
+    ``moe/<layer index>/<stat>`` (``moe/<stat>`` for a lone MoE block)."""
+    stats = {}
+    for name, block in moe_blocks(model):
+        layer = LAYER_TENSOR.match(name + ".")
+        prefix = f"moe/{layer.group(1)}/" if layer else f"moe/{name + '/' if name else ''}"
+        load = block.tokens_per_expert.asnumpy()
+        stats[prefix + "max_over_mean_load"] = float(load.max() / max(load.mean(), 1e-12))
+        stats[prefix + "dropped_tokens"] = 0.0
+        if block.aux_loss_alpha > 0:
+            stats[prefix + "aux_loss"] = float(block.aux_loss.asnumpy())
+    return stats

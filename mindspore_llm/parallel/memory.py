@@ -1,0 +1,469 @@
+"""Per-device memory of a training job, before it starts: parameters, gradients, optimizer states, activations.
+
+The planner counts every parameter of a family from its dimensions (``parameter_shapes``: the one place that does,
+for Qwen2/2.5/3 and DeepSeek-V3), divides each by its layout from ``plan.parameter_split``, and estimates
+activations per layer from the sequence, micro-batch, tensor/sequence parallelism and the recompute mode.
+The formulas and their assumptions are in docs/distributed.md; ``msllm plan`` prints the result.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mindspore_llm.config_utils import ConfigError, from_dict, load_yaml, require
+from mindspore_llm.distill import DistillConfig
+from mindspore_llm.lora import LoraConfig
+from mindspore_llm.parallel.config import ParallelConfig
+from mindspore_llm.parallel.plan import parameter_split
+
+GB = 1024 ** 3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters
+
+
+def _is_moe(config) -> bool:
+    return bool(getattr(config, "n_routed_experts", 0))
+
+
+def _moe_layer(config, index: int) -> bool:
+    return _is_moe(config) and index >= config.first_k_dense_replace
+
+
+def _swiglu(prefix: str, hidden: int, intermediate: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [(f"{prefix}.gate_proj.weight", (intermediate, hidden)), (f"{prefix}.up_proj.weight", (intermediate, hidden)),
+            (f"{prefix}.down_proj.weight", (hidden, intermediate))]
+
+
+def _linear(prefix: str, out: int, inp: int, bias: bool) -> list[tuple[str, tuple[int, ...]]]:
+    return [(f"{prefix}.weight", (out, inp))] + ([(f"{prefix}.bias", (out,))] if bias else [])
+
+
+def _attention(config, prefix: str) -> list[tuple[str, tuple[int, ...]]]:
+    h, a = config.hidden_size, config.num_attention_heads
+    if hasattr(config, "kv_lora_rank"):  # multi-head latent attention
+        qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+        bias = config.attention_bias
+        if config.q_lora_rank is None:
+            shapes = _linear(f"{prefix}.q_proj", a * qk, h, False)
+        else:
+            shapes = (_linear(f"{prefix}.q_a_proj", config.q_lora_rank, h, bias)
+                      + [(f"{prefix}.q_a_layernorm.weight", (config.q_lora_rank,))]
+                      + _linear(f"{prefix}.q_b_proj", a * qk, config.q_lora_rank, False))
+        return (shapes
+                + _linear(f"{prefix}.kv_a_proj_with_mqa", config.kv_lora_rank + config.qk_rope_head_dim, h, bias)
+                + [(f"{prefix}.kv_a_layernorm.weight", (config.kv_lora_rank,))]
+                + _linear(f"{prefix}.kv_b_proj", a * (config.qk_nope_head_dim + config.v_head_dim),
+                          config.kv_lora_rank, False)
+                + _linear(f"{prefix}.o_proj", h, a * config.v_head_dim, bias))
+    d, kv = config.head_dim, config.num_key_value_heads
+    shapes = (_linear(f"{prefix}.q_proj", a * d, h, config.qkv_bias) + _linear(f"{prefix}.k_proj", kv * d, h,
+                                                                                config.qkv_bias)
+              + _linear(f"{prefix}.v_proj", kv * d, h, config.qkv_bias) + _linear(f"{prefix}.o_proj", h, a * d,
+                                                                                  config.o_bias))
+    if config.qk_norm:
+        shapes += [(f"{prefix}.q_norm.weight", (d,)), (f"{prefix}.k_norm.weight", (d,))]
+    return shapes
+
+
+def _mlp(config, prefix: str, index: int) -> list[tuple[str, tuple[int, ...]]]:
+    h = config.hidden_size
+    if not _moe_layer(config, index):
+        return _swiglu(prefix, h, config.intermediate_size)
+    e, i = config.n_routed_experts, config.moe_intermediate_size
+    shapes = [(f"{prefix}.gate.weight", (e, h)), (f"{prefix}.experts.gate_proj", (e, i, h)),
+              (f"{prefix}.experts.up_proj", (e, i, h)), (f"{prefix}.experts.down_proj", (e, h, i))]
+    if config.n_shared_experts:
+        shapes += _swiglu(f"{prefix}.shared_experts", h, i * config.n_shared_experts)
+    return shapes
+
+
+def layer_parameter_shapes(config, index: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Trainable parameters of decoder layer `index` (names as our Cells and Hugging Face checkpoints)."""
+    prefix = f"model.layers.{index}"
+    h = config.hidden_size
+    return ([(f"{prefix}.input_layernorm.weight", (h,))] + _attention(config, f"{prefix}.self_attn")
+            + [(f"{prefix}.post_attention_layernorm.weight", (h,))] + _mlp(config, f"{prefix}.mlp", index))
+
+
+def parameter_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
+    """Every trainable parameter of the model (buffers such as the router's correction bias excluded)."""
+    h, v = config.hidden_size, config.vocab_size
+    shapes = [("model.embed_tokens.weight", (v, h))]
+    for index in range(config.num_hidden_layers):
+        shapes += layer_parameter_shapes(config, index)
+    shapes.append(("model.norm.weight", (h,)))
+    if not config.tie_word_embeddings:
+        shapes.append(("lm_head.weight", (v, h)))
+    return shapes
+
+
+def lora_parameter_shapes(config, lora: LoraConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Adapters A (rank, in) and B (out, rank) on every targeted linear layer (peft's names)."""
+    shapes = []
+    for index in range(config.num_hidden_layers):
+        for name, shape in layer_parameter_shapes(config, index):
+            parts = name.split(".")
+            base = name[: -len(".weight")]
+            if parts[-1] == "weight" and len(shape) == 2 and lora.matches(base):
+                out, inp = shape
+                shapes += [(f"{base}.lora_A.weight", (lora.rank, inp)), (f"{base}.lora_B.weight", (out, lora.rank))]
+    return shapes
+
+
+def count_parameters(config) -> tuple[int, int]:
+    """(total, active per token): active counts num_experts_per_tok of the routed experts."""
+    total = active = 0
+    for name, shape in parameter_shapes(config):
+        n = math.prod(shape)
+        total += n
+        active += n * config.num_experts_per_tok // config.n_routed_experts if ".experts." in name else n
+    return total, active
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else None
+
+
+def _stage_of_parameter(name: str, layer_stages: list[int], tied: bool) -> list[int]:
+    """Stages holding parameter `name`: its layer's; the embedding on the first stage (and, tied, the last);
+    the final norm and LM head on the last."""
+    index = _layer_index(name)
+    last = max(layer_stages)
+    if index is not None:
+        return [layer_stages[index]]
+    if name.startswith("model.embed_tokens"):
+        return sorted({0, last}) if tied else [0]
+    return [last]
+
+
+def _device_elements(name: str, shape: tuple[int, ...], parallel: ParallelConfig) -> float:
+    return math.prod(shape) / math.prod(parameter_split(name, len(shape), parallel))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activations
+
+
+@dataclass(frozen=True)
+class Workload:
+    seq_length: int
+    micro_batch_size: int
+    compute_bytes: int  # 2 for bf16/fp16 compute, 4 for fp32
+
+
+def layer_activation_bytes(config, index: int, work: Workload, parallel: ParallelConfig, mode: str,
+                           lora: LoraConfig | None = None) -> float:
+    """Bytes one micro-batch leaves stored in layer `index` on one device until its backward pass.
+
+    Korthikanti et al. 2022 (arXiv:2205.05198) count s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit; this is the
+    same bookkeeping adapted to these layers: no dropout masks, RMSNorm, SwiGLU (4 stored tensors of width
+    intermediate_size), GQA/MLA widths for Q, K, V, an fp32 softmax output beside the 16-bit probabilities, and
+    MoE as our dense dropless dispatch computes it (every routed expert on every token). docs/distributed.md.
+    """
+    s, b, e = work.seq_length, work.micro_batch_size, work.compute_bytes
+    t = parallel.model_parallel
+    sp = t if parallel.sequence_parallel else 1
+    h, a = config.hidden_size, config.num_attention_heads
+    tokens = s * b
+    if mode == "full":  # only the layer input survives (split along the sequence with sequence parallel)
+        return e * tokens * h / sp
+    replicated = 4 * e * tokens * h / sp  # both norm inputs, the attention input, the MLP input
+    if hasattr(config, "kv_lora_rank"):
+        qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+        attention = e * tokens * a * (2 * qk + 2 * config.v_head_dim) / t  # Q, K, V, o_proj input
+        latent = 2 * e * tokens * ((config.q_lora_rank or 0) + config.kv_lora_rank + config.qk_rope_head_dim)
+        attention += latent  # the low-rank projections are replicated: not divided by t
+    else:
+        q, kv = a * config.head_dim, config.num_key_value_heads * config.head_dim
+        attention = e * tokens * (2 * q + 2 * kv) / t  # Q, K, V, o_proj input
+    core = 0.0 if mode == "selective" else (4 + e) * a * s * s * b / t  # fp32 softmax + 16-bit probabilities
+    if _moe_layer(config, index):
+        experts, i = config.n_routed_experts, config.moe_intermediate_size
+        # (E, T, .) tensors: the broadcast input and expert outputs (width h), gate/up/silu/product (width I / t)
+        mlp = experts * tokens * (2 * e * h + 4 * e * i / t)
+        mlp += 4 * tokens * experts * (3 + config.num_experts_per_tok)  # fp32 router logits, scores, one-hots
+        mlp += 4 * e * tokens * i * config.n_shared_experts / t
+    else:
+        mlp = 4 * e * tokens * config.intermediate_size / t
+    adapters = 0.0
+    if lora is not None:
+        targets = sum(1 for name, shape in layer_parameter_shapes(config, index)
+                      if name.endswith(".weight") and len(shape) == 2 and lora.matches(name[: -len(".weight")]))
+        adapters = e * tokens * lora.rank * targets
+    return replicated + attention + core + mlp + adapters
+
+
+def logits_bytes(config, work: Workload, parallel: ParallelConfig) -> float:
+    """The LM head output and the loss's fp32 intermediates (logits, shifted logits, their exponentials)."""
+    vp = parallel.model_parallel if parallel.vocab_parallel else 1
+    return work.seq_length * work.micro_batch_size * config.vocab_size / vp * (work.compute_bytes + 12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass
+class StageMemory:
+    stage: int
+    layers: list[int]
+    terms: dict[str, float]  # bytes per device
+    parameters: float  # elements per device (trainable + frozen)
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def dominant(self) -> str:
+        return max(self.terms, key=self.terms.get)
+
+
+def in_flight_micro_batches(parallel: ParallelConfig, stage: int) -> int:
+    """1F1B: stage k holds the activations of (stages - k) micro-batches at its peak; no pipeline: one."""
+    return min(parallel.pipeline_stages - stage, parallel.micro_batch_num)
+
+
+def estimate_memory(config, parallel: ParallelConfig, work: Workload,
+                    lora: LoraConfig | None = None, distill: DistillConfig | None = None,
+                    teacher=None) -> list[StageMemory]:
+    """Peak bytes per device of every pipeline stage (a stage's devices all hold the same amount).
+
+    Parameters are fp32 master weights; with 16-bit compute (O2) each also has a compute-dtype copy.
+    Gradients are fp32 (the parameters' dtype); AdamW holds two fp32 moments. ``optimizer_shard`` divides master
+    weights, gradients and moments over the data-parallel replicas (for experts: over dp / ep).
+    """
+    num_layers = config.num_hidden_layers
+    layer_stages = parallel.stage_of_layers(num_layers)
+    modes = parallel.recompute_of_layers(num_layers)
+    dp_shard = parallel.data_parallel if parallel.optimizer_shard else 1
+    expert_dp_shard = dp_shard // parallel.expert_parallel if parallel.optimizer_shard else 1
+    copy_bytes = work.compute_bytes if work.compute_bytes < 4 else 0
+    stages = [StageMemory(k, [i for i, s in enumerate(layer_stages) if s == k],
+                          dict.fromkeys(("compute weights", "fp32 weights", "gradients", "optimizer states",
+                                         "activations", "recompute working set", "logits and loss"), 0.0), 0.0)
+              for k in range(parallel.pipeline_stages)]
+    trainable = [(n, s, True) for n, s in (lora_parameter_shapes(config, lora) if lora else [])]
+    frozen_base = lora is not None
+    for name, shape, is_trainable in [(n, s, not frozen_base) for n, s in parameter_shapes(config)] + trainable:
+        elements = _device_elements(name, shape, parallel)
+        shard = expert_dp_shard if ".experts." in name else dp_shard
+        for k in _stage_of_parameter(name, layer_stages, config.tie_word_embeddings):
+            terms = stages[k].terms
+            stages[k].parameters += elements
+            terms["compute weights"] += copy_bytes * elements
+            if is_trainable:
+                terms["fp32 weights"] += 4 * elements / shard
+                terms["gradients"] += 4 * elements / shard
+                terms["optimizer states"] += 8 * elements / shard
+            else:  # frozen: fp32 parameters, never sharded by the optimizer, no gradient or moments
+                terms["fp32 weights"] += 4 * elements
+    for stage in stages:
+        flights = in_flight_micro_batches(parallel, stage.stage)
+        stored = [layer_activation_bytes(config, i, work, parallel, modes[i], lora) for i in stage.layers]
+        stage.terms["activations"] = flights * (sum(stored) + 4 * work.micro_batch_size * work.seq_length ** 2)
+        # backward re-runs one layer's recomputed part at a time: what that layer did not store
+        stage.terms["recompute working set"] = max(
+            (layer_activation_bytes(config, i, work, parallel, "none", lora) - stored[j]
+             for j, i in enumerate(stage.layers) if modes[i] != "none"), default=0.0)
+        if stage.stage == parallel.pipeline_stages - 1:
+            stage.terms["logits and loss"] = flights * logits_bytes(config, work, parallel)
+    if distill is not None:
+        _add_teacher(stages, distill, teacher, parallel, work, copy_bytes)
+    return stages
+
+
+def _add_teacher(stages: list[StageMemory], distill: DistillConfig, teacher, parallel: ParallelConfig,
+                 work: Workload, copy_bytes: int) -> None:
+    """Online: a frozen teacher split over the same tensor-parallel x pipeline mesh (fp32 parameters as
+    ``distill.load_teacher`` builds them by default, plus the compute copy), forward-only activations of one
+    layer, and its fp32 logits kept for the loss on the last stage. Offline: the stored top-k values and indices."""
+    last = stages[-1]
+    flights = in_flight_micro_batches(parallel, last.stage)
+    for stage in stages:
+        stage.terms["teacher"] = 0.0
+    if teacher is None:
+        last.terms["teacher"] = flights * work.seq_length * work.micro_batch_size * distill.top_k * 8
+        return
+    mesh = ParallelConfig(model_parallel=parallel.model_parallel, pipeline_stages=parallel.pipeline_stages,
+                          micro_batch_num=parallel.micro_batch_num, vocab_parallel=parallel.vocab_parallel)
+    layer_stages = mesh.stage_of_layers(teacher.num_hidden_layers)
+    for name, shape in parameter_shapes(teacher):
+        for k in _stage_of_parameter(name, layer_stages, teacher.tie_word_embeddings):
+            stages[k].terms["teacher"] += (4 + copy_bytes) * _device_elements(name, shape, mesh)
+    for stage in stages:
+        stage.terms["teacher"] += max(layer_activation_bytes(teacher, i, work, mesh, "none")
+                                      for i, s in enumerate(layer_stages) if s == stage.stage)
+    last.terms["teacher"] += flights * logits_bytes(teacher, work, mesh)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a training YAML (only the sections the plan needs; strict inside them)
+
+
+@dataclass
+class PlanInputs:
+    source: str
+    model: Any  # the family config
+    parallel: ParallelConfig
+    work: Workload
+    global_batch_size: int | None
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    lora: LoraConfig | None = None
+    distill: DistillConfig | None = None
+    teacher: Any = None  # the online teacher's family config
+
+
+def _model_config(section, source: str, base: Path):
+    from mindspore_llm.models.auto import config_from_yaml_section, load_config
+
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: expected a mapping")
+    if "path" in section:
+        extra = sorted(set(section) - {"path"})
+        require(not extra, f"{source}: with `path:` no other keys are allowed, got {', '.join(extra)}")
+        return load_config(base / section["path"])
+    return config_from_yaml_section(section, source)
+
+
+def load_plan_inputs(path: str | Path) -> PlanInputs:
+    """The model, parallel, data.seq_length, train, precision, lora and distill sections of a training YAML."""
+    from mindspore_llm.train.config import RunConfig
+    from mindspore_llm.train.step import PrecisionConfig
+
+    path = Path(path)
+    raw = load_yaml(path)
+    source = str(path)
+    if "model" not in raw:
+        raise ConfigError(f"{source}: missing section model")
+    model = _model_config(raw["model"], f"{source}: model", path.parent)
+    parallel = from_dict(ParallelConfig, raw.get("parallel") or {}, f"{source}: parallel")
+    run = from_dict(RunConfig, raw.get("train") or {}, f"{source}: train")
+    precision = from_dict(PrecisionConfig, raw.get("precision") or {}, f"{source}: precision")
+    seq_length = (raw.get("data") or {}).get("seq_length")
+    if not isinstance(seq_length, int) or isinstance(seq_length, bool) or seq_length < 1:
+        raise ConfigError(f"{source}: data.seq_length: expected a positive integer, got {seq_length!r}")
+    lora = from_dict(LoraConfig, raw["lora"], f"{source}: lora") if raw.get("lora") is not None else None
+    distill = teacher = None
+    if raw.get("distill") is not None:
+        distill = from_dict(DistillConfig, raw["distill"], f"{source}: distill")
+        if distill.mode == "online":
+            teacher = _model_config({"path": distill.teacher}, f"{source}: distill.teacher", path.parent)
+    work = Workload(seq_length, run.micro_batch_size, DTYPE_BYTES[precision.compute_dtype])
+    return PlanInputs(source, model, parallel, work, run.global_batch_size,
+                      run.micro_batch_size, run.gradient_accumulation_steps, lora, distill, teacher)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The printed plan
+
+
+def _representative_model(config):
+    """The same family at tiny dimensions (one dense and, for MoE, one MoE layer): op strategies depend on the
+    cell types only, so its strategies are the real model's."""
+    import dataclasses
+
+    from mindspore_llm.models.auto import build_model
+
+    small = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4,
+             "moe_intermediate_size": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+             "v_head_dim": 8, "head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
+             "topk_group": 1}
+    if getattr(config, "num_key_value_heads", None) is not None and not hasattr(config, "kv_lora_rank"):
+        small["num_key_value_heads"] = 4 if config.num_key_value_heads == config.num_attention_heads else 2
+    if getattr(config, "q_lora_rank", None):
+        small["q_lora_rank"] = 16
+    dense = min(getattr(config, "first_k_dense_replace", 0), 1)
+    small["num_hidden_layers"] = dense + (1 if _is_moe(config) else 0) or 1
+    if _is_moe(config):
+        small["first_k_dense_replace"] = dense
+    fields = {f.name for f in dataclasses.fields(config)}
+    return build_model(dataclasses.replace(config, **{k: v for k, v in small.items() if k in fields}))
+
+
+def representative_strategies(config, parallel: ParallelConfig, lora: LoraConfig | None = None):
+    """Op strategies of one layer of each kind (and the ops outside the layers), checked against the mesh."""
+    from mindspore_llm.lora import apply_lora
+    from mindspore_llm.parallel.plan import apply_plan, check_strategies
+
+    model = _representative_model(config)
+    if lora is not None:
+        apply_lora(model, lora)
+    one_stage = ParallelConfig(**{**vars(parallel), "pipeline_stages": 1, "stage_layers": None,
+                                  "micro_batch_num": 1, "recompute": "none"})
+    applied = apply_plan(model, one_stage)
+    check_strategies(applied, parallel)
+    return applied
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def _fmt(strategy) -> str:
+    return str(strategy).replace(" ", "")
+
+
+def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float) -> tuple[str, bool]:
+    """(the printed plan, whether every stage fits in `hbm_gb`)."""
+    from mindspore_llm.parallel.plan import validate_plan
+
+    config, parallel, work = inputs.model, inputs.parallel, inputs.work
+    validate_plan(config, parallel, device_num, inputs.global_batch_size, inputs.micro_batch_size,
+                  inputs.gradient_accumulation_steps, work.seq_length)
+    total, active = count_parameters(config)
+    lines = [f"plan for {inputs.source}",
+             f"model: {config.architecture}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+             f"{_count(total)} parameters ({_count(active)} active per token)",
+             f"device mesh: {device_num} devices = data_parallel {parallel.data_parallel} x model_parallel "
+             f"{parallel.model_parallel} x pipeline_stages {parallel.pipeline_stages}"
+             + (f"; experts over expert_parallel {parallel.expert_parallel} of the dp replicas"
+                if _is_moe(config) else ""),
+             f"  optimizer_shard {parallel.optimizer_shard}, sequence_parallel {parallel.sequence_parallel}, "
+             f"vocab_parallel {parallel.vocab_parallel}, micro_batch_num {parallel.micro_batch_num}",
+             f"batch: seq_length {work.seq_length}, micro_batch_size {inputs.micro_batch_size}, global batch "
+             f"{parallel.data_parallel * inputs.micro_batch_size * parallel.micro_batch_num * inputs.gradient_accumulation_steps}"
+             f", compute {'fp32' if work.compute_bytes == 4 else '16-bit (O2)'}"]
+    if inputs.lora:
+        lines.append(f"lora: rank {inputs.lora.rank} on {', '.join(inputs.lora.target_modules)}; base frozen")
+    if inputs.teacher is not None:
+        lines.append(f"distill: online teacher {inputs.teacher.architecture}, "
+                     f"{_count(count_parameters(inputs.teacher)[0])} parameters, frozen")
+    elif inputs.distill is not None:
+        lines.append(f"distill: offline teacher top-{inputs.distill.top_k} logits")
+    stages = estimate_memory(config, parallel, work, inputs.lora, inputs.distill, inputs.teacher)
+    modes = parallel.recompute_of_layers(config.num_hidden_layers)
+    lines.append("pipeline stages:")
+    for stage in stages:
+        ids = stage.layers
+        lines.append(f"  stage {stage.stage}: layers {ids[0]}-{ids[-1]} ({len(ids)}), recompute "
+                     f"{'/'.join(sorted({modes[i] for i in ids}))}, {_count(stage.parameters)} parameters per device")
+    lines.append("op strategies (one layer of each kind shown; every layer of that kind is the same):")
+    for op in representative_strategies(config, parallel, inputs.lora):
+        out = f" -> {_fmt(op.out_strategy)}" if op.out_strategy else ""
+        lines.append(f"  {op.path:58s} {_fmt(op.strategy)}{out}")
+    hbm = hbm_gb * GB
+    lines.append(f"memory per device (GB = 2^30 bytes), HBM {hbm_gb:g} GB:")
+    header = f"  {'':24s}" + "".join(f"{'stage ' + str(s.stage):>12s}" for s in stages)
+    lines.append(header)
+    for term in stages[0].terms:
+        lines.append(f"  {term:24s}" + "".join(f"{s.terms[term] / GB:12.2f}" for s in stages))
+    lines.append(f"  {'total':24s}" + "".join(f"{s.total / GB:12.2f}" for s in stages))
+    fits = all(s.total <= hbm for s in stages)
+    worst = max(stages, key=lambda s: s.total)
+    without = [sum(layer_activation_bytes(config, i, work, parallel, "none", inputs.lora) for i in s.layers)
+               * in_flight_micro_batches(parallel, s.stage) for s in stages]
+    lines.append(f"  activations without recompute would be: "
+                 + ", ".join(f"stage {s.stage} {w / GB:.2f} GB" for s, w in zip(stages, without)))
+    lines.append(f"peak: stage {worst.stage}, {worst.total / GB:.2f} GB of {hbm_gb:g} GB -> "
+                 f"{'fits' if fits else 'DOES NOT FIT'}; dominant term: {worst.dominant} "
+                 f"({worst.terms[worst.dominant] / GB:.2f} GB)")
+    return "\n".join(lines), fits
+

@@ -1,0 +1,112 @@
+"""AdamW with torch.optim.AdamW's arithmetic (decoupled weight decay, bias-corrected moments, eps outside the
+square root), run in the graph with its state in Parameters so that a MindSpore checkpoint holds it.
+
+State names: ``optimizer.step`` (updates taken), ``optimizer.exp_avg.<param>`` and ``optimizer.exp_avg_sq.<param>``
+(torch's names for the first and second moments).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore.common.initializer import initializer
+
+from mindspore_llm.config_utils import require
+from mindspore_llm.train.schedule import LearningRate, ScheduleConfig
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad_norm: float | None = 1.0  # global L2 norm; None disables clipping
+
+    def validate(self) -> None:
+        require(self.name == "adamw", f"name must be 'adamw', got {self.name!r}")
+        for field in ("beta1", "beta2"):
+            value = getattr(self, field)
+            require(0.0 <= value < 1.0, f"{field} must be in [0, 1), got {value}")
+        require(self.eps > 0, f"eps must be positive, got {self.eps}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.clip_grad_norm is None or self.clip_grad_norm > 0,
+                f"clip_grad_norm must be positive or null, got {self.clip_grad_norm}")
+
+
+def param_groups(params) -> tuple[list[Parameter], list[Parameter]]:
+    """(decay, no_decay): matrices decay; vectors (RMSNorm weights, biases) do not.
+
+    The rule is by rank, not by name, so it holds for every family: embeddings and the LM head are matrices and
+    decay, as in transformers' Trainer (which exempts biases and norm weights by name).
+    """
+    decay = [p for p in params if len(p.shape) >= 2]
+    no_decay = [p for p in params if len(p.shape) < 2]
+    return decay, no_decay
+
+
+_adamw_update = ops.MultitypeFuncGraph("adamw_update")
+
+
+@_adamw_update.register("Number", "Number", "Number", "Tensor", "Tensor", "Tensor", "Tensor",
+                        "Number", "Tensor", "Tensor", "Tensor", "Tensor")
+def _update(beta1, beta2, eps, lr, step_size, bias_correction2_sqrt, apply, weight_decay,
+            param, exp_avg, exp_avg_sq, grad):
+    """One parameter's AdamW step as torch's single-tensor path orders it; nothing changes unless `apply`."""
+    grad = grad.astype(ms.float32)
+    new_exp_avg = exp_avg + (grad - exp_avg) * (1.0 - beta1)
+    new_exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1.0 - beta2)
+    decayed = param * (1.0 - lr * weight_decay)
+    denom = ops.sqrt(new_exp_avg_sq) / bias_correction2_sqrt + eps
+    new_param = decayed - step_size * (new_exp_avg / denom)
+    # select, not arithmetic blending: a skipped step's gradients are inf/nan and 0 * nan is nan
+    ops.assign(exp_avg, ops.select(apply, new_exp_avg, exp_avg))
+    ops.assign(exp_avg_sq, ops.select(apply, new_exp_avg_sq, exp_avg_sq))
+    return ops.assign(param, ops.select(apply, new_param.astype(param.dtype), param))
+
+
+class AdamW(nn.Cell):
+    """``optimizer(grads, apply)`` updates every parameter when the bool scalar `apply` is true (the training step
+    passes "all gradients finite") and returns the learning rate it used. The rate comes from `schedule` at the
+    optimizer's own step count, counted from 1."""
+
+    def __init__(self, params, config: OptimizerConfig, schedule: ScheduleConfig):
+        super().__init__(auto_prefix=False)
+        params = list(params)
+        decay, _ = param_groups(params)
+        decay_ids = {id(p) for p in decay}
+        self.parameters = ParameterTuple(params)
+        self.weight_decays = tuple(config.weight_decay if id(p) in decay_ids else 0.0 for p in params)
+        self.exp_avg = ParameterTuple(self._zeros_like(params, "optimizer.exp_avg."))
+        self.exp_avg_sq = ParameterTuple(self._zeros_like(params, "optimizer.exp_avg_sq."))
+        self.step = Parameter(Tensor(0, ms.int32), name="optimizer.step", requires_grad=False)
+        self.beta1 = config.beta1
+        self.beta2 = config.beta2
+        self.eps = config.eps
+        # 1 - beta^t as -expm1(t log beta): fp32 `1 - beta2 ** t` loses ~1e-5 relative at small t (beta2 = 0.999)
+        self.log_beta1 = math.log(config.beta1) if config.beta1 > 0 else -math.inf
+        self.log_beta2 = math.log(config.beta2) if config.beta2 > 0 else -math.inf
+        self.learning_rate = LearningRate(schedule)
+        self.hyper_map = ops.HyperMap()
+
+    @staticmethod
+    def _zeros_like(params, prefix):
+        return [Parameter(initializer("zeros", p.shape, ms.float32), name=prefix + p.name, requires_grad=False)
+                for p in params]
+
+    def construct(self, grads, apply):
+        step = self.step + apply.astype(ms.int32)
+        ops.assign(self.step, step)
+        t = step.astype(ms.float32)
+        lr = self.learning_rate(t)
+        bias_correction1 = -ops.expm1(t * self.log_beta1)
+        bias_correction2_sqrt = ops.sqrt(-ops.expm1(t * self.log_beta2))
+        step_size = lr / bias_correction1
+        updated = self.hyper_map(
+            ops.partial(_adamw_update, self.beta1, self.beta2, self.eps, lr, step_size, bias_correction2_sqrt, apply),
+            self.weight_decays, self.parameters, self.exp_avg, self.exp_avg_sq, grads)
+        return ops.depend(lr, updated)
