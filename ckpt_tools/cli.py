@@ -70,6 +70,7 @@ def main():
       msllm-ckpt inspect ./qwen-ms
       msllm-ckpt export-peft ./runs/lora/checkpoints/step_00001000/rank_0/train_state.ckpt ./adapter --alpha 16
       msllm-ckpt merge-lora ./Qwen2.5-7B ./adapter ./qwen-merged    LoRA folded into the weights
+      msllm-ckpt merge-slices ./step_00001000 ./full --strategy strategy_rank_0.ckpt   per-rank slices -> full
     """
 
 
@@ -106,8 +107,10 @@ def hf2ms(src, dst, dtype, max_shard_size, overwrite, quiet, naming, file_format
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--config", "config_path", type=click.Path(exists=True, path_type=Path),
               help="config.json (or its directory) of the model; default: the one in SRC.")
+@click.option("--strategy", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="SRC holds per-rank slices (rank_0/, rank_1/, ...) saved with this strategy file: merge first.")
 @common_options
-def ms2hf(src, dst, config_path, dtype, max_shard_size, overwrite, quiet):
+def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, quiet):
     """MindSpore checkpoint SRC (directory or one .ckpt/.safetensors file, mindspore_llm or mindformers names,
     detected) -> Hugging Face directory DST.
 
@@ -115,14 +118,68 @@ def ms2hf(src, dst, config_path, dtype, max_shard_size, overwrite, quiet):
     transformers' AutoModelForCausalLM.from_pretrained(DST) loads it. A tied lm_head is not written.
 
     \b
-    Example:
-      msllm-ckpt ms2hf ./runs/sft/checkpoint.ckpt ./my-qwen-hf --config ./Qwen2.5-7B --dtype bf16
+    A training checkpoint works too: its optimizer and loss-scale entries are left out.
+
+    \b
+    Examples:
+      msllm-ckpt ms2hf ./runs/sft/final ./my-qwen-hf --dtype bf16
+      msllm-ckpt ms2hf ./runs/sft/checkpoints/step_00001000/rank_0 ./my-qwen-hf --config ./runs/sft/final
+      msllm-ckpt ms2hf ./slices ./my-qwen-hf --strategy ./strategy/strategy_rank_0.ckpt --config ./Qwen2.5-32B
     """
     from ckpt_tools.convert import LAYOUTS, convert
+    from ckpt_tools.slices import merged_slices
 
-    _run(convert, src, dst, target_naming="hf", layout=LAYOUTS[("safetensors", "hf")], dtype=dtype,
-         max_shard_bytes=max_shard_size, config_path=config_path, overwrite=overwrite, quiet=quiet,
-         description="ms2hf")
+    def run(source):
+        return convert(source, dst, target_naming="hf", layout=LAYOUTS[("safetensors", "hf")], dtype=dtype,
+                       max_shard_bytes=max_shard_size, config_path=config_path or (src if strategy else None),
+                       overwrite=overwrite,
+                       quiet=quiet, description="ms2hf")
+
+    if strategy is None:
+        _run(run, src)
+        return
+    with merged_slices(src, strategy) as full:
+        _run(run, full)
+
+
+@main.command("merge-slices")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The strategy file the parallel run saved.")
+@click.option("--config", "config_path", type=click.Path(exists=True, path_type=Path),
+              help="config.json (or its directory) to place beside the merged checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
+def merge_slices(src, dst, strategy, config_path, overwrite):
+    """Per-rank slices SRC/rank_N/*.ckpt -> DST/mindspore_model.ckpt with the full tensors
+    (mindspore.parallel.transform_checkpoints).
+
+    \b
+    Example:
+      msllm-ckpt merge-slices ./runs/32b/checkpoints/step_00001000 ./32b-full --strategy ./runs/32b/strategy/strategy_rank_0.ckpt
+    """
+    from ckpt_tools.slices import merge
+
+    _run(merge, src, dst, strategy, config_path, overwrite)
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--src-strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--dst-strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Strategy file of the target layout (e.g. from a run on another device count).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
+def reshard(src, dst, src_strategy, dst_strategy, overwrite):
+    """Per-rank slices SRC in one layout -> DST/rank_N/ slices in another (e.g. 16 devices -> 8).
+
+    \b
+    Example:
+      msllm-ckpt reshard ./ckpt-16p ./ckpt-8p --src-strategy 16p.ckpt --dst-strategy 8p.ckpt
+    """
+    from ckpt_tools.slices import reshard as reshard_slices
+
+    _run(reshard_slices, src, dst, src_strategy, dst_strategy, overwrite)
 
 
 @main.command()

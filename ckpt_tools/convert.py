@@ -14,7 +14,8 @@ import numpy as np
 
 from ckpt_tools.naming import NameMap, name_map
 from ckpt_tools.writer import Layout, OutTensor, write_checkpoint
-from mindspore_llm.checkpoint import (HF_INDEX, MS_INDEX, NON_PARAMETER_SUFFIXES, SAFETENSORS_DTYPES, CheckpointError,
+from mindspore_llm.checkpoint import (HF_INDEX, MS_INDEX, NON_PARAMETER_SUFFIXES, SAFETENSORS_DTYPES,
+                                      TRAINING_STATE_PREFIXES, CheckpointError,
                                       TensorFile, bf16_bits_to_float32, float32_to_bf16_bits, open_tensor_file,
                                       weight_files)
 from mindspore_llm.config_utils import ConfigError
@@ -151,12 +152,16 @@ def open_files(src: Path, allow_pickle: bool) -> dict[str, TensorFile]:
 def plan(files: dict[str, TensorFile], names: NameMap, target_naming: str, dtype: str | None) -> list[Source]:
     """Every output tensor, in source order, after checking the source against the config (names, shapes,
     dtypes, completeness); errors name the file and tensor."""
-    source_naming = names.detect([n for n in files if not n.endswith(SCALE_SUFFIX)])
+    source_naming = names.detect([n for n in files
+                                  if not n.endswith(SCALE_SUFFIX) and not n.startswith(TRAINING_STATE_PREFIXES)])
     expected = names.expected()
-    sources, seen, skipped = [], set(), []
+    sources, seen, skipped, training_state = [], set(), [], 0
     for name, file in files.items():
         if name.endswith(SCALE_SUFFIX) or name.endswith(NON_PARAMETER_SUFFIXES):
             continue  # block scales are consumed with their weight
+        if name.startswith(TRAINING_STATE_PREFIXES):
+            training_state += 1  # a training checkpoint: its optimizer state does not leave with the weights
+            continue
         if names.skipped(name):
             skipped.append(name)
             continue
@@ -185,6 +190,8 @@ def plan(files: dict[str, TensorFile], names: NameMap, target_naming: str, dtype
         seen.add(hf_name)
         sources.append(Source(OutTensor(names.rename(name, source_naming, target_naming)[0], file.shape(name),
                                         out_dtype), file, name, scale))
+    if training_state:
+        log.warning("leaving out %d optimizer/loss-scale entries of the training checkpoint", training_state)
     if skipped:
         log.warning("skipping %d tensor(s) of layers >= %d (%s...): %s", len(skipped), names.ranges["layer"],
                     skipped[0], names.family.skip_extra_layers)

@@ -315,6 +315,8 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, TensorFile]]:
 
 # Tensors a Hugging Face checkpoint may carry that are not model parameters.
 NON_PARAMETER_SUFFIXES = (".rotary_emb.inv_freq",)
+# Entries of a training checkpoint that are not model weights (optimizer moments and step, the loss scale).
+TRAINING_STATE_PREFIXES = ("optimizer.", "loss_scale.", "accu_grads.")
 
 
 def load_weights(model, directory: str | os.PathLike) -> None:

@@ -85,10 +85,10 @@ class LoraLinear(layers.Linear):
     def __init__(self, base: layers.Linear, rank: int, alpha: float, dropout: float):
         nn.Cell.__init__(self)  # not Linear.__init__: that would allocate and initialise a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.compute_dtype = base.compute_dtype
+        self.compute_dtype, self.activation_dtype = base.compute_dtype, base.activation_dtype
         self.weight, self.bias = base.weight, base.bias
         self.matmul, self.bias_add, self.cast = base.matmul, base.bias_add, base.cast
-        precision = layers.Precision(base.weight.dtype, base.compute_dtype)
+        precision = layers.Precision(base.weight.dtype, base.compute_dtype, base.activation_dtype)
         self.lora_A = layers.Linear(base.in_features, rank, False, precision, 0.0)
         self.lora_B = layers.Linear(rank, base.out_features, False, precision, 0.0)
         self.lora_A.weight.set_data(initializer(HeUniform(negative_slope=math.sqrt(5)), (rank, base.in_features),

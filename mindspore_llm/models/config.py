@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 from mindspore_llm.config_utils import ConfigError, from_dict, require
 
@@ -74,6 +74,30 @@ class DecoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    # Hugging Face ``model_type`` per architecture; a family sets it.
+    HF_MODEL_TYPES: ClassVar[dict[str, str]] = {}
+
+    def to_hf(self) -> dict[str, Any]:
+        """A Hugging Face ``config.json`` dict that ``from_hf`` reads back into this config (and transformers
+        loads). Families drop or rename their own fields in ``_hf_overrides``."""
+        fields = self.to_dict()
+        rope = fields.pop("rope")
+        architecture = fields.pop("architecture")
+        # the keys each rope type reads in transformers' ROPE_INIT_FUNCTIONS
+        keep = {"default": (), "linear": ("factor",), "dynamic": ("factor",)}.get(rope["rope_type"])
+        rope_parameters = {k: v for k, v in rope.items()
+                           if v is not None and (keep is None or k in ("rope_type", "rope_theta") + keep)}
+        hf = {"architectures": [architecture], "model_type": self.HF_MODEL_TYPES[architecture], **fields,
+              "rope_theta": rope["rope_theta"], "rope_parameters": rope_parameters}
+        hf.update(self._hf_overrides())
+        return {k: v for k, v in hf.items() if v is not DROP}
+
+    def _hf_overrides(self) -> dict[str, Any]:
+        return {}
+
+
+DROP = object()  # an _hf_overrides value: leave this key out of config.json
 
 
 def hf_fields(hf: Mapping[str, Any], config_cls, renames: Mapping[str, str] = {}) -> dict[str, Any]:

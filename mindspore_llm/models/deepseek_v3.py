@@ -36,6 +36,7 @@ log = logging.getLogger("mindspore_llm")
 @dataclass(kw_only=True)
 class DeepseekV3Config(DecoderConfig):
     architecture: str = "DeepseekV3ForCausalLM"
+    HF_MODEL_TYPES = {"DeepseekV3ForCausalLM": "deepseek_v3"}
     intermediate_size: int  # dense layers
     # multi-head latent attention
     q_lora_rank: int | None = 1536  # None: plain q_proj
@@ -64,6 +65,10 @@ class DeepseekV3Config(DecoderConfig):
     # training-time balancing (ours; not in Hugging Face configs): γ of the bias update, α of the sequence-wise loss
     bias_update_speed: float = 0.001
     seq_aux_loss_alpha: float = 0.0
+
+    def _hf_overrides(self) -> dict[str, Any]:
+        # MLA has no separate kv heads; transformers' config defaults them to 128, which would break a small model
+        return {"num_key_value_heads": self.num_attention_heads}
 
     def validate(self) -> None:
         super().validate()
@@ -129,6 +134,8 @@ class DeepseekV3ForCausalLM(CausalLM):
     """CausalLM whose ``loss`` adds the MoE layers' sequence-wise balance loss when ``seq_aux_loss_alpha`` > 0
     (its gradient enters inside each MoE layer; here its value joins the reported loss)."""
 
+    STATISTICS_SUFFIXES = (".tokens_per_expert", ".aux_loss")
+
     def __init__(self, config: DeepseekV3Config, model: DecoderModel, precision: Precision):
         super().__init__(config, model, precision)
         self.moe_layer_ids = tuple(range(config.first_k_dense_replace, config.num_hidden_layers))
@@ -142,10 +149,19 @@ class DeepseekV3ForCausalLM(CausalLM):
                 loss = loss + self.model.layers[i].mlp.aux_loss
         return loss
 
+    def checkpoint_arrays(self):
+        """Stacked experts leave as the per-expert tensors real checkpoints hold."""
+        for name, array in super().checkpoint_arrays():
+            names = checkpoint_names(name, self.config.n_routed_experts)
+            if len(names) == 1:
+                yield name, array
+            else:
+                yield from zip(names, array)
+
     def checkpoint_tensors(self, tensors):
         """The hook ``checkpoint.load_weights`` calls: checkpoint tensors -> our parameters."""
         buffers = {block_name + suffix: tuple(getattr(block, suffix[1:]).shape)
-                   for block_name, block in moe_blocks(self) for suffix in (".tokens_per_expert", ".aux_loss")}
+                   for block_name, block in moe_blocks(self) for suffix in self.STATISTICS_SUFFIXES}
         return stack_checkpoint_tensors(tensors, self.config, buffers)
 
 

@@ -1,8 +1,9 @@
 """Layers every family shares: linear, RMSNorm, rotary embeddings (default/linear/dynamic/yarn), the attention
 mask, dot-product attention, grouped-query attention, the SwiGLU MLP, the decoder skeleton and the LM loss.
 
-Precision policy: parameters live in ``param_dtype``; matmuls run in ``compute_dtype``; norms, rotary tables,
-softmax and the loss run in fp32. Ops that a parallel plan may split are primitive instances (``P.MatMul()``...) so
+Precision policy: parameters live in ``param_dtype``; matmuls run in ``compute_dtype``; the activations between
+them (residual stream, MLP and rope products) are kept in ``activation_dtype`` (the compute dtype for O2, fp32
+for O1); norms, rotary tables, softmax and the loss run in fp32. Ops that a parallel plan may split are primitive instances (``P.MatMul()``...) so
 that ``mindspore_llm.parallel.plan`` can give each its strategy; the model code never decides a split.
 """
 from __future__ import annotations
@@ -29,13 +30,19 @@ IGNORE_INDEX = -100
 class Precision:
     param_dtype: ms.dtype = ms.float32
     compute_dtype: ms.dtype = ms.float32
+    activation_dtype: ms.dtype | None = None  # None: the compute dtype
+
+    @property
+    def activations(self) -> ms.dtype:
+        return self.compute_dtype if self.activation_dtype is None else self.activation_dtype
 
     @classmethod
-    def from_names(cls, param_dtype: str = "fp32", compute_dtype: str = "fp32") -> "Precision":
-        for name in (param_dtype, compute_dtype):
+    def from_names(cls, param_dtype: str = "fp32", compute_dtype: str = "fp32",
+                   activation_dtype: str | None = None) -> "Precision":
+        for name in (param_dtype, compute_dtype, activation_dtype or compute_dtype):
             if name not in DTYPES:
                 raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
-        return cls(DTYPES[param_dtype], DTYPES[compute_dtype])
+        return cls(DTYPES[param_dtype], DTYPES[compute_dtype], activation_dtype and DTYPES[activation_dtype])
 
 
 class Linear(nn.Cell):
@@ -46,6 +53,7 @@ class Linear(nn.Cell):
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = precision.compute_dtype
+        self.activation_dtype = precision.activations
         self.weight = Parameter(initializer(Normal(init_std), (out_features, in_features), precision.param_dtype),
                                 name="weight")
         self.bias = (Parameter(initializer("zeros", (out_features,), precision.param_dtype), name="bias")
@@ -60,20 +68,20 @@ class Linear(nn.Cell):
         y = self.matmul(x, self.cast(self.weight, self.compute_dtype))
         if self.bias is not None:
             y = self.bias_add(y, self.cast(self.bias, self.compute_dtype))
-        return y.reshape(out_shape)
+        return self.cast(y, self.activation_dtype).reshape(out_shape)
 
 
 class Embedding(nn.Cell):
     def __init__(self, vocab_size: int, hidden_size: int, precision: Precision, init_std: float):
         super().__init__()
-        self.compute_dtype = precision.compute_dtype
+        self.activation_dtype = precision.activations
         self.weight = Parameter(initializer(Normal(init_std), (vocab_size, hidden_size), precision.param_dtype),
                                 name="weight")
         self.gather = P.Gather()
         self.cast = P.Cast()
 
     def construct(self, input_ids):
-        return self.cast(self.gather(self.weight, input_ids, 0), self.compute_dtype)
+        return self.cast(self.gather(self.weight, input_ids, 0), self.activation_dtype)
 
 
 class RMSNorm(nn.Cell):
@@ -220,10 +228,11 @@ class AttentionMask(nn.Cell):
 class DotProductAttention(nn.Cell):
     """softmax(q k^T * scaling + bias) v over (B, heads, S, dim); scores and softmax in fp32."""
 
-    def __init__(self, scaling: float, compute_dtype):
+    def __init__(self, scaling: float, precision: Precision):
         super().__init__()
         self.scaling = scaling
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = precision.compute_dtype
+        self.activation_dtype = precision.activations
         self.qk_matmul = P.BatchMatMul(transpose_b=True)
         self.scale = P.Mul()
         self.add_bias = P.Add()
@@ -232,10 +241,11 @@ class DotProductAttention(nn.Cell):
         self.cast = P.Cast()
 
     def construct(self, query, key, value, bias):
-        scores = self.cast(self.qk_matmul(query, key), ms.float32)
+        scores = self.qk_matmul(self.cast(query, self.compute_dtype), self.cast(key, self.compute_dtype))
+        scores = self.cast(scores, ms.float32)
         scores = self.add_bias(self.scale(scores, self.scaling), bias)
         probs = self.cast(self.softmax(scores), self.compute_dtype)
-        return self.pv_matmul(probs, self.cast(value, self.compute_dtype))
+        return self.cast(self.pv_matmul(probs, self.cast(value, self.compute_dtype)), self.activation_dtype)
 
 
 class GroupedQueryAttention(nn.Cell):
@@ -255,7 +265,7 @@ class GroupedQueryAttention(nn.Cell):
         self.q_norm = RMSNorm(head_dim, rms_norm_eps, precision) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, rms_norm_eps, precision) if qk_norm else None
         self.rotary = ApplyRotary(head_dim)
-        self.attention = DotProductAttention(head_dim ** -0.5, precision.compute_dtype)
+        self.attention = DotProductAttention(head_dim ** -0.5, precision)
         self.transpose = P.Transpose()
         self.merge_transpose = P.Transpose()
         self.repeat_kv = P.Tile()
@@ -397,6 +407,10 @@ class CausalLM(nn.Cell):
     """``model(input_ids, attention_mask=None, position_ids=None)`` -> fp32 logits (B, S, V);
     ``model.loss(input_ids, labels, ...)`` -> mean token loss (what training differentiates)."""
 
+    # Parameters that hold per-step statistics, not weights (a family lists their name suffixes): they stay out of
+    # model directories and exported checkpoints.
+    STATISTICS_SUFFIXES: tuple[str, ...] = ()
+
     def __init__(self, config, model: DecoderModel, precision: Precision):
         super().__init__()
         self.config = config
@@ -409,6 +423,15 @@ class CausalLM(nn.Cell):
     def construct(self, input_ids, attention_mask=None, position_ids=None):
         hidden = self.model(input_ids, attention_mask, position_ids)
         return self.lm_head(hidden, self.model.embed_tokens.weight)
+
+    def weights(self) -> list[Parameter]:
+        """The parameters a model checkpoint holds: everything but the statistics buffers."""
+        return [p for p in self.get_parameters() if not p.name.endswith(self.STATISTICS_SUFFIXES)]
+
+    def checkpoint_arrays(self):
+        """(checkpoint tensor name, fp32 array) in the Hugging Face layout, the inverse of loading."""
+        for param in self.weights():
+            yield param.name, np.array(param.asnumpy(), dtype=np.float32, order="C")
 
     def loss_sum(self, input_ids, labels, attention_mask=None, position_ids=None):
         """(sum of token losses, counted tokens): the form gradient accumulation averages exactly."""
@@ -460,7 +483,7 @@ class MultiHeadLatentAttention(nn.Cell):
                                 precision, init_std)
         self.o_proj = Linear(num_attention_heads * v_head_dim, hidden_size, attention_bias, precision, init_std)
         self.rotary = ApplyRotary(qk_rope_head_dim)
-        self.attention = DotProductAttention(scaling, precision.compute_dtype)
+        self.attention = DotProductAttention(scaling, precision)
         self.q_transpose = P.Transpose()
         self.kv_transpose = P.Transpose()
         self.merge_transpose = P.Transpose()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from mindspore_llm.config_utils import ConfigError, from_dict, require
-from mindspore_llm.models.config import DecoderConfig, RopeConfig, hf_fields
+from mindspore_llm.models.config import DROP, DecoderConfig, RopeConfig, hf_fields
 from mindspore_llm.models.layers import (CausalLM, DecoderLayer, DecoderModel, GroupedQueryAttention, Precision,
                                          RotaryEmbedding, SwiGLU)
 
@@ -28,6 +28,8 @@ class QwenConfig(DecoderConfig):
     qk_norm: bool = False
     hidden_act: str = "silu"
 
+    HF_MODEL_TYPES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
     def __post_init__(self):
         if self.head_dim is None and self.num_attention_heads:
             self.head_dim = self.hidden_size // self.num_attention_heads
@@ -44,6 +46,13 @@ class QwenConfig(DecoderConfig):
         require(self.head_dim > 0 and self.head_dim % 2 == 0,
                 f"head_dim must be a positive even number (rotary pairs), got {self.head_dim}")
         require(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+
+    def _hf_overrides(self) -> dict[str, Any]:
+        # our variant switches are implied by the architecture; Qwen3 names its q/k/v/o bias switch attention_bias
+        overrides = {"qkv_bias": DROP, "o_bias": DROP, "qk_norm": DROP}
+        if self.architecture == "Qwen3ForCausalLM":
+            overrides["attention_bias"] = self.qkv_bias
+        return overrides
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> "QwenConfig":

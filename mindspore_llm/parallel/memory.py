@@ -155,6 +155,11 @@ class Workload:
     seq_length: int
     micro_batch_size: int
     compute_bytes: int  # 2 for bf16/fp16 compute, 4 for fp32
+    activation_bytes: int | None = None  # between matmuls: fp32 under O1; None: compute_bytes
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.compute_bytes if self.activation_bytes is None else self.activation_bytes
 
 
 def layer_activation_bytes(config, index: int, work: Workload, parallel: ParallelConfig, mode: str,
@@ -166,7 +171,7 @@ def layer_activation_bytes(config, index: int, work: Workload, parallel: Paralle
     intermediate_size), GQA/MLA widths for Q, K, V, an fp32 softmax output beside the 16-bit probabilities, and
     MoE as our dense dropless dispatch computes it (every routed expert on every token). docs/distributed.md.
     """
-    s, b, e = work.seq_length, work.micro_batch_size, work.compute_bytes
+    s, b, e = work.seq_length, work.micro_batch_size, work.stored_bytes
     t = parallel.model_parallel
     sp = t if parallel.sequence_parallel else 1
     h, a = config.hidden_size, config.num_attention_heads
@@ -356,7 +361,8 @@ def load_plan_inputs(path: str | Path) -> PlanInputs:
         distill = from_dict(DistillConfig, raw["distill"], f"{source}: distill")
         if distill.mode == "online":
             teacher = _model_config({"path": distill.teacher}, f"{source}: distill.teacher", path.parent)
-    work = Workload(seq_length, run.micro_batch_size, DTYPE_BYTES[precision.compute_dtype])
+    work = Workload(seq_length, run.micro_batch_size, DTYPE_BYTES[precision.compute_dtype],
+                    DTYPE_BYTES["fp32"] if precision.level == "O1" else None)
     return PlanInputs(source, model, parallel, work, run.global_batch_size,
                       run.micro_batch_size, run.gradient_accumulation_steps, lora, distill, teacher)
 

@@ -126,18 +126,12 @@ def hf_config(model_config) -> dict[str, Any]:
     """A Hugging Face ``config.json`` for a family config; checked to read back into the same config."""
     from mindspore_llm.models.auto import config_from_hf
 
-    fields = model_config.to_dict()
-    rope = fields.pop("rope")
-    architecture = fields.pop("architecture")
-    hf = {"architectures": [architecture], **fields, "rope_theta": rope["rope_theta"],
-          "rope_parameters": {k: v for k, v in rope.items() if v is not None}}
-    if "qkv_bias" in fields:  # Qwen3 names its q/k/v/o bias switch attention_bias (Qwen2's is always on)
-        hf["attention_bias"] = fields["qkv_bias"]
+    hf = model_config.to_hf()
     back = config_from_hf(hf, "config.json")
     if back != model_config:
         differ = [k for k in model_config.to_dict() if getattr(back, k) != getattr(model_config, k)]
         raise CheckpointError(f"model: {', '.join(differ)} cannot be expressed in a Hugging Face config.json "
-                              f"for {architecture}")
+                              f"for {model_config.architecture}")
     return hf
 
 
@@ -150,9 +144,7 @@ def save_model_directory(model, model_config, directory: str | Path, tokenizer: 
     from safetensors.numpy import save_file
 
     config = hf_config(model_config)
-    # np.array, not ascontiguousarray: that makes 0-d buffers (DeepSeek's aux_loss) 1-d
-    tensors = {param.name: np.array(param.asnumpy(), dtype=np.float32, order="C")
-               for param in model.get_parameters() if saved(param.name)}
+    tensors = {name: np.ascontiguousarray(array) for name, array in model.checkpoint_arrays() if saved(name)}
     source = None if tokenizer is None else Path(tokenizer)
     if source is not None and source.is_file():
         files = [source]

@@ -130,11 +130,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         require(bool(self.model), "model: give `path:` (a model directory) or inline dimensions with `architecture:`")
-        # offline distillation needs the teacher's top-k rows aligned with each rank's batches, which the data
-        # pipeline does not carry yet; write_teacher_topk / TeacherTopK serve custom loops meanwhile
-        require(self.distill is None or self.distill.mode == "online",
-                "distill.mode: the trainer runs online distillation only (the teacher beside the student); "
-                "offline top-k logits are not supported by `msllm train`, set distill.mode: online")
 
     @property
     def checkpoint_dir(self) -> Path:

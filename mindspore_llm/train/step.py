@@ -32,8 +32,10 @@ from mindspore_llm.train.optim import AdamW
 
 @dataclass
 class PrecisionConfig:
-    """O0: everything fp32. O2: fp32 master weights (the parameters), matmuls in ``compute_dtype``, norms, softmax
-    and the loss in fp32. ``loss_scale``: dynamic (fp16), fixed at ``initial_scale``, or none (fp32, bf16)."""
+    """O0: everything fp32. O1 and O2 keep fp32 master weights (the parameters) and run matmuls in
+    ``compute_dtype``; O1 keeps the activations between matmuls (residual stream, MLP and rope products) in fp32,
+    O2 keeps them in ``compute_dtype`` too (less memory and bandwidth). Norms, softmax and the loss are fp32 in
+    every level. ``loss_scale``: dynamic (fp16), fixed at ``initial_scale``, or none (fp32, bf16)."""
     level: Literal["O0", "O1", "O2"] = "O0"
     compute_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     loss_scale: Literal["dynamic", "fixed", "none"] = "none"
@@ -43,11 +45,9 @@ class PrecisionConfig:
     backoff_factor: float = 0.5
 
     def validate(self) -> None:
-        require(self.level != "O1", "level 'O1' (per-op autocast) is not implemented; use 'O2' (fp32 master "
-                                    "weights, matmuls in compute_dtype, norms/softmax/loss in fp32) or 'O0'")
-        require(self.level in ("O0", "O2"), f"level must be 'O0' or 'O2', got {self.level!r}")
+        require(self.level in ("O0", "O1", "O2"), f"level must be 'O0', 'O1' or 'O2', got {self.level!r}")
         require(self.level != "O0" or self.compute_dtype == "fp32",
-                f"level 'O0' computes in fp32; compute_dtype {self.compute_dtype!r} needs level 'O2'")
+                f"level 'O0' computes in fp32; compute_dtype {self.compute_dtype!r} needs level 'O1' or 'O2'")
         require(self.loss_scale in ("dynamic", "fixed", "none"),
                 f"loss_scale must be 'dynamic', 'fixed' or 'none', got {self.loss_scale!r}")
         require(self.initial_scale >= 1, f"initial_scale must be >= 1, got {self.initial_scale}")
@@ -57,7 +57,7 @@ class PrecisionConfig:
 
     def model_precision(self) -> Precision:
         """How to build the model: parameters are always fp32 (they are the master weights)."""
-        return Precision.from_names("fp32", self.compute_dtype)
+        return Precision.from_names("fp32", self.compute_dtype, "fp32" if self.level == "O1" else None)
 
 
 _square_sum = ops.MultitypeFuncGraph("square_sum")
@@ -87,15 +87,22 @@ class _ScaledLossSum(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model = model
 
-    def construct(self, input_ids, labels, attention_mask, position_ids, multiplier):
-        total, _ = self.model.loss_sum(input_ids, labels, attention_mask, position_ids)
+    def construct(self, input_ids, labels, attention_mask, position_ids, multiplier, teacher_values=None,
+                  teacher_indices=None):
+        if teacher_values is None:
+            total, _ = self.model.loss_sum(input_ids, labels, attention_mask, position_ids)
+        else:  # offline distillation: the stored teacher top-k of these rows
+            total, _ = self.model.loss_sum(input_ids, labels, attention_mask, position_ids, teacher_values,
+                                           teacher_indices)
         return total * multiplier[0]
 
 
 class TrainStep(nn.Cell):
-    """``step(input_ids, labels, attention_mask=None, position_ids=None) -> (loss, grad_norm, overflow, loss_scale)``.
+    """``step(input_ids, labels, attention_mask=None, position_ids=None, teacher_values=None, teacher_indices=None)
+    -> (loss, grad_norm, overflow, loss_scale)``.
 
-    Inputs are (K*b, S) (micro-batch k is rows k*b..(k+1)*b-1) or stacked (K, b, S). ``loss_scale`` is the scale
+    Inputs are (K*b, S) (micro-batch k is rows k*b..(k+1)*b-1) or stacked (K, b, S); the teacher top-k of offline
+    distillation (a ``DistillationModel`` without teacher) is (K*b, S, k) or (K, b, S, k). ``loss_scale`` is the scale
     the next step will use. The K micro-batches run one after another inside the one compiled graph, so the graph
     (and its compile time) grows with K. ``wrap_loss`` (``ParallelContext.wrap_loss``) wraps the differentiated
     cell, e.g. in a ``Pipeline`` that splits each of the K micro-batches further and runs them through the stages;
@@ -130,22 +137,26 @@ class TrainStep(nn.Cell):
         self.hyper_map = ops.HyperMap()
         self.add = ops.Add()
 
-    def _micro_batches(self, x):
-        if x is None or x.ndim == 3:
+    def _micro_batches(self, x, row_ndim=1):
+        """(K*b, *row) -> (K, b, *row); already stacked (row_ndim + 2 dimensions) or None: as it is."""
+        if x is None or x.ndim == row_ndim + 2:
             return x
         if x.shape[0] % self.accumulation_steps != 0:
             raise ValueError("the batch's first dimension must be a multiple of accumulation_steps")
-        return x.reshape(self.accumulation_steps, x.shape[0] // self.accumulation_steps, x.shape[1])
+        return x.reshape((self.accumulation_steps, x.shape[0] // self.accumulation_steps) + x.shape[1:])
 
     @staticmethod
     def _pick(x, k):
         return None if x is None else x[k]
 
-    def construct(self, input_ids, labels, attention_mask=None, position_ids=None):
+    def construct(self, input_ids, labels, attention_mask=None, position_ids=None, teacher_values=None,
+                  teacher_indices=None):
         input_ids = self._micro_batches(input_ids)
         labels = self._micro_batches(labels)
         attention_mask = self._micro_batches(attention_mask)
         position_ids = self._micro_batches(position_ids)
+        teacher_values = self._micro_batches(teacher_values, 2)
+        teacher_indices = self._micro_batches(teacher_indices, 2)
         # tokens the loss counts: each row's labels from position 1 on (CausalLMLoss shifts them by one)
         counted = (labels[:, :, 1:] != IGNORE_INDEX).astype(ms.float32).sum()
         if self.all_reduce is not None:
@@ -159,7 +170,8 @@ class TrainStep(nn.Cell):
         grads = None
         for k in range(self.accumulation_steps):
             scaled, micro_grads = grad_fn(input_ids[k], labels[k], self._pick(attention_mask, k),
-                                          self._pick(position_ids, k), multipliers)
+                                          self._pick(position_ids, k), multipliers, self._pick(teacher_values, k),
+                                          self._pick(teacher_indices, k))
             loss_total = loss_total + ops.stop_gradient(scaled) / multiplier
             grads = micro_grads if grads is None else self.hyper_map(self.add, grads, micro_grads)
         if self.grad_reducer is not None:

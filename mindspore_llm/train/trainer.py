@@ -151,11 +151,16 @@ class Trainer:
         # the model the step differentiates: the student with its frozen teacher (``teacher.*``, never
         # checkpointed: reloaded from distill.teacher at every start) or the model itself
         trained = self.model
+        self.teacher_topk = None
         if config.distill is not None:
             from mindspore_llm.distill import DistillationModel, load_teacher
 
-            teacher = load_teacher(config.distill, self.model_config, config.data.tokenizer, "fp32",
-                                   config.precision.compute_dtype, config.parallel)
+            teacher = None
+            if config.distill.mode == "online":
+                teacher = load_teacher(config.distill, self.model_config, config.data.tokenizer, "fp32",
+                                       config.precision.compute_dtype, config.parallel)
+            else:
+                self.teacher_topk, self.teacher_rows = self._teacher_topk()
             trained = DistillationModel(self.model, config.distill, teacher)
         self.moe = bool(moe_blocks(self.model))
         optimizer = AdamW(self.model.trainable_params(), config.optimizer, config.schedule)
@@ -166,6 +171,23 @@ class Trainer:
 
         self.start_step = 0
         self.resumed_from = self._resume(resume)
+
+    def _teacher_topk(self):
+        """Offline distillation: the stored top-k file, and the file row of each of this rank's sequences (row r
+        is data-set sequence r before sharding and shuffling, as `msllm distill-topk` wrote it)."""
+        from mindspore_llm.data.dataset import shard_indices
+        from mindspore_llm.distill import TeacherTopK
+
+        cfg = self.config.distill
+        topk = TeacherTopK(cfg.teacher_logits, cfg, self.model_config.vocab_size)
+        rows = shard_indices(len(topk), self.context.data_rank, self.context.data_world_size)
+        seq_length = topk.values.shape[1]
+        if len(rows) != len(self.dataset) or seq_length != self.config.data.seq_length:
+            raise ConfigError(f"distill.teacher_logits: {cfg.teacher_logits} holds {len(topk)} sequences of "
+                              f"{seq_length} tokens, which does not match this data set (seq_length "
+                              f"{self.config.data.seq_length}, {len(self.dataset)} sequences on this rank); write "
+                              f"it with `msllm distill-topk` from this config")
+        return topk, rows
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _resume(self, resume_flag: bool) -> Path | None:
@@ -247,9 +269,12 @@ class Trainer:
             with StopRequest() as stop, logging_redirect_tqdm():  # log lines print above the bar
                 while step < self.total_steps:
                     batch = next(batches)
+                    inputs = [ms.Tensor(batch[key]) for key in BATCH_KEYS]
+                    if self.teacher_topk is not None:  # the stored teacher logits of the batch's sequences
+                        positions = self.dataset.sample_positions(step * self.rank_batch, self.rank_batch)
+                        inputs += [ms.Tensor(a) for a in self.teacher_topk.rows(self.teacher_rows[positions])]
                     tick = time.perf_counter()
-                    loss, grad_norm, overflow, loss_scale = self.compiled(
-                        *(ms.Tensor(batch[key]) for key in BATCH_KEYS))
+                    loss, grad_norm, overflow, loss_scale = self.compiled(*inputs)
                     # loss summed over ranks for the mean; the stop flag summed so that every rank stops together
                     reduced = self.context.sum_over_ranks(np.array([float(loss.asnumpy()), float(stop.requested)]))
                     seconds = time.perf_counter() - tick
