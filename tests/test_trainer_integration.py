@@ -1,8 +1,8 @@
 """The trainer with the pieces built beside it: online distillation, DeepSeek-V3 MoE balancing, pipeline parallel.
 
-Distillation: a tiny Qwen2 student learns from a frozen teacher whose logits are peaked (embedding std 1: the
-KL to the student's near-uniform start is large), with kd_lambda 1 (the loss is the KD term alone); checkpoints and
-the final directory hold the student only. DeepSeek-V3: the shipped configs/tiny_deepseek_v3.yaml, shortened; every
+Distillation: a tiny Qwen3 student learns from a frozen 1-layer Qwen2 teacher whose logits are peaked (embedding
+std 0.25: the KL to the student's near-uniform start is 2.8), with kd_lambda 1 (the loss is the KD term alone);
+checkpoints and the final directory hold the student only; offline with every logit stored equals online. DeepSeek-V3: the shipped configs/tiny_deepseek_v3.yaml, shortened; every
 step logs each MoE layer's expert load, the selection biases move, and one update counts the tokens of all the
 step's micro-batches (rows x seq_length x top_k per layer). Pipeline parallel needs Ascend and HCCL: the tests build
 everything the Ascend path builds that constructs without them (MindSpore's Pipeline, PipelineGradReducer and
@@ -42,8 +42,8 @@ def teacher_dir(module_dir):
     return checkpointing.save_model_directory(teacher, config, module_dir / "teacher", tokenizer=ASSETS)
 
 
-# the student: Qwen3 without biases (a k_proj bias has zero true gradient, so AdamW would turn its rounding noise into
-# full-size, run-dependent updates and offline could not be compared with online; see test_data_parallel.py)
+# the student: Qwen3 without biases, as in test_data_parallel.py (a k_proj bias has zero true gradient, so AdamW would
+# turn rounding noise into full-size updates, and offline vs online is compared step by step)
 STUDENT = {"architecture": "Qwen3ForCausalLM", "head_dim": 16, "qkv_bias": False, "o_bias": False, "qk_norm": True}
 
 

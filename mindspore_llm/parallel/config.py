@@ -24,7 +24,7 @@ class ParallelConfig:
     pipeline_stages: int = 1
     # Layers per stage for an uneven split (e.g. [30, 34]); None: num_hidden_layers / pipeline_stages each.
     stage_layers: list[int] | None = None
-    micro_batch_num: int = 1  # micro-batches per step (pipeline micro-batches, else gradient accumulation)
+    micro_batch_num: int = 1  # pipeline micro-batches per step (must be 1 without pipeline stages)
     optimizer_shard: bool = False  # parallel optimizer: master weights, gradients, AdamW states split over dp
     sequence_parallel: bool = False  # norms/residuals split along the sequence by model_parallel
     vocab_parallel: bool = True
