@@ -60,4 +60,6 @@ if [[ $DRY_RUN -eq 1 ]]; then
   exit 0
 fi
 echo "msrun: $WORKERS worker(s), $LOCAL on this node (node_rank $NODE_RANK), logs in $LOG_DIR/worker_N.log" >&2
+# MindSpore's cluster layer logs every connection at INFO; keep warnings and errors unless the user asks for more
+export GLOG_v="${GLOG_v:-2}"
 exec "${CMD[@]}"
