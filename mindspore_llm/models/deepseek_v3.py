@@ -256,7 +256,7 @@ def stack_checkpoint_tensors(tensors: Iterable[tuple[str, Any]], config: Deepsee
         parts[expert] = reader.float32(name)
         if sorted(parts) == list(range(config.n_routed_experts)):
             yield param, ArrayTensor(np.stack([parts[e] for e in range(config.n_routed_experts)]), path)
-            del pending[param]
+            pending.pop(param)
     for param, parts in pending.items():  # the parameter stays missing, and load_weights names it
         log.warning("%s: the checkpoint holds experts %s of 0..%d", param, sorted(parts), config.n_routed_experts - 1)
     for name, shape in buffers.items():

@@ -63,7 +63,7 @@ def _linear(kind: str, dp: int, mp: int, sequence_parallel: bool, bias: bool = T
     else:
         strategies = {"matmul": ((dp, 1), (1, 1)), "bias_add": ((dp, 1), (1,))}
     if not bias:
-        del strategies["bias_add"]
+        strategies.pop("bias_add")
     return strategies
 
 

@@ -63,6 +63,8 @@ def _update(beta1, beta2, eps, lr, step_size, bias_correction2_sqrt, apply, weig
     decayed = param * (1.0 - lr * weight_decay)
     denom = ops.sqrt(new_exp_avg_sq) / bias_correction2_sqrt + eps
     new_param = decayed - step_size * (new_exp_avg / denom)
+    # a full-shape condition: Select with the scalar one cost ~3 GB more peak memory on CPU (docs/training_numerics.md)
+    apply = ops.broadcast_to(apply, param.shape)
     # select, not arithmetic blending: a skipped step's gradients are inf/nan and 0 * nan is nan
     ops.assign(exp_avg, ops.select(apply, new_exp_avg, exp_avg))
     ops.assign(exp_avg_sq, ops.select(apply, new_exp_avg_sq, exp_avg_sq))
