@@ -18,7 +18,6 @@ from mindspore_llm.checkpoint import (HF_INDEX, MS_INDEX, NON_PARAMETER_SUFFIXES
                                       TRAINING_STATE_PREFIXES, CheckpointError,
                                       TensorFile, bf16_bits_to_float32, float32_to_bf16_bits, open_tensor_file,
                                       weight_files)
-from mindspore_llm.config_utils import ConfigError
 from mindspore_llm.fileio import atomic_directory
 
 log = logging.getLogger("mindspore_llm")
@@ -119,13 +118,9 @@ def source_chunks(source: Source) -> Iterator[np.ndarray]:
 
 
 def read_config(path: Path) -> dict:
-    file = path / "config.json" if path.is_dir() else path
-    try:
-        return json.loads(file.read_text())
-    except OSError as err:
-        raise ConfigError(f"{file}: cannot read ({err.strerror}); pass --config with the model's config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{file}: invalid JSON ({err})") from None
+    from mindspore_llm.models.auto import read_hf_config
+
+    return read_hf_config(path, hint="; pass --config with the model's config.json")[0]
 
 
 def open_files(src: Path, allow_pickle: bool) -> dict[str, TensorFile]:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from mindspore_llm.checkpoint import layer_index
 from mindspore_llm.config_utils import ConfigError
 
 NAMINGS = ("hf", "mindspore_llm", "mindformers")
@@ -187,9 +188,8 @@ class NameMap:
 
     def skipped(self, name: str) -> bool:
         """Whether `name` belongs to a layer past the model's layers that the family skips (see Family)."""
-        layer = re.match(r"model\.layers\.(\d+)\.", name)
-        return (self.family.skip_extra_layers is not None and layer is not None
-                and int(layer.group(1)) >= self.ranges["layer"])
+        layer = layer_index(name)
+        return self.family.skip_extra_layers is not None and layer is not None and layer >= self.ranges["layer"]
 
     def is_tied(self, name: str, naming: str) -> bool:
         found = self.match(name, naming)

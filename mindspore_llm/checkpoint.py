@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -315,6 +316,15 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, TensorFile]]:
 
 # Tensors a Hugging Face checkpoint may carry that are not model parameters.
 NON_PARAMETER_SUFFIXES = (".rotary_emb.inv_freq",)
+_LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """N for a tensor of ``model.layers.N``; None for any other tensor."""
+    found = _LAYER_TENSOR.match(name)
+    return None if found is None else int(found.group(1))
+
+
 # Entries of a training checkpoint that are not model weights (optimizer moments and step, the loss scale).
 TRAINING_STATE_PREFIXES = ("optimizer.", "loss_scale.", "accu_grads.")
 

@@ -110,16 +110,19 @@ def from_dict(cls, data: Mapping[str, Any], source: str, ignore_unknown: bool = 
     return obj
 
 
-def to_dict(obj) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
+def read_text(path: str | Path, error: type[ConfigError] = ConfigError, hint: str = "") -> str:
+    """The text of `path`; an unreadable file raises `error` naming it (plus `hint`, e.g. which option to pass)."""
+    try:
+        return Path(path).read_text()
+    except OSError as err:
+        raise error(f"{path}: cannot read ({err.strerror}){hint}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a UTF-8 text file{hint}") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    text = read_text(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

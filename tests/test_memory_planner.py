@@ -1,6 +1,5 @@
 """The memory planner and FLOPs accounting: parameter counts against built models and published totals, the
 per-device estimate against a hand calculation, the shipped configs fitting under mindformers' 58 GB cap."""
-import math
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from mindspore_llm.checkpoint import load_weights
-from mindspore_llm.config_utils import ConfigError, from_dict
+from mindspore_llm.config_utils import ConfigError, from_dict, read_text
 from mindspore_llm.models import deepseek_v3, qwen
 from mindspore_llm.models.layers import CausalLM, Precision
 from mindspore_llm.parallel.config import ParallelConfig
@@ -36,16 +36,20 @@ def config_from_yaml_section(section: Mapping[str, Any], source: str):
     return from_dict(REGISTRY[architecture][0], section, source)
 
 
-def load_config(path: str | os.PathLike):
-    """Config from a model directory or a ``config.json`` path."""
+def read_hf_config(path: str | os.PathLike, hint: str = "") -> tuple[dict[str, Any], Path]:
+    """(the ``config.json`` dict, its file) of a model directory or a ``config.json`` path."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
+    text = read_text(file, hint=hint)
     try:
-        hf = json.loads(file.read_text())
-    except OSError as err:
-        raise ConfigError(f"{file}: cannot read ({err.strerror})") from None
+        return json.loads(text), file
     except json.JSONDecodeError as err:
         raise ConfigError(f"{file}: invalid JSON ({err})") from None
+
+
+def load_config(path: str | os.PathLike):
+    """Config from a model directory or a ``config.json`` path."""
+    hf, file = read_hf_config(path)
     return config_from_hf(hf, str(file))
 
 

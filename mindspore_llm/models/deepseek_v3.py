@@ -24,6 +24,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import ops
 
+from mindspore_llm.checkpoint import layer_index
 from mindspore_llm.config_utils import ConfigError, from_dict, require
 from mindspore_llm.models.config import DecoderConfig, RopeConfig, hf_fields
 from mindspore_llm.models.layers import (CausalLM, DecoderLayer, DecoderModel, DeepSeekMoE, GroupLimitedTopKRouter,
@@ -197,13 +198,10 @@ def build_deepseek_v3(config: DeepseekV3Config, precision: Precision) -> Deepsee
 # that maps between the two; it also skips the multi-token-prediction layers.
 
 EXPERT_TENSOR = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
-
-
 def checkpoint_target(name: str, num_hidden_layers: int) -> tuple[str, int | None] | None:
     """(our parameter name, expert index or None) for a checkpoint tensor; None for an MTP-layer tensor."""
-    layer = LAYER_TENSOR.match(name)
-    if layer and int(layer.group(1)) >= num_hidden_layers:
+    layer = layer_index(name)
+    if layer is not None and layer >= num_hidden_layers:
         return None
     expert = EXPERT_TENSOR.match(name)
     if expert:
@@ -262,7 +260,7 @@ def stack_checkpoint_tensors(tensors: Iterable[tuple[str, Any]], config: Deepsee
     for name, shape in buffers.items():
         yield name, ArrayTensor(np.zeros(shape, np.float32), path)
     if skipped:
-        layers = sorted({int(LAYER_TENSOR.match(n).group(1)) for n in skipped})
+        layers = sorted({layer_index(n) for n in skipped})
         log.warning("skipping %d tensor(s) of multi-token-prediction layer(s) %s (model.layers.%s.*): "
                     "MTP is not implemented; the main model is complete without them",
                     len(skipped), ", ".join(map(str, layers)), layers[0])
@@ -301,8 +299,8 @@ def expert_load_stats(model) -> dict[str, float]:
     ``moe/<layer index>/<stat>`` (``moe/<stat>`` for a lone MoE block)."""
     stats = {}
     for name, block in moe_blocks(model):
-        layer = LAYER_TENSOR.match(name + ".")
-        prefix = f"moe/{layer.group(1)}/" if layer else f"moe/{name + '/' if name else ''}"
+        layer = layer_index(name + ".")
+        prefix = f"moe/{layer}/" if layer is not None else f"moe/{name + '/' if name else ''}"
         load = block.tokens_per_expert.asnumpy()
         stats[prefix + "max_over_mean_load"] = float(load.max() / max(load.mean(), 1e-12))
         stats[prefix + "dropped_tokens"] = 0.0

@@ -466,7 +466,7 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float) -> tuple[str
     worst = max(stages, key=lambda s: s.total)
     without = [sum(layer_activation_bytes(config, i, work, parallel, "none", inputs.lora) for i in s.layers)
                * in_flight_micro_batches(parallel, s.stage) for s in stages]
-    lines.append(f"  activations without recompute would be: "
+    lines.append("  activations without recompute would be: "
                  + ", ".join(f"stage {s.stage} {w / GB:.2f} GB" for s, w in zip(stages, without)))
     lines.append(f"peak: stage {worst.stage}, {worst.total / GB:.2f} GB of {hbm_gb:g} GB -> "
                  f"{'fits' if fits else 'DOES NOT FIT'}; dominant term: {worst.dominant} "

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from mindspore_llm.config_utils import ConfigError
+from mindspore_llm.config_utils import ConfigError, read_text
 from mindspore_llm.fileio import atomic_write_text
 
 
@@ -43,10 +43,7 @@ def parse_devices(text: str) -> list[int]:
 def read_hccn_conf(path: str | os.PathLike) -> dict[int, str]:
     """``address_N=IP`` lines of /etc/hccn.conf -> {device id: device IP}."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise RankTableError(f"{path}: cannot read ({err.strerror})") from None
+    text = read_text(path, RankTableError)
     addresses = {int(m.group(1)): m.group(2).strip()
                  for m in re.finditer(r"^\s*address_(\d+)\s*=\s*(\S+)\s*$", text, re.MULTILINE)}
     if not addresses:
@@ -177,10 +174,7 @@ def validate(table, source: str, device_num: int | None = None) -> dict:
 def load(path: str | os.PathLike, device_num: int | None = None) -> tuple[dict, dict]:
     """(table, summary) of a rank table file; RankTableError names the file and the problem."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise RankTableError(f"{path}: cannot read ({err.strerror})") from None
+    text = read_text(path, RankTableError)
     try:
         table = json.loads(text)
     except json.JSONDecodeError as err:
