@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mindspore_llm.cli import UserError
+from mindspore_llm.common import UserError
 
 _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
           "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
@@ -28,8 +28,7 @@ class ByteSize(click.ParamType):
 
 def _run(function, *args, **kwargs):
     """Bad input (a checkpoint or config error, an existing output) becomes one clear line and exit code 2."""
-    from mindspore_llm.checkpoint import CheckpointError
-    from mindspore_llm.config_utils import ConfigError
+    from mindspore_llm.common import CheckpointError, ConfigError
 
     try:
         return function(*args, **kwargs)

@@ -15,9 +15,9 @@ import numpy as np
 from ckpt_tools.naming import NameMap, name_map
 from ckpt_tools.writer import Layout, OutTensor, write_checkpoint
 from mindspore_llm.checkpoint import (HF_INDEX, MS_INDEX, NON_PARAMETER_SUFFIXES, SAFETENSORS_DTYPES,
-                                      TRAINING_STATE_PREFIXES, CheckpointError,
-                                      TensorFile, bf16_bits_to_float32, float32_to_bf16_bits, open_tensor_file,
-                                      weight_files)
+                                      TRAINING_STATE_PREFIXES, TensorFile, bf16_bits_to_float32, float32_to_bf16_bits,
+                                      open_tensor_file, weight_files)
+from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory
 
 log = logging.getLogger("mindspore_llm")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from mindspore_llm.checkpoint import layer_index
-from mindspore_llm.config_utils import ConfigError
+from mindspore_llm.common import ConfigError
 
 NAMINGS = ("hf", "mindspore_llm", "mindformers")
 

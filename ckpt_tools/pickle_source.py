@@ -6,7 +6,8 @@ from typing import Iterator
 
 import numpy as np
 
-from mindspore_llm.checkpoint import CheckpointError, TensorFile
+from mindspore_llm.checkpoint import TensorFile
+from mindspore_llm.common import CheckpointError
 
 _TAGS = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64",
          "torch.float8_e4m3fn": "F8_E4M3", "torch.int64": "I64", "torch.int32": "I32"}

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from mindspore_llm.checkpoint import CheckpointError
+from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory
 
 PREFIX = "checkpoint_"

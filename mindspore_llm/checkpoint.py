@@ -17,6 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
+from mindspore_llm.common import CheckpointError
+
 # safetensors dtype tag -> NumPy storage dtype. bf16/fp8 are kept as raw bit patterns.
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -33,10 +35,6 @@ HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
 # Written by `msllm-ckpt hf2ms` for both of its formats (.ckpt and MindSpore safetensors).
 MS_INDEX = "mindspore_model.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated or inconsistent; the message names the file and tensor."""
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:

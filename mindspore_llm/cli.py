@@ -5,12 +5,7 @@ import sys
 
 import click
 
-from mindspore_llm.config_utils import ConfigError
-
-
-class UserError(click.ClickException):
-    """Bad input: printed as one clear line, exit code 2."""
-    exit_code = 2
+from mindspore_llm.common import ConfigError, UserError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,10 +39,10 @@ def generate(model_path, prompt, max_new_tokens, tokenizer_path, device_target):
     MODEL_PATH is a Hugging Face model directory (config.json + safetensors) or one written by
     `msllm-ckpt hf2ms`. The model runs in graph mode; the sequence buffer is fixed-size, so it compiles once.
     """
-    from mindspore_llm.checkpoint import CheckpointError
+    from mindspore_llm.common import CheckpointError, TokenizerError
     from mindspore_llm.generation import greedy_generate
     from mindspore_llm.models.auto import AutoModelForCausalLM
-    from mindspore_llm.tokenizer import TokenizerError, load_tokenizer
+    from mindspore_llm.tokenizer import load_tokenizer
 
     set_graph_mode(device_target)
     try:
@@ -82,7 +77,8 @@ def preprocess(data_config, output, shards, overwrite):
       msllm preprocess --data-config configs/tiny_qwen_sft.yaml --output data/tiny_sft
       msllm preprocess --data-config data.yaml --output /shared/pretrain --shards 8
     """
-    from mindspore_llm.data import IGNORE_INDEX, build_sequences, load_data_config, write_mindrecord
+    from mindspore_llm.common import IGNORE_INDEX
+    from mindspore_llm.data import build_sequences, load_data_config, write_mindrecord
 
     try:
         cfg = load_data_config(data_config)
@@ -118,7 +114,7 @@ def train(config_path, overrides, resume):
     """
     import logging
 
-    from mindspore_llm.checkpoint import CheckpointError
+    from mindspore_llm.common import CheckpointError
     from mindspore_llm.train.config import load_train_config
     from mindspore_llm.train.trainer import Trainer
 
@@ -150,7 +146,8 @@ def plan(config_path, device_num, hbm_gb):
       msllm plan configs/qwen2_5_32b_sft_8k_16p.yaml --device-num 16 --hbm-gb 58
       msllm plan configs/deepseek_v3_671b_pretrain_4k_2048p.yaml --device-num 2048
     """
-    from mindspore_llm.parallel.memory import load_plan_inputs, plan_report
+    from mindspore_llm.parallel.memory import plan_report
+    from mindspore_llm.train.config import load_plan_inputs
 
     try:
         text, fits = plan_report(load_plan_inputs(config_path), device_num, hbm_gb)
@@ -277,7 +274,7 @@ def distill_topk(config_path, output, top_k, batch_size, device_target, quiet):
     """
     from pathlib import Path
 
-    from mindspore_llm.checkpoint import CheckpointError
+    from mindspore_llm.common import CheckpointError
     from mindspore_llm.config_utils import load_yaml
     from mindspore_llm.data import build_sequences, load_data_config
     from mindspore_llm.distill import check_same_tokenizer, write_teacher_topk

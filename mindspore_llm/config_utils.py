@@ -12,9 +12,7 @@ from typing import Any, Mapping
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or invalid; the message names the source and the field."""
+from mindspore_llm.common import ConfigError
 
 
 def _field_types(cls) -> dict[str, Any]:

@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 from mindspore.ops import operations as P
 
-from mindspore_llm.config_utils import ConfigError, require
+from mindspore_llm.common import IGNORE_INDEX, ConfigError
+from mindspore_llm.config_utils import require
 from mindspore_llm.fileio import atomic_path
-from mindspore_llm.models.layers import IGNORE_INDEX, CausalLMLoss
+from mindspore_llm.models.layers import CausalLMLoss
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -175,7 +176,7 @@ def check_same_tokenizer(student: str | Path, teacher: str | Path) -> None:
 
 
 def load_teacher(cfg: DistillConfig, student_config, student_tokenizer: str | Path, param_dtype: str = "fp32",
-                 compute_dtype: str = "fp32", parallel=None) -> nn.Cell:
+                 compute_dtype: str = "fp32") -> nn.Cell:
     """The frozen teacher of an online run, after checking it shares the student's tokenizer and vocabulary."""
     from mindspore_llm.models.auto import AutoModelForCausalLM, load_config
 
@@ -184,7 +185,7 @@ def load_teacher(cfg: DistillConfig, student_config, student_tokenizer: str | Pa
         raise ConfigError(f"distill.teacher: vocab_size {teacher_config.vocab_size} of {cfg.teacher} differs from "
                           f"the student's {student_config.vocab_size}; the logits must cover the same vocabulary")
     check_same_tokenizer(student_tokenizer, cfg.teacher)
-    return freeze(AutoModelForCausalLM.from_pretrained(cfg.teacher, param_dtype, compute_dtype, parallel))
+    return freeze(AutoModelForCausalLM.from_pretrained(cfg.teacher, param_dtype, compute_dtype))
 
 
 class _TopKLogits(nn.Cell):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from mindspore_llm.parallel.memory import parameter_shapes
+from mindspore_llm.models.shapes import parameter_shapes
 
 # Dense 16-bit peak TFLOPS per device. 910B variants are quoted between 313 and 414; 313 is the conservative
 # figure (a bf16 matmul measured 328). Pass the variant's own figure when you know it.

@@ -5,8 +5,8 @@ keeps the not-yet-written tail from influencing earlier positions.
 """
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 
 
 def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | list[int] | None = None,

@@ -8,7 +8,7 @@ A (rank, in) and B (out, rank) trainable and everything else frozen. The layer i
 (a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), B zero, so a fresh adapter leaves the model unchanged.
 
 Every op is a primitive instance: ``mindspore_llm.parallel.plan`` splits the adapters like their base layer.
-Call ``apply_plan(model, parallel)`` again after ``apply_lora`` when the job is parallel.
+A parallel job applies ``apply_plan(model, parallel)`` after ``apply_lora``.
 """
 from __future__ import annotations
 
@@ -18,14 +18,16 @@ import re
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import nn
 from mindspore.common.initializer import HeUniform, initializer
 from mindspore.ops import operations as P
 
-from mindspore_llm.config_utils import ConfigError, require
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import require
 from mindspore_llm.models import layers
+from mindspore_llm.models.shapes import layer_parameter_shapes
 
 ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -142,3 +144,16 @@ def adapter_weights(model: nn.Cell) -> dict[str, np.ndarray]:
     """Our parameter name -> float32 value of every lora_A / lora_B weight."""
     return {param.name: param.astype(ms.float32).asnumpy()
             for param in model.get_parameters() if param.name.endswith(ADAPTER_SUFFIXES)}
+
+
+def lora_parameter_shapes(config, lora: LoraConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Adapters A (rank, in) and B (out, rank) on every targeted linear layer (peft's names)."""
+    shapes = []
+    for index in range(config.num_hidden_layers):
+        for name, shape in layer_parameter_shapes(config, index):
+            parts = name.split(".")
+            base = name[: -len(".weight")]
+            if parts[-1] == "weight" and len(shape) == 2 and lora.matches(base):
+                out, inp = shape
+                shapes += [(f"{base}.lora_A.weight", (lora.rank, inp)), (f"{base}.lora_B.weight", (out, lora.rank))]
+    return shapes

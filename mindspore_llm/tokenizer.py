@@ -7,6 +7,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from mindspore_llm.common import TokenizerError
+
 # Qwen2-Instruct's ChatML template: used when tokenizer_config.json has no chat_template.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -14,10 +16,6 @@ CHATML_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-
-class TokenizerError(ValueError):
-    pass
 
 
 class Tokenizer:

@@ -2,14 +2,14 @@
 tensors bit for bit; `reshard` to 4-way gives each rank its block; bad inputs are named and leave nothing."""
 import json
 
+import mindspore as ms
 import numpy as np
 import pytest
 
-import mindspore as ms
 from mindspore_llm.checkpoint import iter_tensors
 from mindspore_llm.models.qwen import QwenConfig
+from mindspore_llm.models.shapes import parameter_shapes
 from mindspore_llm.parallel.config import ParallelConfig
-from mindspore_llm.parallel.memory import parameter_shapes
 from mindspore_llm.parallel.plan import parameter_layout, write_strategy_file
 from tests.ckpt_helpers import run
 

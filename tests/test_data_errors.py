@@ -5,7 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from mindspore_llm.cli import main
-from mindspore_llm.config_utils import ConfigError, from_dict
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import from_dict
 from mindspore_llm.data import TINY_ASSETS, DataConfig, DataError, build_dataset
 
 GOOD = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from mindspore_llm.data import IGNORE_INDEX, TINY_ASSETS, DataConfig, build_sequences
+from mindspore_llm.common import IGNORE_INDEX
+from mindspore_llm.data import TINY_ASSETS, DataConfig, build_sequences
 from mindspore_llm.tokenizer import load_tokenizer
 
 DOCUMENTS = ["The capital of Peru is Lima.", "3 plus 4 is 7.\nSecond line of the same document.",

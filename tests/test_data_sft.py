@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from mindspore_llm.data import IGNORE_INDEX, TINY_ASSETS, DataConfig, build_sequences, encode_conversation
+from mindspore_llm.common import IGNORE_INDEX
+from mindspore_llm.data import TINY_ASSETS, DataConfig, build_sequences, encode_conversation
 from mindspore_llm.models.layers import AttentionMask, CausalLMLoss
 from mindspore_llm.tokenizer import load_tokenizer
 

@@ -7,8 +7,8 @@ import dataclasses
 import logging
 import shutil
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -18,10 +18,11 @@ from ckpt_tools.cli import main as ckpt_cli
 from mindspore_llm import AutoModelForCausalLM
 from mindspore_llm.checkpoint import load_weights
 from mindspore_llm.cli import main as cli
-from mindspore_llm.config_utils import ConfigError
+from mindspore_llm.common import ConfigError
 from mindspore_llm.models.auto import config_from_hf, config_from_yaml_section, load_config
 from mindspore_llm.models.deepseek_v3 import checkpoint_names, expert_load_stats, softmax_scale, update_expert_bias
-from mindspore_llm.models.layers import DeepSeekMoE, GroupLimitedTopKRouter, Precision
+from mindspore_llm.models.layers import Precision
+from mindspore_llm.models.moe import DeepSeekMoE, GroupLimitedTopKRouter
 from mindspore_llm.tokenizer import load_tokenizer
 from tests import reference
 from tests.test_qwen_parity import ms_logits_loss_grads

@@ -2,17 +2,18 @@
 
 Tolerances: the loss within 1e-5 relative of the reference; offline top-k with k = V within 1e-5 of online.
 """
-import numpy as np
 import mindspore as ms
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from mindspore import nn
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from mindspore_llm import AutoModelForCausalLM, cli
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import from_dict
 from mindspore_llm.data import TINY_ASSETS, build_sequences, load_data_config
-from mindspore_llm.config_utils import ConfigError, from_dict
-from mindspore_llm.distill import (DistillConfig, DistillationLoss, DistillationModel, TeacherTopK,
+from mindspore_llm.distill import (DistillationLoss, DistillationModel, DistillConfig, TeacherTopK,
                                    check_same_tokenizer, load_teacher, write_teacher_topk)
 from mindspore_llm.models.auto import build_model, config_from_yaml_section
 from mindspore_llm.models.layers import CausalLMLoss

@@ -1,11 +1,11 @@
 """A model trained from inline YAML dimensions leaves as a directory that `msllm-ckpt ms2hf` exports and that
 transformers loads with the same logits (fp32, max|Δ| <= 1e-4 x max|logit|)."""
+import mindspore as ms
 import numpy as np
 import pytest
 import torch
 import transformers
 
-import mindspore as ms
 from mindspore_llm.models.auto import build_model, config_from_yaml_section
 from mindspore_llm.train.checkpointing import save_model_directory
 from tests.ckpt_helpers import run

@@ -8,8 +8,9 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from mindspore_llm import AutoModelForCausalLM
-from mindspore_llm.checkpoint import CheckpointError, bf16_bits_to_float32, float32_to_bf16_bits
+from mindspore_llm.checkpoint import bf16_bits_to_float32, float32_to_bf16_bits
 from mindspore_llm.cli import main
+from mindspore_llm.common import CheckpointError
 from tests import reference
 
 

@@ -5,8 +5,8 @@ exact equality where the math is unchanged (B = 0, frozen weights).
 """
 import json
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 import peft
 import pytest
 import torch
@@ -15,13 +15,14 @@ from click.testing import CliRunner
 from mindspore import nn
 
 from ckpt_tools import cli as ckpt_cli
-from ckpt_tools.peft import ADAPTER_CONFIG, export_peft, load_peft_adapter, read_adapter
 from mindspore_llm import AutoModelForCausalLM
-from mindspore_llm.config_utils import ConfigError, from_dict
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import from_dict
 from mindspore_llm.lora import LoraConfig, LoraLinear, apply_lora, lora_layers
 from mindspore_llm.models.auto import build_model, load_config
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.plan import apply_plan
+from mindspore_llm.peft import ADAPTER_CONFIG, export_peft, load_peft_adapter, read_adapter
 from mindspore_llm.train.optim import AdamW, OptimizerConfig
 from mindspore_llm.train.schedule import ScheduleConfig
 from mindspore_llm.train.step import PrecisionConfig, TrainStep

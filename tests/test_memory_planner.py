@@ -7,13 +7,14 @@ from click.testing import CliRunner
 
 from mindspore_llm.cli import main
 from mindspore_llm.flops import flops_per_token, peak_tflops, throughput
-from mindspore_llm.lora import LoraConfig, apply_lora
+from mindspore_llm.lora import LoraConfig, apply_lora, lora_parameter_shapes
 from mindspore_llm.models.auto import build_model
 from mindspore_llm.models.deepseek_v3 import DeepseekV3Config
 from mindspore_llm.models.qwen import QwenConfig
+from mindspore_llm.models.shapes import count_parameters, parameter_shapes
 from mindspore_llm.parallel.config import ParallelConfig
-from mindspore_llm.parallel.memory import (GB, Workload, count_parameters, estimate_memory, load_plan_inputs,
-                                           lora_parameter_shapes, parameter_shapes, plan_report)
+from mindspore_llm.parallel.memory import GB, Workload, estimate_memory, plan_report
+from mindspore_llm.train.config import load_plan_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_QWEN = QwenConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -172,7 +173,8 @@ def test_plan_cli(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  architecture: Qwen2ForCausalLM\n  vocab_size: 128\n  hidden_size: 64\n"
                    "  intermediate_size: 96\n  num_hidden_layers: 2\n  num_attention_heads: 4\n"
-                   "  num_key_value_heads: 2\ndata:\n  seq_length: 64\nparallel:\n  model_paralel: 2\n")
+                   "  num_key_value_heads: 2\ndata:\n  kind: sft\n  path: x.jsonl\n  tokenizer: tok\n  seq_length: 64\n"
+                   "parallel:\n  model_paralel: 2\n")
     result = CliRunner().invoke(main, ["plan", str(bad), "--device-num", "2"])
     assert result.exit_code == 2 and "parallel: unknown key(s) model_paralel" in result.output
 
@@ -218,12 +220,11 @@ def test_online_teacher_from_a_training_yaml(tmp_path):
     yaml_path.write_text(
         "model:\n  architecture: Qwen2ForCausalLM\n  vocab_size: 256\n  hidden_size: 64\n  intermediate_size: 128\n"
         "  num_hidden_layers: 4\n  num_attention_heads: 4\n  num_key_value_heads: 2\n"
-        "data:\n  seq_length: 32\n  ignored_here: 1\n"
+        "data:\n  kind: sft\n  path: not_read.jsonl\n  tokenizer: teacher\n  seq_length: 32\n"
         "train:\n  micro_batch_size: 2\n  steps: 10\n"
         "precision:\n  level: O2\n  compute_dtype: bf16\n"
         "parallel:\n  model_parallel: 2\n"
-        "distill:\n  teacher: teacher\n  temperature: 2.0\n"
-        "optimizer: {not: read}\n")
+        "distill:\n  teacher: teacher\n  temperature: 2.0\n")
     inputs = load_plan_inputs(yaml_path)
     stages = estimate_memory(inputs.model, inputs.parallel, inputs.work, inputs.lora, inputs.distill,
                              inputs.teacher)

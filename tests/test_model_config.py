@@ -5,7 +5,7 @@ import json
 import pytest
 import transformers
 
-from mindspore_llm.config_utils import ConfigError
+from mindspore_llm.common import ConfigError
 from mindspore_llm.models.auto import config_from_hf, config_from_yaml_section, load_config
 from tests import reference
 

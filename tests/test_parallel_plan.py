@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 from mindspore.parallel import transform_checkpoints
 
-from mindspore_llm.config_utils import ConfigError, from_dict
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import from_dict
 from mindspore_llm.models.auto import build_model
 from mindspore_llm.models.deepseek_v3 import DeepseekV3Config
 from mindspore_llm.models.qwen import QwenConfig
+from mindspore_llm.models.shapes import parameter_shapes
 from mindspore_llm.parallel.config import ParallelConfig
-from mindspore_llm.parallel.memory import load_plan_inputs, parameter_shapes, representative_strategies
-from mindspore_llm.parallel.plan import (REPLICATED, apply_plan, parameter_layout, validate_plan,
-                                         write_strategy_file)
+from mindspore_llm.parallel.memory import representative_strategies
+from mindspore_llm.parallel.plan import REPLICATED, apply_plan, parameter_layout, validate_plan, write_strategy_file
+from mindspore_llm.train.config import load_plan_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN_32B = QwenConfig(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,

@@ -1,9 +1,9 @@
 """The precision levels on the reference's weights (tiny Qwen2, fp16 compute): O1 (fp32 activations between
 matmuls) and O2 (fp16 activations) both stay close to fp32 and O1 closer, and both really compute in fp16."""
+import mindspore as ms
 import numpy as np
 import pytest
 
-import mindspore as ms
 from mindspore_llm.checkpoint import load_weights
 from mindspore_llm.models.auto import build_model, load_config
 from mindspore_llm.train.step import PrecisionConfig

@@ -3,8 +3,8 @@
 Tolerances: logits max|Δ| <= 1e-4 * max|logit| on non-padding positions; loss within 1e-5 relative;
 each parameter's gradient max|Δ| <= 1e-4 * max|reference gradient|.
 """
-import numpy as np
 import mindspore as ms
+import numpy as np
 import pytest
 
 from mindspore_llm import AutoModelForCausalLM

@@ -19,14 +19,15 @@ import textwrap
 import warnings
 from pathlib import Path
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 import pytest
 import torch
 import transformers
 
 from mindspore_llm import AutoModelForCausalLM
-from mindspore_llm.config_utils import ConfigError, from_dict
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import from_dict
 from mindspore_llm.train import (AdamW, LearningRate, OptimizerConfig, PrecisionConfig, ScheduleConfig, TrainStep,
                                  learning_rate, param_groups)
 from tests import reference
@@ -170,11 +171,13 @@ def test_accumulation_of_4_equals_one_step_on_the_concatenated_batch(model_dir):
     weights_accumulated, weights_whole = weights(accumulated), weights(whole)
     for name, ref in moments_whole.items():  # first moment = (1 - beta1) * gradient after one update
         assert np.abs(moments_accumulated[name] - ref).max() <= 1e-5 * np.abs(ref).max(), name
-    # Adam's first update moves every weight by up to the rate (m / sqrt(v) = g / (|g| + eps)), and by a
-    # rounding-sensitive fraction of it where |g| ~ eps: so the bound is relative to the rate, not the weight
+    # Adam's first update moves every weight by up to the rate (m / sqrt(v) = g / (|g| + eps)): the bound is
+    # relative to the rate. Where |g| is within 100 eps of 0 the step is rounding noise, not arithmetic (k_proj's
+    # bias: softmax ignores a score shift shared by all keys, so its true gradient is 0), so those are left out.
     rate = learning_rate(1, SCHEDULE)
     for name, ref in weights_whole.items():
-        assert np.abs(weights_accumulated[name] - ref).max() <= 1e-3 * rate, name
+        meaningful = np.abs(moments_whole["optimizer.exp_avg." + name]) / (1 - OPTIMIZER.beta1) > 100 * OPTIMIZER.eps
+        assert np.abs(weights_accumulated[name] - ref)[meaningful].max(initial=0) <= 1e-3 * rate, name
 
 
 @pytest.fixture(scope="module")

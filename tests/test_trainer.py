@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from mindspore_llm.cli import main as cli_main
-from mindspore_llm.config_utils import ConfigError
+from mindspore_llm.common import ConfigError
 from mindspore_llm.models.auto import AutoModelForCausalLM
 from mindspore_llm.train import checkpointing
 from mindspore_llm.train.config import load_train_config, train_config_from_dict

@@ -10,18 +10,18 @@ AutoParallel around a tiny model) and check the trainer's refusals.
 """
 import json
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 import pytest
-
 from click.testing import CliRunner
 
 from mindspore_llm.cli import main as cli_main
-from mindspore_llm.config_utils import ConfigError
+from mindspore_llm.common import ConfigError
 from mindspore_llm.models.auto import AutoModelForCausalLM, build_model, config_from_yaml_section
 from mindspore_llm.models.deepseek_v3 import moe_blocks
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.context import SEMI_AUTO, ParallelContext
+from mindspore_llm.parallel.plan import apply_plan
 from mindspore_llm.train import checkpointing
 from mindspore_llm.train.config import load_train_config, train_config_from_dict
 from mindspore_llm.train.trainer import Trainer
@@ -178,8 +178,8 @@ def test_pipeline_step_is_assembled_from_mindspore_pipeline_pieces(tmp_path):
     context = pipeline_context()
     assert context.main_rank == 2 and context.is_main  # the first rank of the last stage logs (it has the loss)
     assert not pipeline_context(rank=0).is_main
-    model = build_model(config_from_yaml_section({**TEACHER, "num_hidden_layers": 2, "num_key_value_heads": 2}, "model"),
-                        parallel=PIPELINE)
+    model = build_model(config_from_yaml_section({**TEACHER, "num_hidden_layers": 2, "num_key_value_heads": 2}, "model"))
+    apply_plan(model, PIPELINE)
     assert [layer.pipeline_stage for layer in model.model.layers] == [0, 1]
     assert (model.model.embed_tokens.pipeline_stage, model.lm_head.pipeline_stage) == (0, 1)
     optimizer = AdamW(model.trainable_params(), OptimizerConfig(), ScheduleConfig(total_steps=10))

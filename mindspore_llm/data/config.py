@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mindspore_llm.config_utils import ConfigError, from_dict, load_yaml, require
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import from_dict, load_yaml, require
 
 # The tokenizer and data sets the project ships (scripts/make_tiny_assets.py).
 TINY_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tiny"

@@ -7,11 +7,12 @@ from typing import Iterator
 
 import numpy as np
 
+from mindspore_llm.common import TokenizerError
 from mindspore_llm.data import packing
 from mindspore_llm.data.config import DataConfig, DataError
 from mindspore_llm.data.formats import load_samples
 from mindspore_llm.data.mindrecord import is_mindrecord, read_mindrecord
-from mindspore_llm.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from mindspore_llm.tokenizer import Tokenizer, load_tokenizer
 
 
 class TokenDataset:

@@ -15,9 +15,9 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from mindspore_llm.common import IGNORE_INDEX, TokenizerError
 from mindspore_llm.data.config import DataError
-from mindspore_llm.models.layers import IGNORE_INDEX
-from mindspore_llm.tokenizer import Tokenizer, TokenizerError
+from mindspore_llm.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 

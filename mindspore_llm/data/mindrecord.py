@@ -11,9 +11,9 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from mindspore_llm.common import IGNORE_INDEX
 from mindspore_llm.data.config import DataConfig, DataError
 from mindspore_llm.data.packing import FIELDS
-from mindspore_llm.models.layers import IGNORE_INDEX
 from mindspore_llm.fileio import atomic_directory
 
 META = "meta.json"

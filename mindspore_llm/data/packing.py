@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mindspore_llm.data.formats import IGNORE_INDEX, Sample
+from mindspore_llm.common import IGNORE_INDEX
+from mindspore_llm.data.formats import Sample
 
 FIELDS = ("input_ids", "labels", "attention_mask", "position_ids")
 

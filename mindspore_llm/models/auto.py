@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from mindspore_llm.checkpoint import load_weights
-from mindspore_llm.config_utils import ConfigError, from_dict, read_text
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import from_dict, read_text
 from mindspore_llm.models import deepseek_v3, qwen
 from mindspore_llm.models.layers import CausalLM, Precision
-from mindspore_llm.parallel.config import ParallelConfig
-from mindspore_llm.parallel.plan import apply_plan
 
 # architecture name -> (config class with from_hf, builder(config, precision) -> CausalLM)
 REGISTRY: dict[str, tuple[type, Callable[..., CausalLM]]] = {
@@ -53,11 +52,10 @@ def load_config(path: str | os.PathLike):
     return config_from_hf(hf, str(file))
 
 
-def build_model(config, precision: Precision = Precision(), parallel: ParallelConfig | None = None) -> CausalLM:
-    """Randomly initialised model for `config`, with the parallel plan applied (inert stand-alone)."""
-    model = REGISTRY[config.architecture][1](config, precision)
-    apply_plan(model, parallel or ParallelConfig())
-    return model
+def build_model(config, precision: Precision = Precision()) -> CausalLM:
+    """Randomly initialised model for `config`. How it is split is not its business: a parallel job's caller
+    applies ``mindspore_llm.parallel.plan.apply_plan`` to it."""
+    return REGISTRY[config.architecture][1](config, precision)
 
 
 class AutoModelForCausalLM:
@@ -65,14 +63,12 @@ class AutoModelForCausalLM:
     or a directory written by ``msllm-ckpt hf2ms``."""
 
     @staticmethod
-    def from_config(config, param_dtype: str = "fp32", compute_dtype: str = "fp32",
-                    parallel: ParallelConfig | None = None) -> CausalLM:
-        return build_model(config, Precision.from_names(param_dtype, compute_dtype), parallel)
+    def from_config(config, param_dtype: str = "fp32", compute_dtype: str = "fp32") -> CausalLM:
+        return build_model(config, Precision.from_names(param_dtype, compute_dtype))
 
     @staticmethod
-    def from_pretrained(path: str | os.PathLike, param_dtype: str = "fp32", compute_dtype: str = "fp32",
-                        parallel: ParallelConfig | None = None) -> CausalLM:
-        model = AutoModelForCausalLM.from_config(load_config(path), param_dtype, compute_dtype, parallel)
+    def from_pretrained(path: str | os.PathLike, param_dtype: str = "fp32", compute_dtype: str = "fp32") -> CausalLM:
+        model = AutoModelForCausalLM.from_config(load_config(path), param_dtype, compute_dtype)
         load_weights(model, path)
         model.name_or_path = str(path)
         return model

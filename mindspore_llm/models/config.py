@@ -5,7 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping
 
-from mindspore_llm.config_utils import ConfigError, from_dict, require
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import from_dict, require
 
 RopeType = Literal["default", "linear", "dynamic", "yarn"]
 

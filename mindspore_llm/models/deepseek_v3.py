@@ -20,15 +20,17 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import ops
 
 from mindspore_llm.checkpoint import layer_index
-from mindspore_llm.config_utils import ConfigError, from_dict, require
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import from_dict, require
 from mindspore_llm.models.config import DecoderConfig, RopeConfig, hf_fields
-from mindspore_llm.models.layers import (CausalLM, DecoderLayer, DecoderModel, DeepSeekMoE, GroupLimitedTopKRouter,
-                                         MultiHeadLatentAttention, Precision, RotaryEmbedding, SwiGLU)
+from mindspore_llm.models.layers import CausalLM, DecoderLayer, DecoderModel, Precision, RotaryEmbedding, SwiGLU
+from mindspore_llm.models.mla import MultiHeadLatentAttention
+from mindspore_llm.models.moe import DeepSeekMoE, GroupLimitedTopKRouter
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 log = logging.getLogger("mindspore_llm")

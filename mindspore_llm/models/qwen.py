@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from mindspore_llm.config_utils import ConfigError, from_dict, require
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import from_dict, require
 from mindspore_llm.models.config import DROP, DecoderConfig, RopeConfig, hf_fields
 from mindspore_llm.models.layers import (CausalLM, DecoderLayer, DecoderModel, GroupedQueryAttention, Precision,
                                          RotaryEmbedding, SwiGLU)

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mindspore_llm.config_utils import ConfigError
+from mindspore_llm.common import ConfigError
 from mindspore_llm.parallel.config import ParallelConfig
 
 log = logging.getLogger("mindspore_llm")

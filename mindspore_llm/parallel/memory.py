@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from mindspore_llm.config_utils import ConfigError, from_dict, load_yaml, require
 from mindspore_llm.distill import DistillConfig
-from mindspore_llm.lora import LoraConfig
+from mindspore_llm.lora import LoraConfig, lora_parameter_shapes
+from mindspore_llm.models.shapes import count_parameters, is_moe, layer_parameter_shapes, moe_layer, parameter_shapes
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.plan import parameter_split
 
@@ -24,105 +23,6 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parameters
-
-
-def _is_moe(config) -> bool:
-    return bool(getattr(config, "n_routed_experts", 0))
-
-
-def _moe_layer(config, index: int) -> bool:
-    return _is_moe(config) and index >= config.first_k_dense_replace
-
-
-def _swiglu(prefix: str, hidden: int, intermediate: int) -> list[tuple[str, tuple[int, ...]]]:
-    return [(f"{prefix}.gate_proj.weight", (intermediate, hidden)), (f"{prefix}.up_proj.weight", (intermediate, hidden)),
-            (f"{prefix}.down_proj.weight", (hidden, intermediate))]
-
-
-def _linear(prefix: str, out: int, inp: int, bias: bool) -> list[tuple[str, tuple[int, ...]]]:
-    return [(f"{prefix}.weight", (out, inp))] + ([(f"{prefix}.bias", (out,))] if bias else [])
-
-
-def _attention(config, prefix: str) -> list[tuple[str, tuple[int, ...]]]:
-    h, a = config.hidden_size, config.num_attention_heads
-    if hasattr(config, "kv_lora_rank"):  # multi-head latent attention
-        qk = config.qk_nope_head_dim + config.qk_rope_head_dim
-        bias = config.attention_bias
-        if config.q_lora_rank is None:
-            shapes = _linear(f"{prefix}.q_proj", a * qk, h, False)
-        else:
-            shapes = (_linear(f"{prefix}.q_a_proj", config.q_lora_rank, h, bias)
-                      + [(f"{prefix}.q_a_layernorm.weight", (config.q_lora_rank,))]
-                      + _linear(f"{prefix}.q_b_proj", a * qk, config.q_lora_rank, False))
-        return (shapes
-                + _linear(f"{prefix}.kv_a_proj_with_mqa", config.kv_lora_rank + config.qk_rope_head_dim, h, bias)
-                + [(f"{prefix}.kv_a_layernorm.weight", (config.kv_lora_rank,))]
-                + _linear(f"{prefix}.kv_b_proj", a * (config.qk_nope_head_dim + config.v_head_dim),
-                          config.kv_lora_rank, False)
-                + _linear(f"{prefix}.o_proj", h, a * config.v_head_dim, bias))
-    d, kv = config.head_dim, config.num_key_value_heads
-    shapes = (_linear(f"{prefix}.q_proj", a * d, h, config.qkv_bias) + _linear(f"{prefix}.k_proj", kv * d, h,
-                                                                                config.qkv_bias)
-              + _linear(f"{prefix}.v_proj", kv * d, h, config.qkv_bias) + _linear(f"{prefix}.o_proj", h, a * d,
-                                                                                  config.o_bias))
-    if config.qk_norm:
-        shapes += [(f"{prefix}.q_norm.weight", (d,)), (f"{prefix}.k_norm.weight", (d,))]
-    return shapes
-
-
-def _mlp(config, prefix: str, index: int) -> list[tuple[str, tuple[int, ...]]]:
-    h = config.hidden_size
-    if not _moe_layer(config, index):
-        return _swiglu(prefix, h, config.intermediate_size)
-    e, i = config.n_routed_experts, config.moe_intermediate_size
-    shapes = [(f"{prefix}.gate.weight", (e, h)), (f"{prefix}.experts.gate_proj", (e, i, h)),
-              (f"{prefix}.experts.up_proj", (e, i, h)), (f"{prefix}.experts.down_proj", (e, h, i))]
-    if config.n_shared_experts:
-        shapes += _swiglu(f"{prefix}.shared_experts", h, i * config.n_shared_experts)
-    return shapes
-
-
-def layer_parameter_shapes(config, index: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Trainable parameters of decoder layer `index` (names as our Cells and Hugging Face checkpoints)."""
-    prefix = f"model.layers.{index}"
-    h = config.hidden_size
-    return ([(f"{prefix}.input_layernorm.weight", (h,))] + _attention(config, f"{prefix}.self_attn")
-            + [(f"{prefix}.post_attention_layernorm.weight", (h,))] + _mlp(config, f"{prefix}.mlp", index))
-
-
-def parameter_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
-    """Every trainable parameter of the model (buffers such as the router's correction bias excluded)."""
-    h, v = config.hidden_size, config.vocab_size
-    shapes = [("model.embed_tokens.weight", (v, h))]
-    for index in range(config.num_hidden_layers):
-        shapes += layer_parameter_shapes(config, index)
-    shapes.append(("model.norm.weight", (h,)))
-    if not config.tie_word_embeddings:
-        shapes.append(("lm_head.weight", (v, h)))
-    return shapes
-
-
-def lora_parameter_shapes(config, lora: LoraConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """Adapters A (rank, in) and B (out, rank) on every targeted linear layer (peft's names)."""
-    shapes = []
-    for index in range(config.num_hidden_layers):
-        for name, shape in layer_parameter_shapes(config, index):
-            parts = name.split(".")
-            base = name[: -len(".weight")]
-            if parts[-1] == "weight" and len(shape) == 2 and lora.matches(base):
-                out, inp = shape
-                shapes += [(f"{base}.lora_A.weight", (lora.rank, inp)), (f"{base}.lora_B.weight", (out, lora.rank))]
-    return shapes
-
-
-def count_parameters(config) -> tuple[int, int]:
-    """(total, active per token): active counts num_experts_per_tok of the routed experts."""
-    total = active = 0
-    for name, shape in parameter_shapes(config):
-        n = math.prod(shape)
-        total += n
-        active += n * config.num_experts_per_tok // config.n_routed_experts if ".experts." in name else n
-    return total, active
 
 
 def _layer_index(name: str) -> int | None:
@@ -188,7 +88,7 @@ def layer_activation_bytes(config, index: int, work: Workload, parallel: Paralle
         q, kv = a * config.head_dim, config.num_key_value_heads * config.head_dim
         attention = e * tokens * (2 * q + 2 * kv) / t  # Q, K, V, o_proj input
     core = 0.0 if mode == "selective" else (4 + e) * a * s * s * b / t  # fp32 softmax + 16-bit probabilities
-    if _moe_layer(config, index):
+    if moe_layer(config, index):
         experts, i = config.n_routed_experts, config.moe_intermediate_size
         # (E, T, .) tensors: the broadcast input and expert outputs (width h), gate/up/silu/product (width I / t)
         mlp = experts * tokens * (2 * e * h + 4 * e * i / t)
@@ -309,7 +209,7 @@ def _add_teacher(stages: list[StageMemory], distill: DistillConfig, teacher, par
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading a training YAML (only the sections the plan needs; strict inside them)
+# What the planner is given (a training YAML is read into this by mindspore_llm.train.config.load_plan_inputs)
 
 
 @dataclass
@@ -324,47 +224,6 @@ class PlanInputs:
     lora: LoraConfig | None = None
     distill: DistillConfig | None = None
     teacher: Any = None  # the online teacher's family config
-
-
-def _model_config(section, source: str, base: Path):
-    from mindspore_llm.models.auto import config_from_yaml_section, load_config
-
-    if not isinstance(section, dict):
-        raise ConfigError(f"{source}: expected a mapping")
-    if "path" in section:
-        extra = sorted(set(section) - {"path"})
-        require(not extra, f"{source}: with `path:` no other keys are allowed, got {', '.join(extra)}")
-        return load_config(base / section["path"])
-    return config_from_yaml_section(section, source)
-
-
-def load_plan_inputs(path: str | Path) -> PlanInputs:
-    """The model, parallel, data.seq_length, train, precision, lora and distill sections of a training YAML."""
-    from mindspore_llm.train.config import RunConfig
-    from mindspore_llm.train.step import PrecisionConfig
-
-    path = Path(path)
-    raw = load_yaml(path)
-    source = str(path)
-    if "model" not in raw:
-        raise ConfigError(f"{source}: missing section model")
-    model = _model_config(raw["model"], f"{source}: model", path.parent)
-    parallel = from_dict(ParallelConfig, raw.get("parallel") or {}, f"{source}: parallel")
-    run = from_dict(RunConfig, raw.get("train") or {}, f"{source}: train")
-    precision = from_dict(PrecisionConfig, raw.get("precision") or {}, f"{source}: precision")
-    seq_length = (raw.get("data") or {}).get("seq_length")
-    if not isinstance(seq_length, int) or isinstance(seq_length, bool) or seq_length < 1:
-        raise ConfigError(f"{source}: data.seq_length: expected a positive integer, got {seq_length!r}")
-    lora = from_dict(LoraConfig, raw["lora"], f"{source}: lora") if raw.get("lora") is not None else None
-    distill = teacher = None
-    if raw.get("distill") is not None:
-        distill = from_dict(DistillConfig, raw["distill"], f"{source}: distill")
-        if distill.mode == "online":
-            teacher = _model_config({"path": distill.teacher}, f"{source}: distill.teacher", path.parent)
-    work = Workload(seq_length, run.micro_batch_size, DTYPE_BYTES[precision.compute_dtype],
-                    DTYPE_BYTES["fp32"] if precision.level == "O1" else None)
-    return PlanInputs(source, model, parallel, work, run.global_batch_size,
-                      run.micro_batch_size, run.gradient_accumulation_steps, lora, distill, teacher)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -387,8 +246,8 @@ def _representative_model(config):
     if getattr(config, "q_lora_rank", None):
         small["q_lora_rank"] = 16
     dense = min(getattr(config, "first_k_dense_replace", 0), 1)
-    small["num_hidden_layers"] = dense + (1 if _is_moe(config) else 0) or 1
-    if _is_moe(config):
+    small["num_hidden_layers"] = dense + (1 if is_moe(config) else 0) or 1
+    if is_moe(config):
         small["first_k_dense_replace"] = dense
     fields = {f.name for f in dataclasses.fields(config)}
     return build_model(dataclasses.replace(config, **{k: v for k, v in small.items() if k in fields}))
@@ -431,7 +290,7 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float) -> tuple[str
              f"device mesh: {device_num} devices = data_parallel {parallel.data_parallel} x model_parallel "
              f"{parallel.model_parallel} x pipeline_stages {parallel.pipeline_stages}"
              + (f"; experts over expert_parallel {parallel.expert_parallel} of the dp replicas"
-                if _is_moe(config) else ""),
+                if is_moe(config) else ""),
              f"  optimizer_shard {parallel.optimizer_shard}, sequence_parallel {parallel.sequence_parallel}, "
              f"vocab_parallel {parallel.vocab_parallel}, micro_batch_num {parallel.micro_batch_num}",
              f"batch: seq_length {work.seq_length}, micro_batch_size {inputs.micro_batch_size}, global batch "

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 from mindspore import nn
 
-from mindspore_llm.config_utils import ConfigError
+from mindspore_llm.common import ConfigError
 from mindspore_llm.lora import LoraLinear
-from mindspore_llm.models import layers
+from mindspore_llm.models import layers, mla, moe
+from mindspore_llm.models.shapes import parameter_shapes
 from mindspore_llm.parallel.config import RECOMPUTE_MODES, ParallelConfig
 
 # Linear layers by their attribute name: how the weight (out, in) is split across model_parallel.
@@ -130,20 +131,20 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: n
         return {"qk_matmul": (heads, heads), "scale": (heads, ()), "add_bias": (heads, (dp, 1, 1, 1)),
                 "softmax": (heads,), "pv_matmul": (heads, heads)}
     if isinstance(cell, layers.ApplyRotary):
-        if isinstance(parent, layers.MultiHeadLatentAttention):
+        if isinstance(parent, mla.MultiHeadLatentAttention):
             heads = (dp, 1, 1, 1)  # the same rotary serves the queries and the one shared rotary key head
         return {"mul_cos": (heads, (dp, 1, 1, 1)), "mul_sin": (heads, (dp, 1, 1, 1)), "add": (heads, heads),
                 "neg": (heads,), "concat": (heads, heads)}
     if isinstance(cell, layers.GroupedQueryAttention):
         return {"transpose": ((dp, 1, mp, 1),), "merge_transpose": (heads,), "repeat_kv": ((dp, mp, 1, 1, 1),)}
-    if isinstance(cell, layers.MultiHeadLatentAttention):
+    if isinstance(cell, mla.MultiHeadLatentAttention):
         return {"q_transpose": ((dp, 1, mp, 1),), "kv_transpose": ((dp, 1, mp, 1),), "merge_transpose": (heads,),
                 "q_concat": (heads, heads), "k_concat": (heads, heads), "broadcast_k_rope": ((dp, 1, 1, 1),)}
-    if isinstance(cell, layers.StackedExperts):
+    if isinstance(cell, moe.StackedExperts):
         return _stacked_experts(dp, ep, mp)
-    if isinstance(cell, layers.GroupLimitedTopKRouter):
+    if isinstance(cell, moe.GroupLimitedTopKRouter):
         return {"matmul": ((dp, 1), (1, 1)), "sigmoid": ((dp, 1),), "add_bias": ((dp, 1), (1,))}
-    if isinstance(cell, layers.DeepSeekMoE):
+    if isinstance(cell, moe.DeepSeekMoE):
         return {"add_shared": (hidden, hidden)}
     if isinstance(cell, layers.SwiGLU):
         return {"silu": ((dp, 1, mp),), "mul": ((dp, 1, mp), (dp, 1, mp))}
@@ -311,7 +312,6 @@ def validate_plan(model_config, parallel: ParallelConfig, device_num: int, globa
 
 
 def _parameter_split_errors(model_config, parallel: ParallelConfig) -> list[str]:
-    from mindspore_llm.parallel.memory import parameter_shapes
 
     errors = {}
     for name, shape in parameter_shapes(model_config):
@@ -329,7 +329,6 @@ def write_strategy_file(model_config, parallel: ParallelConfig, path) -> None:
     from mindspore.train import node_strategy_pb2
 
     from mindspore_llm.fileio import atomic_path
-    from mindspore_llm.parallel.memory import parameter_shapes
 
     if parallel.pipeline_stages != 1:
         raise ConfigError("write_strategy_file: pipeline_stages must be 1 (per-stage strategy files are written by "

@@ -16,7 +16,8 @@ import os
 import re
 from pathlib import Path
 
-from mindspore_llm.config_utils import ConfigError, read_text
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import read_text
 from mindspore_llm.fileio import atomic_write_text
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mindspore_llm.checkpoint import CheckpointError
+from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")

@@ -14,11 +14,13 @@ from typing import Any, Literal
 
 import yaml
 
-from mindspore_llm.config_utils import ConfigError, from_dict, load_yaml, require
+from mindspore_llm.common import ConfigError
+from mindspore_llm.config_utils import from_dict, load_yaml, require
 from mindspore_llm.data.config import DataConfig
 from mindspore_llm.distill import DistillConfig
 from mindspore_llm.lora import LoraConfig
 from mindspore_llm.parallel.config import ParallelConfig
+from mindspore_llm.parallel.memory import DTYPE_BYTES, PlanInputs, Workload
 from mindspore_llm.train.optim import OptimizerConfig
 from mindspore_llm.train.schedule import ScheduleConfig
 from mindspore_llm.train.step import PrecisionConfig
@@ -217,3 +219,22 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
     path = Path(path)
     raw = apply_overrides(load_yaml(path), list(overrides))
     return train_config_from_dict(raw, str(path), path.parent)
+
+
+def plan_inputs(config: TrainConfig, source: str) -> PlanInputs:
+    """What the memory planner needs from a training config: plain numbers and the family configs."""
+    precision, run = config.precision, config.train
+    work = Workload(config.data.seq_length, run.micro_batch_size, DTYPE_BYTES[precision.compute_dtype],
+                    DTYPE_BYTES["fp32"] if precision.level == "O1" else None)
+    distill = config.distill
+    from mindspore_llm.models.auto import load_config
+
+    teacher = load_config(distill.teacher) if distill is not None and distill.mode == "online" else None
+    return PlanInputs(source, config.model_config(f"{source}: model"), config.parallel, work,
+                      run.global_batch_size, run.micro_batch_size, run.gradient_accumulation_steps, config.lora,
+                      distill, teacher)
+
+
+def load_plan_inputs(path: str | Path) -> PlanInputs:
+    """The plan of the training YAML at `path` (its data files need not exist: only the shapes are read)."""
+    return plan_inputs(load_train_config(path), str(path))

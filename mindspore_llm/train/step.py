@@ -25,8 +25,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.ops import operations as P
 
+from mindspore_llm.common import IGNORE_INDEX
 from mindspore_llm.config_utils import require
-from mindspore_llm.models.layers import IGNORE_INDEX, Precision
+from mindspore_llm.models.layers import Precision
 from mindspore_llm.train.optim import AdamW
 
 

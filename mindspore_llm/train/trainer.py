@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mindspore_llm.checkpoint import CheckpointError
-from mindspore_llm.config_utils import ConfigError
+from mindspore_llm.common import CheckpointError, ConfigError
 from mindspore_llm.parallel.context import setup_parallel
 from mindspore_llm.train import checkpointing
 from mindspore_llm.train.config import TrainConfig
-from mindspore_llm.train.schedule import learning_rate
 from mindspore_llm.train.metrics import LossScaleWatch, MetricsLogger, Throughput, format_step
+from mindspore_llm.train.schedule import learning_rate
 
 log = logging.getLogger("mindspore_llm")
 
@@ -141,13 +140,13 @@ class Trainer:
         if self.context.mode == "semi_auto_parallel":
             validate_plan(self.model_config, config.parallel, self.context.world_size, self.global_batch,
                           run.micro_batch_size, run.gradient_accumulation_steps, config.data.seq_length)
-        self.model = build_model(self.model_config, config.precision.model_precision(), config.parallel)
+        self.model = build_model(self.model_config, config.precision.model_precision())
         if "path" in config.model:
             load_weights(self.model, config.model["path"])
             self.model.name_or_path = config.model["path"]
         if config.lora is not None:
             apply_lora(self.model, config.lora)
-            apply_plan(self.model, config.parallel)  # the adapters are split like their base layers
+        self.applied_strategies = apply_plan(self.model, config.parallel)  # the adapters split like their bases
         # the model the step differentiates: the student with its frozen teacher (``teacher.*``, never
         # checkpointed: reloaded from distill.teacher at every start) or the model itself
         trained = self.model
@@ -158,7 +157,8 @@ class Trainer:
             teacher = None
             if config.distill.mode == "online":
                 teacher = load_teacher(config.distill, self.model_config, config.data.tokenizer, "fp32",
-                                       config.precision.compute_dtype, config.parallel)
+                                       config.precision.compute_dtype)
+                apply_plan(teacher, config.parallel)
             else:
                 self.teacher_topk, self.teacher_rows = self._teacher_topk()
             trained = DistillationModel(self.model, config.distill, teacher)
@@ -321,7 +321,7 @@ class Trainer:
                 metrics.close()
         if result.status == "completed" and main:
             if config.lora is not None:
-                from ckpt_tools.peft import export_peft
+                from mindspore_llm.peft import export_peft
 
                 result.final_model_dir = export_peft(self.model, config.lora, config.final_model_dir,
                                                      overwrite=True)
