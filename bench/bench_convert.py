@@ -46,18 +46,22 @@ def vm_rss() -> int:
 
 def make_checkpoint(directory: Path, size_gb: float) -> dict:
     """Qwen2-1.5B-like shapes (hidden 1536, vocab 151936); layers added until the size is reached."""
-    from ckpt_tools.naming import name_map
     from ckpt_tools.writer import OutTensor, write_checkpoint
     from ckpt_tools.convert import LAYOUTS
     from mindspore_llm.checkpoint import float32_to_bf16_bits
+    from mindspore_llm.models.auto import config_from_hf
+    from mindspore_llm.models.naming import OURS, tensor_layout
+
+    def shapes_of(config):
+        return tensor_layout(config_from_hf(config, "bench"), OURS).hf_shapes
 
     config = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidden_size": 1536,
               "intermediate_size": 8960, "num_attention_heads": 12, "num_key_value_heads": 2,
               "tie_word_embeddings": False, "max_position_embeddings": 4096, "num_hidden_layers": 1}
-    per_layer = 2 * sum(int(np.prod(s)) for n, s in name_map(config, "bench").expected().items() if ".layers." in n)
+    per_layer = 2 * sum(int(np.prod(s)) for n, s in shapes_of(config).items() if ".layers." in n)
     fixed = 2 * 2 * 151936 * 1536 + 2 * 1536
     config["num_hidden_layers"] = max(1, round((size_gb * GB - fixed) / per_layer))
-    shapes = name_map(config, "bench").expected()
+    shapes = shapes_of(config)
     tensors = [OutTensor(name, shape, "BF16") for name, shape in shapes.items()]
     # One random block, repeated: random bytes defeat nothing here (no compression), and this is fast to make.
     block = float32_to_bf16_bits(np.random.default_rng(0).standard_normal(16 << 20, np.float32) * 0.02)
