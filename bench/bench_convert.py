@@ -107,8 +107,10 @@ def child(job: dict) -> dict:
         return {"seconds": time.perf_counter() - start, "peak_above_baseline": vm_hwm() - before,
                 "bytes_written": (dst / "shard.ckpt").stat().st_size}
     else:
+        from mindspore_llm.models.naming import LayoutOptions
+
         convert(src, dst, target_naming=job["naming"], layout=LAYOUTS[tuple(job["layout"])], dtype=job.get("dtype"),
-                max_shard_bytes=job["max_shard"], quiet=True)
+                max_shard_bytes=job["max_shard"], quiet=True, options=LayoutOptions(**job.get("options", {})))
     seconds = time.perf_counter() - start
     written = sum(f.stat().st_size for f in dst.iterdir() if f.suffix in (".ckpt", ".safetensors"))
     return {"seconds": seconds, "peak_above_baseline": vm_hwm() - baseline, "bytes_written": written}
@@ -147,8 +149,15 @@ def main() -> None:
                            "layout": ["ckpt", "ms"], "max_shard": shard},
             "hf2ms safetensors": {"kind": "convert", "src": str(hf), "dst": str(work / "ms_st"),
                                   "naming": "mindspore_llm", "layout": ["safetensors", "ms"], "max_shard": shard},
-            "ms2hf": {"kind": "convert", "src": str(work / "ms"), "dst": str(work / "back"), "naming": "hf",
-                      "layout": ["safetensors", "hf"], "max_shard": shard},
+            "ms2hf": {"kind": "convert", "src": str(work / "ms"), "dst": str(work / "back"),
+                      "naming": "mindspore_llm", "layout": ["safetensors", "hf"], "max_shard": shard},
+            # fused tensors: w_qkv per KV group, w_gate_hidden interleaved row by row, streamed in slabs
+            "hf2ms --naming mindformers --qkv-concat": {"kind": "convert", "src": str(hf), "dst": str(work / "mf"),
+                                                        "naming": "mindformers", "layout": ["ckpt", "ms"],
+                                                        "max_shard": shard, "options": {"qkv_concat": True}},
+            "ms2hf (of the qkv_concat output)": {"kind": "convert", "src": str(work / "mf"),
+                                                 "dst": str(work / "mf_back"), "naming": "mindspore_llm",
+                                                 "layout": ["safetensors", "hf"], "max_shard": shard},
             "hf2ms ckpt --dtype fp32": {"kind": "convert", "src": str(hf), "dst": str(work / "ms32"),
                                         "naming": "mindspore_llm", "layout": ["ckpt", "ms"], "max_shard": shard,
                                         "dtype": "fp32"},
@@ -159,10 +168,12 @@ def main() -> None:
         for name, job in jobs.items():
             os.sync()  # start each job with no dirty pages left by the previous one
             results[name] = run_child(job)
-            if name != "hf2ms ckpt":  # its output is ms2hf's input
+            if name not in ("hf2ms ckpt", "hf2ms --naming mindformers --qkv-concat"):  # the next job's input
                 shutil.rmtree(job["dst"], ignore_errors=True)
             if name == "ms2hf":
                 shutil.rmtree(work / "ms", ignore_errors=True)
+            if name == "ms2hf (of the qkv_concat output)":
+                shutil.rmtree(work / "mf", ignore_errors=True)
         copy = results["copy"]
         print(f"\n{'job':38s} {'seconds':>8s} {'GB/s':>6s} {'vs copy':>8s} {'peak RSS':>10s} {'/ largest':>10s}")
         for name, r in results.items():

@@ -14,6 +14,7 @@ Which mindformers file and version each layout was read from is in docs/checkpoi
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import re
@@ -23,8 +24,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from mindspore_llm.checkpoint import (NON_PARAMETER_SUFFIXES, SAFETENSORS_DTYPES, TRAINING_STATE_PREFIXES,
-                                      bf16_bits_to_float32, layer_index)
+from mindspore_llm.checkpoint import (NON_PARAMETER_SUFFIXES, TRAINING_STATE_PREFIXES,
+                                      bf16_bits_to_float32, iter_tensors, layer_index, open_tensor_file,
+                                      weight_files)
 from mindspore_llm.common import CheckpointError, ConfigError
 
 log = logging.getLogger("mindspore_llm")
@@ -38,7 +40,9 @@ NAMINGS = (OURS, MINDFORMERS, MCORE)
 MINDFORMERS_MOMENTS = {"adam_m.": "optimizer.exp_avg.", "adam_v.": "optimizer.exp_avg_sq."}
 MINDFORMERS_STATE_PREFIXES = (*MINDFORMERS_MOMENTS, "accu_grads.")
 MINDFORMERS_STATE_NAMES = ("global_step", "scale_sense", "current_iterator_step", "last_overflow_iterator_step",
-                           "epoch_num", "step_num", "loss_scale", "global_batch_size", "learning_rate")
+                           "epoch_num", "step_num", "loss_scale", "global_batch_size", "learning_rate",
+                           # its adaptive loss scale (wrapper/adaptive_loss_scale.py)
+                           "scale_window", "list_index", "scale_window_up_count", "scale_window_down_count")
 FLOAT_TAGS = ("F64", "F32", "F16", "BF16", "F8_E4M3")
 CHUNK_ELEMENTS = 16 << 20  # per slab produced (64 MB of float32): bounds memory whatever the tensor's size
 
@@ -60,18 +64,6 @@ class LayoutOptions:
     use_interleaved_weight_layout_mlp: bool = True  # mcore linear_fc1: gate and up rows interleaved (off: gate | up)
 
     VISIBLE = ("qkv_concat", "mla_qkv_concat")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None, source: str) -> "LayoutOptions":
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        for key, value in values.items():
-            if not isinstance(value, bool):
-                raise ConfigError(f"{source}.{key}: must be true or false, got {value!r}")
-        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -180,9 +172,9 @@ QWEN = Family(
                      "intermediate_size if use_interleaved_weight_layout_mlp else 1"),
     ),
     namings={
-        MINDFORMERS: (("Qwen2ForCausalLM",), "mindformers has no 1.x Qwen3: use --naming mindformers-mcore"),
+        MINDFORMERS: (("Qwen2ForCausalLM",), "mindformers has no 1.x Qwen3: use the mindformers-mcore naming"),
         MCORE: (("Qwen3ForCausalLM",), "mindformers has no mcore Qwen2/2.5 checkpoints (its mcore Qwen2 is "
-                                       "inference-only and reads Hugging Face files): use --naming mindformers"),
+                                       "inference-only and reads Hugging Face files): use the mindformers 1.x naming"),
     },
 )
 
@@ -279,7 +271,7 @@ DEEPSEEK_V3 = Family(
         Fused(MCORE, f"{_ATT}.k_layernorm.weight", (f"{_LAYER}.self_attn.kv_a_layernorm.weight",),
               when="mla_qkv_concat"),
     ),
-    namings={MINDFORMERS: ((), "mindformers 1.x has no DeepSeek-V3 checkpoints: use --naming mindformers-mcore"),
+    namings={MINDFORMERS: ((), "mindformers 1.x has no DeepSeek-V3 checkpoints: use the mindformers-mcore naming"),
              MCORE: (("DeepseekV3ForCausalLM",), "")},
     ranges={"layer": "num_hidden_layers", "expert": "n_routed_experts"},
     skip_extra_layers="multi-token-prediction modules are not implemented; the main model is complete without them",
@@ -481,7 +473,8 @@ def family_of(config, source: str) -> Family:
     return ARCHITECTURES[config.architecture]
 
 
-def tensor_layout(config, naming: str, options: LayoutOptions = LayoutOptions(), source: str = "config.json") -> TensorLayout:
+def tensor_layout(config, naming: str, options: LayoutOptions = LayoutOptions(),
+                  source: str = "config.json") -> TensorLayout:
     """How `config`'s model is stored in `naming` (for writing: refused where mindformers has no such layout)."""
     family = family_of(config, source)
     if naming != OURS:
@@ -505,14 +498,11 @@ def candidates(config, options: LayoutOptions, source: str) -> list[TensorLayout
     for naming in (MINDFORMERS, MCORE):
         for visible in itertools.product((False, True), repeat=len(LayoutOptions.VISIBLE)):
             try:
-                out.append(tensor_layout(config, naming, _with(options, dict(zip(LayoutOptions.VISIBLE, visible))), source))
+                visible_options = dataclasses.replace(options, **dict(zip(LayoutOptions.VISIBLE, visible)))
+                out.append(tensor_layout(config, naming, visible_options, source))
             except ConfigError:
                 continue
     return out
-
-
-def _with(options: LayoutOptions, values: Mapping[str, bool]) -> LayoutOptions:
-    return LayoutOptions(**{**{f.name: getattr(options, f.name) for f in fields(options)}, **values})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -633,14 +623,13 @@ class CheckpointView(HFTensors):
                                   f"{' ...' if len(missing) > 8 else ''}")
 
     def moments(self, prefix: str) -> HFTensors:
-        """The weights' AdamW moments of a training checkpoint, stored as `prefix` + each weight's name."""
+        """The AdamW moments a training checkpoint stores as `prefix` + a weight's stored name, for the weights that
+        have them (not the frozen ones, e.g. DeepSeek's routing bias)."""
         files = {}
         for name, stored in self.layout.tensors.items():
             file = self.all_files.get(prefix + name)
             if file is None:
-                raise CheckpointError(f"{self.files[name].path}: no optimizer moment {prefix}{name} (the checkpoint "
-                                      f"holds {len([n for n in self.all_files if n.startswith(prefix)])} {prefix}* "
-                                      f"entries; is it a training checkpoint?)")
+                continue
             if file.shape(prefix + name) != stored.shape:
                 raise CheckpointError(f"{file.path}: {prefix}{name} has shape {list(file.shape(prefix + name))}, its "
                                       f"weight {list(stored.shape)}")
@@ -682,32 +671,46 @@ class ViewTensor:
         return self.view.float32(self.name)
 
 
-def read_checkpoint(path: str | Path, config, options: LayoutOptions = LayoutOptions(),
-                    source: str = "config.json") -> CheckpointView:
-    """A checkpoint file or directory (Hugging Face, ``msllm-ckpt hf2ms`` output, a training checkpoint, or
-    mindformers' in any of its namings) as the Hugging Face tensors of `config`'s model."""
-    from mindspore_llm.checkpoint import open_tensor_file, weight_files
-
+def open_checkpoint(path: str | Path) -> dict[str, Any]:
+    """tensor name -> opened file of a checkpoint file or directory, each file opened once."""
     opened, files = {}, {}
     for name, file in weight_files(path).items():
         if file not in opened:
             opened[file] = open_tensor_file(file)
         files[name] = opened[file]
-    return CheckpointView(files, config, options, source)
+    return files
+
+
+def checkpoint_tensors(path: str | Path, config, options: LayoutOptions = LayoutOptions(),
+                       source: str = "config.json") -> Iterator[tuple[str, Any]]:
+    """(name, reader) pairs of a checkpoint file or directory for ``checkpoint.load_weights``: a model directory
+    or training checkpoint in our names as stored (its optimizer entries left out), one in mindformers' namings
+    as Hugging Face's (detected; checked against `config`)."""
+    files = open_checkpoint(path)
+    if CheckpointView(files, config, options, source, strict=False).layout.naming == OURS:
+        state = [name for name in files if is_training_state(name)]
+        if state:
+            log.warning("leaving out %d optimizer/loss-scale entries of the training checkpoint %s (%s)",
+                        len(state), path, ", ".join(_kinds(state)))
+        return ((name, reader) for name, reader in iter_tensors(path) if not is_training_state(name))
+    view = CheckpointView(files, config, options, source)
+    log.info("%s: %s names", path, view.layout.describe())
+    view.notice()
+    return view.tensors()
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Writing in memory (a training checkpoint in mindformers' naming): Hugging Face arrays -> stored arrays.
 
 def stored_arrays(target: TensorLayout, arrays: Mapping[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-    """(stored name, float32 array) of every tensor of `target`, from float32 `arrays` by Hugging Face name."""
+    """(stored name, float32 array) of the tensors of `target` whose parts `arrays` (float32, by Hugging Face
+    name) holds: all of them for the weights; for AdamW moments, those of the trained weights."""
     def read(name: str, start: int, stop: int) -> tuple[np.ndarray, str]:
         return arrays[name][start:stop], "F32"
 
     for stored in target.tensors.values():
+        if not all(part in arrays for part in stored.parts):
+            continue
         slabs = [array for array, _ in stored.slabs(read)]
         yield stored.name, np.concatenate([s.reshape(-1) for s in slabs]).reshape(stored.shape)
 
-
-def storage_dtype(tag: str) -> np.dtype:
-    return np.dtype(SAFETENSORS_DTYPES[tag])
