@@ -11,6 +11,7 @@ from mindspore_llm.common import ConfigError
 from mindspore_llm.config_utils import from_dict, read_text
 from mindspore_llm.models import deepseek_v3, qwen
 from mindspore_llm.models.layers import CausalLM, Precision
+from mindspore_llm.models.naming import LayoutOptions, checkpoint_tensors
 
 # architecture name -> (config class with from_hf, builder(config, precision) -> CausalLM)
 REGISTRY: dict[str, tuple[type, Callable[..., CausalLM]]] = {
@@ -59,16 +60,21 @@ def build_model(config, precision: Precision = Precision()) -> CausalLM:
 
 
 class AutoModelForCausalLM:
-    """``AutoModelForCausalLM.from_pretrained(path)`` for a Hugging Face directory (config.json + safetensors)
-    or a directory written by ``msllm-ckpt hf2ms``."""
+    """``AutoModelForCausalLM.from_pretrained(path)`` for a Hugging Face directory (config.json + safetensors),
+    a directory written by ``msllm-ckpt hf2ms``, or any MindSpore checkpoint file or directory in any naming
+    (ours, mindformers 1.x, mindformers mcore: ``mindspore_llm.models.naming``) with ``config=`` the model's
+    config.json when it has none beside it."""
 
     @staticmethod
     def from_config(config, param_dtype: str = "fp32", compute_dtype: str = "fp32") -> CausalLM:
         return build_model(config, Precision.from_names(param_dtype, compute_dtype))
 
     @staticmethod
-    def from_pretrained(path: str | os.PathLike, param_dtype: str = "fp32", compute_dtype: str = "fp32") -> CausalLM:
-        model = AutoModelForCausalLM.from_config(load_config(path), param_dtype, compute_dtype)
-        load_weights(model, path)
+    def from_pretrained(path: str | os.PathLike, param_dtype: str = "fp32", compute_dtype: str = "fp32",
+                        config: str | os.PathLike | None = None, layout: LayoutOptions = LayoutOptions()) -> CausalLM:
+        """`layout`: how a mindformers mcore checkpoint lays out its fused tensors where the names do not tell."""
+        config_file = read_hf_config(path if config is None else config)[1]
+        model = AutoModelForCausalLM.from_config(load_config(config_file), param_dtype, compute_dtype)
+        load_weights(model, path, checkpoint_tensors(path, model.config, layout, str(config_file)))
         model.name_or_path = str(path)
         return model
