@@ -100,7 +100,7 @@ class Trainer:
         from mindspore_llm.data.dataset import build_dataset
         from mindspore_llm.lora import apply_lora
         from mindspore_llm.models.auto import build_model
-        from mindspore_llm.models.deepseek_v3 import moe_blocks
+        from mindspore_llm.models.moe import moe_blocks
         from mindspore_llm.parallel.plan import apply_plan, validate_plan
         from mindspore_llm.train.optim import AdamW
         from mindspore_llm.train.step import TrainStep
@@ -335,7 +335,7 @@ class Trainer:
         """DeepSeek-V3 aux-loss-free balancing after the update: the expert-load statistics of the step's
         micro-batches (this rank's), then b_i += γ·sign(mean load - load_i) on the loads summed over the
         data-parallel ranks, so every replica moves its biases alike (semi-auto counts are global already)."""
-        from mindspore_llm.models.deepseek_v3 import expert_load_stats, update_expert_bias
+        from mindspore_llm.models.moe import expert_load_stats, update_expert_bias
 
         stats = expert_load_stats(self.model)
         all_reduce = self.context.sum_over_ranks if self.context.mode == "data_parallel" else None
