@@ -155,6 +155,20 @@ def test_bias_update_counts_every_micro_batch(deepseek):
         assert block.tokens_per_expert.asnumpy().sum() == expected
 
 
+def test_overflowed_step_leaves_the_expert_biases(deepseek):
+    """The trainer's balancing after a step the optimizer skipped: load statistics logged, biases unchanged,
+    the step's counts discarded."""
+    trainer, _ = deepseek
+    batch = next(trainer.dataset.batches(trainer.rank_batch))
+    trainer.compiled(*(ms.Tensor(batch[key]) for key in ("input_ids", "labels", "attention_mask", "position_ids")))
+    biases = {name: block.gate.e_score_correction_bias.asnumpy().copy() for name, block in moe_blocks(trainer.model)}
+    stats = trainer._balance_experts(overflowed=True)
+    assert stats["moe/1/max_over_mean_load"] >= 1.0 and "moe/1/dropped_slots" in stats
+    for name, block in moe_blocks(trainer.model):
+        np.testing.assert_array_equal(block.gate.e_score_correction_bias.asnumpy(), biases[name])
+        assert not block.tokens_per_expert.asnumpy().any()
+
+
 # -- pipeline parallel (Ascend): what constructs without HCCL ------------------------------------------------------
 
 PIPELINE = ParallelConfig(data_parallel=1, model_parallel=2, pipeline_stages=2, micro_batch_num=4,
