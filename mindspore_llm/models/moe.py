@@ -243,7 +243,9 @@ class GroupedDispatch(nn.Cell):
     MindSpore 2.10 (``ops/auto_generate/gen_ops_def.py``): ``moe_token_permute(tokens (T, H), indices (T, k) int32)``
     -> (permuted (T*k, H) grouped by ascending expert id, sorted_indices (T*k,) int32 where entry t*k + j is the
     permuted row of token t's j-th slot); ``moe_token_unpermute(permuted (T*k, H), sorted_indices, probs (T, k))``
-    -> (T, H) = sum_j probs[t, j] * permuted[sorted_indices[t*k + j]]. k <= 512 (the kernel's limit)."""
+    -> (T, H) = sum_j probs[t, j] * permuted[sorted_indices[t*k + j]]. k <= 512 (the kernel's limit). The meaning
+    of sorted_indices is read off the docstrings' examples (permute returns each token's output row, unpermute
+    gathers by it); the kernels cannot run on CPU."""
 
     def __init__(self, num_experts: int, precision: Precision):
         super().__init__()
@@ -256,7 +258,7 @@ class GroupedDispatch(nn.Cell):
         return ops.moe_token_permute(self.cast(x, self.compute_dtype), indices)
 
     def combine(self, expert_outputs, sorted_indices, weights):
-        # probs in the tokens' dtype (bf16 with bf16 compute), as the kernel multiplies them in that dtype
+        # probs cast to the tokens' dtype: the docs do not say which dtype the kernel takes (unverified)
         return ops.moe_token_unpermute(expert_outputs, sorted_indices, self.cast(weights, self.compute_dtype))
 
 
