@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from mindspore_llm.cli import main as cli_main
 from mindspore_llm.common import ConfigError
 from mindspore_llm.models.auto import AutoModelForCausalLM, build_model, config_from_yaml_section
-from mindspore_llm.models.deepseek_v3 import moe_blocks
+from mindspore_llm.models.moe import moe_blocks
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.context import SEMI_AUTO, ParallelContext
 from mindspore_llm.parallel.plan import apply_plan
@@ -153,6 +153,20 @@ def test_bias_update_counts_every_micro_batch(deepseek):
     expected = trainer.rank_batch * config.data.seq_length * trainer.model_config.num_experts_per_tok
     for _, block in moe_blocks(trainer.model):
         assert block.tokens_per_expert.asnumpy().sum() == expected
+
+
+def test_overflowed_step_leaves_the_expert_biases(deepseek):
+    """The trainer's balancing after a step the optimizer skipped: load statistics logged, biases unchanged,
+    the step's counts discarded."""
+    trainer, _ = deepseek
+    batch = next(trainer.dataset.batches(trainer.rank_batch))
+    trainer.compiled(*(ms.Tensor(batch[key]) for key in ("input_ids", "labels", "attention_mask", "position_ids")))
+    biases = {name: block.gate.e_score_correction_bias.asnumpy().copy() for name, block in moe_blocks(trainer.model)}
+    stats = trainer._balance_experts(overflowed=True)
+    assert stats["moe/1/max_over_mean_load"] >= 1.0 and "moe/1/dropped_slots" in stats
+    for name, block in moe_blocks(trainer.model):
+        np.testing.assert_array_equal(block.gate.e_score_correction_bias.asnumpy(), biases[name])
+        assert not block.tokens_per_expert.asnumpy().any()
 
 
 # -- pipeline parallel (Ascend): what constructs without HCCL ------------------------------------------------------

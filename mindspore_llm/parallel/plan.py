@@ -8,7 +8,8 @@ Layouts: data parallel splits the batch dimension by ``dp``; tensor parallel (``
 FFN columns (column-parallel in-projections, row-parallel out-projections) and, with ``vocab_parallel``, the
 vocabulary of the embedding, LM head and loss; sequence parallel splits the norms and residual adds along the
 sequence by ``mp`` (row-parallel outputs reduce-scatter into that layout); expert parallel splits the stacked
-routed experts over ``ep`` of the data-parallel replicas.
+routed experts and their (E, tokens, H) inputs over ``ep`` of the data-parallel replicas, so the MoE dispatch's
+change of layout between sequences and experts becomes the compiler's all-to-all.
 
 ``validate_plan`` checks a parallel config against the model and the device count before anything starts;
 ``parameter_layout`` is the split of every parameter (what the memory planner divides by, and what
@@ -93,12 +94,28 @@ def _rms_norm(rank_mp: tuple[int, ...], dp: int) -> dict:
 
 
 def _stacked_experts(dp: int, ep: int, mp: int) -> dict:
-    """(E, T, H) activations: experts split by ep, tokens by the remaining dp / ep, the expert FFN by mp."""
-    tokens = dp // ep
-    x, hidden = (ep, tokens, 1), (ep, tokens, mp)
-    return {"broadcast_tokens": ((1, dp, 1),), "gate_matmul": (x, (ep, mp, 1)), "up_matmul": (x, (ep, mp, 1)),
-            "silu": (hidden,), "mul": (hidden, hidden), "down_matmul": (hidden, (ep, 1, mp)),
-            "weigh": (x, x), "combine": (x,), "transpose": ((dp, 1),)}
+    """(E, N, H) expert inputs: experts split by ep, their rows by the remaining dp / ep, the expert FFN by mp."""
+    x, hidden = (ep, dp // ep, 1), (ep, dp // ep, mp)
+    return {"gate_matmul": (x, (ep, mp, 1)), "up_matmul": (x, (ep, mp, 1)), "silu": (hidden,),
+            "mul": (hidden, hidden), "down_matmul": (hidden, (ep, 1, mp))}
+
+
+def _dense_dispatch(dp: int, ep: int) -> dict:
+    """(E, T, H): every expert's copy of the tokens, laid out as the experts' inputs."""
+    x = (ep, dp // ep, 1)
+    return {"broadcast_tokens": ((1, dp, 1),), "transpose": ((dp, 1),), "weigh": (x, x), "combine_sum": (x,)}
+
+
+def _capacity_dispatch(dp: int, ep: int) -> dict:
+    """Routing and gathers per sequence, split by dp on the batch (every sequence is dispatched on its own
+    device); ``to_experts`` takes (B, E, C, H) in that layout, the experts want (E, B*C, H) as (ep, dp / ep),
+    and ``from_experts`` takes the experts' layout back: between them the compiler inserts the all-to-alls."""
+    batch = (dp, 1, 1)
+    return {"key_select": ((dp, 1), (dp, 1), (dp, 1)), "key_transpose": (batch,), "sort": (batch,),
+            "invert": (batch,), "rank_transpose": (batch,), "slot_gather": ((dp, 1), (dp, 1)),
+            "dispatch_gather": (batch, (dp, 1)), "to_experts": ((dp, 1, 1, 1),),
+            "from_experts": ((ep, dp // ep, 1, 1),), "combine_gather": (batch, (dp, 1)),
+            "weigh": (batch, batch), "combine_sum": ((dp, 1, 1, 1),)}
 
 
 def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: nn.Cell | None = None) -> dict:
@@ -142,6 +159,10 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: n
                 "q_concat": (heads, heads), "k_concat": (heads, heads), "broadcast_k_rope": ((dp, 1, 1, 1),)}
     if isinstance(cell, moe.StackedExperts):
         return _stacked_experts(dp, ep, mp)
+    if isinstance(cell, moe.DenseDispatch):
+        return _dense_dispatch(dp, ep)
+    if isinstance(cell, moe.CapacityDispatch):
+        return _capacity_dispatch(dp, ep)
     if isinstance(cell, moe.GroupLimitedTopKRouter):
         return {"matmul": ((dp, 1), (1, 1)), "sigmoid": ((dp, 1),), "add_bias": ((dp, 1), (1,))}
     if isinstance(cell, moe.DeepSeekMoE):
@@ -279,6 +300,10 @@ def validate_plan(model_config, parallel: ParallelConfig, device_num: int, globa
     if experts:
         _divides(errors, "moe_intermediate_size", c.moe_intermediate_size, "model_parallel", mp)
         _divides(errors, "n_routed_experts", experts, "expert_parallel", ep)
+        if c.moe_dispatch == "grouped" and (ep > 1 or mp > 1):
+            errors.append(f"moe_dispatch 'grouped' runs whole experts on each device's own tokens (its sorted "
+                          f"rows have no layout to split); use expert_parallel 1 and model_parallel 1 (got "
+                          f"{ep} and {mp}) or moe_dispatch 'capacity'")
     elif ep > 1:
         errors.append(f"expert_parallel ({ep}) needs a mixture-of-experts model; {c.architecture} has no experts")
     layers_num = c.num_hidden_layers

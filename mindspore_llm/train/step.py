@@ -28,6 +28,7 @@ from mindspore.ops import operations as P
 from mindspore_llm.common import IGNORE_INDEX
 from mindspore_llm.config_utils import require
 from mindspore_llm.models.layers import Precision
+from mindspore_llm.models.moe import aux_loss_multipliers, set_aux_loss_multiplier
 from mindspore_llm.train.optim import AdamW
 
 
@@ -137,6 +138,9 @@ class TrainStep(nn.Cell):
         self.backoff_factor = precision.backoff_factor
         self.hyper_map = ops.HyperMap()
         self.add = ops.Add()
+        # MoE balance losses are averaged over the step's sequences as the token loss is over its tokens
+        self.aux_loss_multipliers = aux_loss_multipliers(model)
+        self.moe_aux_losses = len(self.aux_loss_multipliers) > 0
 
     def _micro_batches(self, x, row_ndim=1):
         """(K*b, *row) -> (K, b, *row); already stacked (row_ndim + 2 dimensions) or None: as it is."""
@@ -166,6 +170,11 @@ class TrainStep(nn.Cell):
         scale = self.scale.value()
         multiplier = scale * self.ranks / tokens
         multipliers = ops.broadcast_to(multiplier, (input_ids.shape[1],))
+        if self.moe_aux_losses:
+            sequences = ops.full((), input_ids.shape[0] * input_ids.shape[1], dtype=ms.float32)
+            if self.all_reduce is not None:
+                sequences = self.all_reduce(sequences)
+            set_aux_loss_multiplier(self.aux_loss_multipliers, scale * self.ranks / sequences)
         grad_fn = ops.value_and_grad(self.scaled_loss_sum, None, self.weights)
         loss_total = ops.zeros((), ms.float32)
         grads = None

@@ -100,7 +100,7 @@ class Trainer:
         from mindspore_llm.data.dataset import build_dataset
         from mindspore_llm.lora import apply_lora
         from mindspore_llm.models.auto import build_model
-        from mindspore_llm.models.deepseek_v3 import moe_blocks
+        from mindspore_llm.models.moe import moe_blocks
         from mindspore_llm.models.naming import OURS, checkpoint_tensors, tensor_layout
         from mindspore_llm.parallel.plan import apply_plan, validate_plan
         from mindspore_llm.train.optim import AdamW
@@ -166,6 +166,7 @@ class Trainer:
                 self.teacher_topk, self.teacher_rows = self._teacher_topk()
             trained = DistillationModel(self.model, config.distill, teacher)
         self.moe = bool(moe_blocks(self.model))
+        self.model.set_train(True)  # training behaviour (the MoE capacity dispatch) in the step; a teacher stays as is
         optimizer = AdamW(self.model.trainable_params(), config.optimizer, config.schedule)
         self.step_cell = TrainStep(trained, optimizer, config.precision, run.gradient_accumulation_steps,
                                    config.optimizer.clip_grad_norm, self.context.grad_reducer(optimizer.parameters),
@@ -320,7 +321,7 @@ class Trainer:
                         **throughput(seconds),
                     }
                     if self.moe:
-                        values.update(self._balance_experts())
+                        values.update(self._balance_experts(values["overflow"]))
                     result.losses.append((step, values["loss"]))
                     bar.update(1)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
@@ -360,15 +361,16 @@ class Trainer:
                     self.model, self.model_config, config.final_model_dir, config.data.tokenizer)
         return result
 
-    def _balance_experts(self) -> dict[str, float]:
+    def _balance_experts(self, overflowed: bool) -> dict[str, float]:
         """DeepSeek-V3 aux-loss-free balancing after the update: the expert-load statistics of the step's
         micro-batches (this rank's), then b_i += γ·sign(mean load - load_i) on the loads summed over the
-        data-parallel ranks, so every replica moves its biases alike (semi-auto counts are global already)."""
-        from mindspore_llm.models.deepseek_v3 import expert_load_stats, update_expert_bias
+        data-parallel ranks, so every replica moves its biases alike (semi-auto counts are global already);
+        no bias update after an overflowed (skipped) step."""
+        from mindspore_llm.models.moe import expert_load_stats, update_expert_bias
 
         stats = expert_load_stats(self.model)
         all_reduce = self.context.sum_over_ranks if self.context.mode == "data_parallel" else None
-        update_expert_bias(self.model, all_reduce=all_reduce)
+        update_expert_bias(self.model, all_reduce=all_reduce, overflowed=overflowed)
         return stats
 
     def _current_lr(self) -> float:
