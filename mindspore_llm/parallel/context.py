@@ -24,6 +24,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mindspore.ops import functional as F
+from mindspore.parallel.nn import parallel_grad_reducer
+
 from mindspore_llm.common import ConfigError
 from mindspore_llm.parallel.config import ParallelConfig
 
@@ -61,33 +64,51 @@ class ParallelContext:
         return self.rank == self.main_rank
 
     def grad_reducer(self, parameters):
-        """DATA_PARALLEL: averages gradients over the ranks inside the compiled step. Pipeline: the per-stage
+        """DATA_PARALLEL: sums the gradients over the ranks inside the compiled step (the step's multiplier already
+        divides by the tokens of the whole global batch, so the sum is the exact gradient). Pipeline: the per-stage
         gradient accumulation buffers of the micro-batches (``PipelineGradReducer``). None otherwise, since
         stand-alone has nothing to reduce and semi-auto parallel inserts its own collectives."""
         if self.mode == DATA_PARALLEL:
             from mindspore import nn
 
-            return nn.DistributedGradReducer(parameters, mean=True, degree=self.world_size)
+            return nn.DistributedGradReducer(parameters, mean=False)
         if self.pipeline_stages > 1:
-            from mindspore.parallel.nn import PipelineGradReducer
-
-            return PipelineGradReducer(parameters, scale_sense=1.0, opt_shard=self.optimizer_shard)
+            return pipeline_grad_reducer(parameters, self.optimizer_shard)
         return None
 
     def wrap_loss(self, loss_cell):
-        """The differentiated cell: under a pipeline ``Pipeline(loss_cell, micro_batch_num)``, which runs the
-        micro-batches through the stages (1F1B) and sums their outputs; else `loss_cell` itself."""
-        if self.pipeline_stages == 1:
-            return loss_cell
+        """The pipeline around the step's loss cell: ``Pipeline(loss_cell, micro_batch_num)`` runs the micro-batches
+        through the stages (1F1B) and sums their outputs."""
         from mindspore.parallel.nn import Pipeline
 
         return Pipeline(loss_cell, self.micro_batch_num)
 
+    def step_parallelism(self, parameters) -> dict:
+        """``TrainStep``'s keyword arguments for this mode: the gradient reducer, the data-parallel ranks whose token
+        counts and losses the step sums, and the pipeline wrapper (None without stages)."""
+        return {"grad_reducer": self.grad_reducer(parameters),
+                "data_parallel": self.world_size if self.mode == DATA_PARALLEL else 1,
+                "wrap_loss": self.wrap_loss if self.pipeline_stages > 1 else None}
+
     def sum_over_ranks(self, values):
-        """Element-wise sum of a float32 NumPy vector over the data-parallel ranks (itself when there is one):
-        the logged loss is the ranks' mean, and a stop request on any rank stops them all at the same step."""
+        """Element-wise sum of a float32 NumPy vector over the data-parallel ranks (itself when there is one)."""
         if self.mode != DATA_PARALLEL:
             return values
+        return self._sum_over_world(values)
+
+    def step_report(self, loss: float, stop_requested: bool) -> tuple[float, bool]:
+        """(the step's loss as the main rank computed it, whether any rank asked to stop), the same on every rank.
+
+        One all-reduce over all ranks in every distributed mode: a SIGTERM that reaches only some ranks (one server
+        of two, say) stops them all after the same step, so every rank takes part in the same checkpoint save
+        instead of some entering it while the rest run on into a collective that never completes. Only the main
+        rank's loss is summed in (under a pipeline only the last stage computes it)."""
+        if self.mode == STANDALONE:
+            return loss, stop_requested
+        summed = self._sum_over_world([loss if self.is_main else 0.0, float(stop_requested)])
+        return float(summed[0]), bool(summed[1] > 0)
+
+    def _sum_over_world(self, values):
         import numpy as np
         from mindspore import Tensor
 
@@ -111,6 +132,27 @@ class ParallelContext:
         Path(strategy_dir).mkdir(parents=True, exist_ok=True)
         net.save_param_strategy_file(str(Path(strategy_dir) / f"strategy_rank_{self.rank}.ckpt"))
         return net
+
+
+class PipelineGradReducer(parallel_grad_reducer.PipelineGradReducer):
+    """``mindspore.parallel.nn.PipelineGradReducer`` with a working ``construct``: MindSpore 2.10's reads an
+    undefined ``grads`` when ``opt_shard`` is False (a NameError inside parallel_grad_reducer.py), so every pipeline
+    run with ``optimizer_shard: false`` died. Same arithmetic as MindSpore's (and as its deprecated
+    ``nn.PipelineGradReducer``): with the parallel optimizer the gradients themselves (reduce-scattered micro-batch
+    by micro-batch), otherwise the ``accu_grads`` buffers that MindSpore's pipeline pass fills micro-batch by
+    micro-batch; either way divided by ``scale_sense``, and the buffers zeroed for the next step."""
+
+    def construct(self, grads):
+        scale = self.scale_sense * self.degree
+        if self.opt_shard:
+            return self.hyper_map(F.partial(parallel_grad_reducer.shard_grad_scale, scale), self.grad_reducer(grads),
+                                  self.accu_grads)
+        return self.hyper_map(F.partial(parallel_grad_reducer.grad_scale, scale), grads,
+                              self.grad_reducer(self.accu_grads))
+
+
+def pipeline_grad_reducer(parameters, opt_shard: bool) -> PipelineGradReducer:
+    return PipelineGradReducer(parameters, scale_sense=1.0, opt_shard=opt_shard)
 
 
 def _all_reduce_sum_cell():
