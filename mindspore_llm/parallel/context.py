@@ -3,16 +3,18 @@
 Three modes, always logged, never chosen silently:
   - stand-alone: one process;
   - DATA_PARALLEL over N CPU processes: started by msrun (MS_ROLE / MS_WORKER_NUM set); every rank holds the whole
-    model, reads its own shard of the data and averages gradients with ``nn.DistributedGradReducer``;
+    model, reads its own shard of the data and sums gradients with ``nn.DistributedGradReducer``;
   - SEMI_AUTO_PARALLEL on N Ascend devices: HCCL, the plan's op strategies, every rank fed the full global batch
-    (the dataset strategy slices it), optimizer sharding and pipeline stages from the parallel config.
+    (the dataset strategy slices it), optimizer sharding and pipeline stages from the parallel config. A dry run
+    (``MS_SIMULATION_LEVEL``, ``RANK_SIZE``, ``RANK_ID``: ``simulation_environment``) compiles one rank of such a
+    job on a single NPU without HCCL.
 MindSpore refuses SEMI_AUTO_PARALLEL on the CPU backend, so a CPU job with model_parallel > 1 is an error.
 
 Pipeline (pipeline_stages > 1, Ascend): the stages are the ``pipeline_stage`` attributes ``apply_plan`` set; the
-differentiated loss cell is wrapped in ``mindspore.parallel.nn.Pipeline(cell, micro_batch_num)`` (which slices
-every input into micro-batches along dim 0; micro_size >= stages), the gradients pass
-``mindspore.parallel.nn.PipelineGradReducer`` (the per-stage accumulated gradients, ``opt_shard`` as the
-optimizer sharding) and the compiled step is ``AutoParallel(...).pipeline(stages=...)``
+step's loss cell is wrapped in ``mindspore.parallel.nn.Pipeline(cell, micro_batch_num)`` (which slices every input
+into micro-batches along dim 0; micro_size >= stages), the gradients pass ``PipelineGradReducer`` (MindSpore's,
+with its construct fixed; the per-stage accumulated gradients, ``opt_shard`` as the optimizer sharding) and the
+compiled step is ``AutoParallel(...).pipeline(stages=...)``
 (https://www.mindspore.cn/docs/en/r2.10.0/api_python/parallel/mindspore.parallel.nn.Pipeline.html,
 https://www.mindspore.cn/docs/en/r2.11.0/api_python/parallel/mindspore.parallel.nn.PipelineGradReducer.html,
 https://www.mindspore.cn/tutorials/en/r2.9.0/parallel/pipeline_parallel.html).
@@ -178,6 +180,20 @@ def launched_with_rank_table() -> bool:
     return bool(os.environ.get("RANK_TABLE_FILE") or os.environ.get("MINDSPORE_HCCL_CONFIG_PATH"))
 
 
+def simulated() -> bool:
+    """A dry run: MindSpore mocks the devices and the collectives (https://www.mindspore.cn/tutorials/en/r2.9.0/
+    debug/dryrun.html)."""
+    return bool(os.environ.get("MS_SIMULATION_LEVEL"))
+
+
+def simulation_environment(parallel: ParallelConfig, rank: int) -> dict[str, str]:
+    """The environment that makes one process compile rank `rank` of the job `parallel` describes, on one NPU
+    without HCCL: MindSpore's simulation level 1 (compile, and count every operator's device memory)."""
+    if not 0 <= rank < parallel.device_num:
+        raise ConfigError(f"--rank {rank}: the job has ranks 0..{parallel.device_num - 1}")
+    return {"MS_SIMULATION_LEVEL": "1", "RANK_SIZE": str(parallel.device_num), "RANK_ID": str(rank)}
+
+
 def setup_parallel(parallel: ParallelConfig, device_target: str) -> ParallelContext:
     """Set GRAPH_MODE and the device, start communication when launched as a job, and pick the mode.
 
@@ -186,7 +202,7 @@ def setup_parallel(parallel: ParallelConfig, device_target: str) -> ParallelCont
     """
     import mindspore as ms
 
-    distributed = launched_by_msrun() or (device_target == "Ascend" and launched_with_rank_table())
+    distributed = launched_by_msrun() or (device_target == "Ascend" and (launched_with_rank_table() or simulated()))
     ms.set_context(mode=ms.GRAPH_MODE)
     if device_target == "Ascend" and "DEVICE_ID" in os.environ:
         ms.set_device("Ascend", int(os.environ["DEVICE_ID"]))
