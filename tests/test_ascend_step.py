@@ -238,3 +238,40 @@ def test_trainer_checks_the_op_strategies_before_compiling(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=r"input_layernorm.mul_weight: input 0 has shape \(4, 16, 64\) \(rank 3\) "
                                           r"but strategy \(2, 1\)"):
         trainer_module.Trainer(train_config_from_dict(raw, "semi.yaml"), dry_run=True)
+
+
+# -- the console, and the dry run on a machine without the Ascend backend ------------------------------------------
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_trainer import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "GLOG_v"}
+    return subprocess.run([sys.executable, "-m", "mindspore_llm.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_mindspore_log_stays_off_the_console_unless_asked_for():
+    quiet = _cli("train", "configs/tiny_qwen_sft.yaml", "--dry-run")
+    assert quiet.returncode == 2 and "needs the Ascend backend" in quiet.stderr, quiet.stderr
+    assert "[INFO]" not in quiet.stderr and "[WARNING]" not in quiet.stderr, quiet.stderr
+    verbose = _cli("train", "configs/tiny_qwen_sft.yaml", "--dry-run", "-vv")
+    assert verbose.returncode == 2 and verbose.stderr.count("[INFO]") > 10
+
+
+def test_dry_run_of_an_ascend_job_without_the_ascend_backend_says_so():
+    result = _cli("train", "configs/qwen2_5_32b_sft_8k_16p.yaml", "--dry-run")
+    assert result.returncode == 2
+    assert "--dry-run needs MindSpore's Ascend backend" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dry_run_environment_compiles_one_rank_without_hccl():
+    from mindspore_llm.parallel.context import simulation_environment
+
+    parallel = ParallelConfig(model_parallel=8, pipeline_stages=2, micro_batch_num=4)
+    assert simulation_environment(parallel, 8) == {"MS_SIMULATION_LEVEL": "1", "RANK_SIZE": "16", "RANK_ID": "8"}
+    with pytest.raises(ConfigError, match=r"--rank 16: the job has ranks 0..15"):
+        simulation_environment(parallel, 16)

@@ -197,8 +197,7 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
     # fills on the cluster; stand-alone they stay zero, so only the first step (its loss and the gradients the
     # pipeline computes, before the reducer) is comparable
     by_pass = pipelined and not compiled_plan.optimizer_shard
-    if by_pass:
-        _compare_pipeline_gradients(step, reference_step, batches[0], teacher_arrays[0], tolerance, result, say)
+    pipeline_gradients = _pipeline_gradients(step, batches[0], teacher_arrays[0]) if by_pass else None
     step.set_train(True)
     reference_step.set_train(True)
     for i, batch in enumerate(batches[:1] if by_pass else batches):
@@ -217,6 +216,9 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
             if got[2] != want[2]:
                 result.mismatches.append(f"step {i + 1}: skip decision {bool(got[2])} vs {bool(want[2])}")
         say(line)
+        if by_pass:
+            _compare_pipeline_gradients(pipeline_gradients, reference_step, want[1], job.optimizer, tolerance, result,
+                                        say)
         for name, error in errors.items():
             if not error <= tolerance[name]:
                 result.mismatches.append(f"step {i + 1}: {name} differs by {error:.2e} (tolerance {tolerance[name]})")
@@ -249,6 +251,8 @@ def _moment_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> fl
     error = 0.0
     for kind in ("optimizer.exp_avg.", "optimizer.exp_avg_sq."):
         names = [n for n in want if n.startswith(kind)]
+        if not names:
+            continue
         scale = max(np.abs(want[n]).max() for n in names)
         for name in names:
             floor = max(np.abs(want[name]).max(), 1e-2 * scale, 1e-30)
@@ -291,19 +295,26 @@ def _with_distillation(config, toy, toy_plan, precision, model, reference, rows,
             no_arrays)
 
 
-def _compare_pipeline_gradients(step, reference_step, batch, teacher, tolerance, result, say):
-    """The gradients the pipeline computes (before the reducer) against the reference's, at the same weights."""
+def _pipeline_gradients(step, batch, teacher) -> list[np.ndarray]:
+    """The gradients the step's (pipelined) loss produces on `batch`, before the reducer, at the current weights."""
     import mindspore as ms
     from mindspore import ops
 
     inputs = [ms.Tensor(batch[key]) for key in BATCH_KEYS]
     tokens = max(float((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), 1.0)
     multiplier = ms.Tensor(np.full((len(batch["input_ids"]),), 1.0 / tokens, np.float32))
-    extra = [ms.Tensor(a) for a in teacher]
-    got = ms.jit(ops.grad(step.differentiated, None, step.weights))(*inputs, multiplier, *extra)
-    want = ms.jit(ops.grad(reference_step.differentiated, None, reference_step.weights))(*inputs, multiplier, *extra)
-    error = max(np.abs(a.asnumpy() - b.asnumpy()).max() / max(np.abs(b.asnumpy()).max(), 1e-30)
-                for a, b in zip(got, want))
+    grads = ms.jit(ops.grad(step.differentiated, None, step.weights))(*inputs, multiplier,
+                                                                       *(ms.Tensor(a) for a in teacher))
+    return [g.asnumpy() for g in grads]
+
+
+def _compare_pipeline_gradients(got, reference_step, reference_norm, optimizer, tolerance, result, say):
+    """`got` against the reference's first-step gradients, read back from its first moments: exp_avg = (1 - beta1)
+    x the gradient clipped by min(1, clip / (norm + 1e-6)) (torch's rule, as the step clips)."""
+    clip = 1.0 if optimizer.clip_grad_norm is None else min(1.0, optimizer.clip_grad_norm / (reference_norm + 1e-6))
+    want = [m.asnumpy() / (1 - optimizer.beta1) / clip for m in reference_step.optimizer.exp_avg]
+    error = _moment_error({f"optimizer.exp_avg.{i}": g for i, g in enumerate(got)},
+                          {f"optimizer.exp_avg.{i}": w for i, w in enumerate(want)})
     say(f"  optimizer_shard false: the reducer reads the accu_grads buffers MindSpore's pipeline pass fills on the "
         f"cluster (zero stand-alone), so step 1 alone is compared, and the pipeline's own gradients: {error:.1e}")
     if not error <= tolerance["moment"]:
@@ -319,9 +330,14 @@ def _check_dropout(config, toy, toy_plan, precision, model, batch, say, result):
     _copy_weights(model, with_dropout)
     inputs = [ms.Tensor(batch[key]) for key in BATCH_KEYS]
     losses = {}
-    for mode in (False, True):
-        with_dropout.set_train(mode)
-        losses[mode] = float(with_dropout.loss(*inputs).asnumpy())
+    graph_mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # eagerly: the mode is read as each layer runs
+    try:
+        for mode in (False, True):
+            with_dropout.set_train(mode)
+            losses[mode] = float(with_dropout.loss(*inputs).asnumpy())
+    finally:
+        ms.set_context(mode=graph_mode)
     say(f"  LoRA dropout {config.lora.dropout}: loss {losses[True]:.6f} in training mode, {losses[False]:.6f} in "
         f"evaluation mode (same weights)")
     if not abs(losses[True] - losses[False]) > 1e-6 * abs(losses[False]):

@@ -321,6 +321,8 @@ class Trainer:
                     if main and warning:
                         log.warning(warning)
                         metrics.log(step, {"warning": warning})
+                    if stopping:
+                        log.info("rank %d: stopping after step %d (a stop was requested)", self.context.rank, step)
                     if stopping or step % config.checkpoint.every_n_steps == 0 or step == self.total_steps:
                         saved = self.save(step)
                         result.checkpoint = saved or result.checkpoint
