@@ -155,8 +155,9 @@ class Trainer:
         if self.context.mode == SEMI_AUTO:
             validate_plan(self.model_config, config.parallel, self.context.world_size, self.global_batch,
                           run.micro_batch_size, run.gradient_accumulation_steps, config.data.seq_length)
-            checked = check_plan_structure(config, self.context)  # minutes before the compile would say so
-            log.info("op strategies: %d checked against the shapes a toy twin of the model sees", checked)
+            if not dry_run:  # a dry run compiles the real graph, whose strategies MindSpore checks itself
+                checked = check_plan_structure(config, self.context)  # minutes before the compile would say so
+                log.info("op strategies: %d checked against the shapes a toy twin of the model sees", checked)
         self.model = build_model(self.model_config, config.precision.model_precision())
         if "path" in config.model:
             load_weights(self.model, config.model["path"])
@@ -351,7 +352,8 @@ class Trainer:
     def set_train(self, mode: bool) -> None:
         """Training mode (dropout, e.g. LoRA's, acts) or evaluation mode for the step and the model; a distillation
         teacher always evaluates."""
-        self.step_cell.set_train(mode)
+        for cell in (self.compiled, self.step_cell):  # the compiled cell's phase picks the graph
+            cell.set_train(mode)
         teacher = getattr(self.trained, "teacher", None)
         if teacher is not None:
             teacher.set_train(False)
@@ -373,8 +375,14 @@ class Trainer:
         self.set_train(True)
         tick = time.perf_counter()
         self.compiled(*inputs)
+        seconds = time.perf_counter() - tick
+        gib = 2 ** 30
         return (f"dry run: rank {self.context.rank} of {self.context.world_size} ({self.context.description}) "
-                f"compiled and ran one step in {time.perf_counter() - tick:.1f} s")
+                f"compiled and ran one step in {seconds:.1f} s\n"
+                f"  device memory (MindSpore's memory pool): peak allocated "
+                f"{ms.runtime.max_memory_allocated() / gib:.2f} GiB, peak reserved "
+                f"{ms.runtime.max_memory_reserved() / gib:.2f} GiB; per operator: run with GLOG_v=1 and look for "
+                f"\"peak memory usage\"")
 
     def _balance_experts(self) -> dict[str, float]:
         """DeepSeek-V3 aux-loss-free balancing after the update: the expert-load statistics of the step's
