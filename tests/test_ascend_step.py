@@ -176,6 +176,32 @@ def test_lora_dropout_acts_in_training_mode_only():
     assert abs(losses[True] - evaluation) > 1e-3 * evaluation, losses
 
 
+def test_trainer_trains_in_training_mode_and_leaves_the_model_evaluating(tmp_path):
+    """The trainer's first step with LoRA dropout 0.5 computes another loss than the same weights in evaluation
+    mode; after the run every layer is back in evaluation mode (export, generation)."""
+    from mindspore_llm.lora import lora_layers
+    from mindspore_llm.train.config import train_config_from_dict
+    from mindspore_llm.train.trainer import BATCH_KEYS, Trainer
+    from tests.test_trainer import tiny_raw_config
+
+    raw = tiny_raw_config(tmp_path, train={"steps": 1}, checkpoint={"every_n_steps": 1}, schedule={"warmup_steps": 0},
+                          lora={"rank": 4, "alpha": 8.0, "dropout": 0.5, "target_modules": ["q_proj", "v_proj"]},
+                          logging={"tensorboard": False, "plot": False, "progress_bar": False})
+    trainer = Trainer(train_config_from_dict(raw, "lora.yaml"))
+    rng = np.random.default_rng(2)
+    for layer in lora_layers(trainer.model).values():
+        layer.lora_B.weight.set_data(Tensor(rng.standard_normal(layer.lora_B.weight.shape).astype(np.float32)))
+    first = next(trainer.dataset.batches(trainer.rank_batch))
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # eagerly, in evaluation mode
+    try:
+        evaluation = float(trainer.model.loss(*(Tensor(first[key]) for key in BATCH_KEYS)).asnumpy())
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+    training = trainer.run().first_loss
+    assert abs(training - evaluation) > 1e-3 * evaluation, (training, evaluation)
+    assert not any(layer.training for layer in lora_layers(trainer.model).values())
+
+
 # -- op strategies against traced shapes ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
