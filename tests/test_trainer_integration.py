@@ -183,8 +183,9 @@ def pipeline_context(rank=2, world_size=4):
 
 def test_pipeline_step_is_assembled_from_mindspore_pipeline_pieces(tmp_path):
     from mindspore.parallel.auto_parallel import AutoParallel
-    from mindspore.parallel.nn import Pipeline, PipelineGradReducer
+    from mindspore.parallel.nn import Pipeline
 
+    from mindspore_llm.parallel.context import PipelineGradReducer
     from mindspore_llm.train.optim import AdamW, OptimizerConfig
     from mindspore_llm.train.schedule import ScheduleConfig
     from mindspore_llm.train.step import PrecisionConfig, TrainStep
@@ -197,10 +198,10 @@ def test_pipeline_step_is_assembled_from_mindspore_pipeline_pieces(tmp_path):
     assert [layer.pipeline_stage for layer in model.model.layers] == [0, 1]
     assert (model.model.embed_tokens.pipeline_stage, model.lm_head.pipeline_stage) == (0, 1)
     optimizer = AdamW(model.trainable_params(), OptimizerConfig(), ScheduleConfig(total_steps=10))
-    reducer = context.grad_reducer(optimizer.parameters)
-    assert isinstance(reducer, PipelineGradReducer) and reducer.opt_shard
-    step = TrainStep(model, optimizer, PrecisionConfig(), 1, 1.0, reducer, context.wrap_loss)
-    assert isinstance(step.scaled_loss_sum, Pipeline) and step.scaled_loss_sum.micro_size == 4
+    wrappers = context.step_parallelism(optimizer.parameters)
+    assert isinstance(wrappers["grad_reducer"], PipelineGradReducer) and wrappers["grad_reducer"].opt_shard
+    step = TrainStep(model, optimizer, PrecisionConfig(), 1, 1.0, **wrappers)
+    assert isinstance(step.differentiated.loss, Pipeline) and step.differentiated.loss.micro_size == 4
     assert step.all_reduce is None  # semi-auto: every rank holds the full batch's token count
     # the accumulation buffers are parameters of the step, but never checkpointed
     buffers = [p.name for p in step.get_parameters() if p.name.startswith("accu_grads.")]
@@ -218,6 +219,12 @@ def test_trainer_pipeline_settings_are_checked_before_anything_is_built(tmp_path
     raw = tiny_raw_config(tmp_path, train={"gradient_accumulation_steps": 1, "global_batch_size": 2})
     with pytest.raises(ConfigError, match=r"global_batch_size: 2 != micro_batch_size 2 x gradient_accumulation_steps "
                                           r"1 x parallel.micro_batch_num 4 x data-parallel ranks 1 = 8"):
+        Trainer(train_config_from_dict(raw, "pp.yaml"))
+    # offline distillation's teacher top-k would pass the pipeline as tensors, but the distillation loss (and an
+    # online teacher) have no pipeline stage
+    raw = tiny_raw_config(tmp_path, train={"gradient_accumulation_steps": 1},
+                          distill={"mode": "offline", "teacher_logits": "top.safetensors", "top_k": 4})
+    with pytest.raises(ConfigError, match=r"distill: distillation \(online or offline\) does not run with pipeline"):
         Trainer(train_config_from_dict(raw, "pp.yaml"))
 
 
