@@ -53,6 +53,8 @@ class Tokenizer:
         variables = {key: _token_text(self.config.get(key))
                      for key in ("bos_token", "eos_token", "pad_token", "unk_token") if self.config.get(key)}
         variables.update(kwargs)
+        # as transformers: keys whose value is None are dropped (templates test for a key, not for None)
+        messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
         try:  # a syntax error (compiling) or the template's raise_exception (rendering)
             return _compile_template(self.chat_template or CHATML_TEMPLATE).render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **variables)
