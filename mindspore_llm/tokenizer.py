@@ -23,18 +23,21 @@ CHATML_TEMPLATE = (
 # chat_template.jinja over tokenizer_config.json's "chat_template"; chat_template.json is the processors' older file
 # (AutoProcessor), read when neither of the others has one.
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "tokenizer_config.json", "chat_template.json")
-# What a tokenizer directory may hold (besides sentencepiece *.model files): copied into every model directory we
-# write, so that the model is rendered and tokenized there as it was in training.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+# A tokenizer's files besides its vocabulary (tokenizer.json, vocab.json + merges.txt or a sentencepiece *.model):
+# copied into every model directory written, so the model is rendered and tokenized there as in training.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                "chat_template.json")
 
 
 def tokenizer_files(path: str | Path) -> list[Path]:
-    """The tokenizer files of directory `path` (or the one file `path`), to copy beside a model."""
+    """The files of the tokenizer at `path` (a directory, or its vocabulary file) that exist: to copy beside a model."""
     path = Path(path)
-    if path.is_file():
-        return [path]
-    return [path / name for name in TOKENIZER_FILES if (path / name).is_file()] + sorted(path.glob("*.model"))
+    directory = path if path.is_dir() else path.parent
+    vocabulary = ([path] if path.is_file() else
+                  [directory / name for name in VOCABULARY_FILES if (directory / name).is_file()]
+                  + sorted(directory.glob("*.model")))
+    return vocabulary + [directory / name for name in CONFIG_FILES if (directory / name).is_file()]
 
 
 class Tokenizer:
