@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from ckpt_tools.convert import open_files, read_config, to_float32
+from ckpt_tools.convert import SCALE_SUFFIX, Source, open_files, read_config, source_chunks, to_float32
 from ckpt_tools.naming import name_map
+from ckpt_tools.writer import OutTensor
 from mindspore_llm.checkpoint import SAFETENSORS_DTYPES, TensorFile
 
-COMPARE_ELEMENTS = 16 << 20
+COMPARE_BYTES = 64 << 20  # per tensor and side, whatever the tensor's size
+FP8 = "F8_E4M3"
 
 
 def hf_named(path: Path, config: Path | None) -> dict[str, tuple[str, TensorFile]]:
@@ -29,20 +32,35 @@ def hf_named(path: Path, config: Path | None) -> dict[str, tuple[str, TensorFile
     return out
 
 
-def max_abs_difference(a: tuple[str, TensorFile], b: tuple[str, TensorFile]) -> float:
-    (name_a, file_a), (name_b, file_b) = a, b
-    flat_a, flat_b = file_a.raw(name_a).reshape(-1), file_b.raw(name_b).reshape(-1)
-    worst = 0.0
-    for start in range(0, len(flat_a), COMPARE_ELEMENTS):
-        x = to_float32(np.asarray(flat_a[start:start + COMPARE_ELEMENTS]), file_a.dtype(name_a))
-        y = to_float32(np.asarray(flat_b[start:start + COMPARE_ELEMENTS]), file_b.dtype(name_b))
-        nan_x, nan_y = np.isnan(x), np.isnan(y)
+def float32_chunks(entry: tuple[str, TensorFile], scale: tuple[str, TensorFile] | None = None,
+                   as_dtype: str | None = None) -> Iterator[np.ndarray]:
+    """A tensor's values as flat float32 pieces; an FP8 weight with its block scales dequantized and stored as
+    `as_dtype` exactly as ``hf2ms --dtype`` writes it."""
+    name, file = entry
+    if scale is None:
+        for raw in file.chunks(name, COMPARE_BYTES):
+            yield to_float32(raw, file.dtype(name))
+        return
+    source = Source(OutTensor(name, file.shape(name), as_dtype), file, name, (scale[1], scale[0]))
+    for values in source_chunks(source):
+        yield to_float32(values, as_dtype).reshape(-1)
+
+
+def max_abs_difference(a: Iterator[np.ndarray], b: Iterator[np.ndarray]) -> float:
+    """Largest |a - b| over two streams of the same values cut into pieces of any sizes (inf if NaNs differ)."""
+    worst, x, y = 0.0, np.empty(0, np.float32), np.empty(0, np.float32)
+    while True:
+        x = x if len(x) else next(a, None)
+        y = y if len(y) else next(b, None)
+        if x is None or y is None:
+            return worst
+        n = min(len(x), len(y))
+        nan_x, nan_y = np.isnan(x[:n]), np.isnan(y[:n])
         if (nan_x != nan_y).any():
             return float("inf")
-        difference = np.abs(np.where(nan_x, 0, x - y))
-        if difference.size:
-            worst = max(worst, float(difference.max()))
-    return worst
+        if n:
+            worst = max(worst, float(np.abs(np.where(nan_x, 0, x[:n] - y[:n])).max()))
+        x, y = x[n:], y[n:]
 
 
 @dataclass
@@ -52,7 +70,15 @@ class Report:
 
 
 def verify(a: Path, b: Path, atol: float, ignore_dtype: bool, config: Path | None = None) -> Report:
+    """Tensor by tensor: names, shapes, dtypes, max |Δ|. An FP8 weight (with its weight_scale_inv block scales)
+    compared with a weight that is not FP8 is dequantized first, into the other's dtype, as `hf2ms` does; its scales
+    are then part of it, not tensors of their own."""
     left, right = hf_named(a, config), hf_named(b, config)
+    scales = {}  # HF name -> the block scales (stored name, file) of an FP8 weight compared dequantized
+    for one, other in ((left, right), (right, left)):
+        for name in [n for n in one if n in other and _is_fp8(one[n]) and not _is_fp8(other[n])]:
+            if name + SCALE_SUFFIX in one:
+                scales[name] = one.pop(name + SCALE_SUFFIX)
     lines, mismatches = [], 0
     for name in sorted(set(left) - set(right)):
         lines.append(f"only in {a}: {left[name][0]}")
@@ -66,16 +92,28 @@ def verify(a: Path, b: Path, atol: float, ignore_dtype: bool, config: Path | Non
             lines.append(f"{name}: shape {list(file_a.shape(name_a))} vs {list(file_b.shape(name_b))}")
             mismatches += 1
             continue
-        if file_a.dtype(name_a) != file_b.dtype(name_b) and not ignore_dtype:
-            lines.append(f"{name}: dtype {file_a.dtype(name_a)} vs {file_b.dtype(name_b)}")
-            mismatches += 1
-        difference = max_abs_difference(left[name], right[name])
+        dtype_a, dtype_b = file_a.dtype(name_a), file_b.dtype(name_b)
+        if name in scales:
+            chunks = [float32_chunks(left[name], scales[name] if dtype_a == FP8 else None, dtype_b),
+                      float32_chunks(right[name], scales[name] if dtype_b == FP8 else None, dtype_a)]
+        else:
+            chunks = [float32_chunks(left[name]), float32_chunks(right[name])]
+            if dtype_a != dtype_b and not ignore_dtype:
+                lines.append(f"{name}: dtype {dtype_a} vs {dtype_b}")
+                mismatches += 1
+        difference = max_abs_difference(*chunks)
         worst = max(worst, difference)
         if difference > atol:
             lines.append(f"{name}: max |Δ| = {difference:.6g} > atol {atol:g}")
             mismatches += 1
-    lines.append(f"{len(set(left) & set(right))} common tensor(s), max |Δ| = {worst:.6g}, {mismatches} mismatch(es)")
+    dequantized = f", {len(scales)} FP8 weight(s) dequantized" if scales else ""
+    lines.append(f"{len(set(left) & set(right))} common tensor(s){dequantized}, max |Δ| = {worst:.6g}, "
+                 f"{mismatches} mismatch(es)")
     return Report(lines, mismatches)
+
+
+def _is_fp8(entry: tuple[str, TensorFile]) -> bool:
+    return entry[1].dtype(entry[0]) == FP8
 
 
 def inspect(path: Path, allow_pickle: bool = False) -> list[str]:
