@@ -53,11 +53,17 @@ def common_options(function):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mindspore_llm")
 def main():
-    """Convert checkpoints between Hugging Face safetensors and MindSpore, streaming tensor by tensor.
+    """Convert checkpoints between Hugging Face safetensors and MindSpore, tensor by tensor; FP8 (e4m3) weights
+    with 128x128 block scales are dequantized on the way. Outputs appear only when complete.
 
-    Memory stays bounded by a 64 MB working chunk whatever the model size; FP8 (e4m3) weights with 128x128
-    block scales are dequantized on the way. Outputs appear only when complete.
+    \b
+    Memory, whatever the model size:
+      hf2ms, ms2hf, verify, inspect   a few 64 MB working chunks (streamed tensor by tensor)
+      merge-lora, export-peft         the largest adapted weight in float32 (+ the adapters)
+      merge-slices, reshard,          the whole checkpoint: mindspore.parallel.transform_checkpoints
+      ms2hf --strategy                loads the slices it combines (plan RAM for the full model)
 
     \b
     Examples:
@@ -84,7 +90,7 @@ def main():
 @click.option("--allow-pickle", is_flag=True,
               help="Accept pytorch_model.bin (read with torch.load(weights_only=True)).")
 def hf2ms(src, dst, dtype, max_shard_size, overwrite, quiet, naming, file_format, allow_pickle):
-    """Hugging Face model directory SRC -> MindSpore checkpoint directory DST.
+    """Hugging Face model directory SRC -> MindSpore checkpoint directory DST, in 64 MB chunks.
 
     DST gets mindspore_model-0000N-of-0000M.ckpt (or .safetensors) shards loadable by mindspore.load_checkpoint,
     mindspore_model.index.json (name -> file), manifest.json (shape, dtype, CRC32 per tensor), and config,
@@ -111,7 +117,8 @@ def hf2ms(src, dst, dtype, max_shard_size, overwrite, quiet, naming, file_format
 @common_options
 def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, quiet):
     """MindSpore checkpoint SRC (directory or one .ckpt/.safetensors file, mindspore_llm or mindformers names,
-    detected) -> Hugging Face directory DST.
+    detected) -> Hugging Face directory DST, in 64 MB chunks (with --strategy: the slices are merged in memory
+    first, see merge-slices).
 
     DST gets model-0000N-of-0000M.safetensors, model.safetensors.index.json and the config/tokenizer files;
     transformers' AutoModelForCausalLM.from_pretrained(DST) loads it. A tied lm_head is not written.
@@ -134,11 +141,13 @@ def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, qui
                        overwrite=overwrite,
                        quiet=quiet, description="ms2hf")
 
-    if strategy is None:
-        _run(run, src)
-        return
-    with merged_slices(src, strategy) as full:
-        _run(run, full)
+    def convert_source():  # all inside _run: bad slices are one clear line, as in merge-slices
+        if strategy is None:
+            return run(src)
+        with merged_slices(src, strategy) as full:
+            return run(full)
+
+    _run(convert_source)
 
 
 @main.command("merge-slices")
@@ -151,7 +160,7 @@ def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, qui
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 def merge_slices(src, dst, strategy, config_path, overwrite):
     """Per-rank slices SRC/rank_N/*.ckpt -> DST/mindspore_model.ckpt with the full tensors
-    (mindspore.parallel.transform_checkpoints).
+    (mindspore.parallel.transform_checkpoints, which holds the whole checkpoint in memory).
 
     \b
     Example:
@@ -165,12 +174,14 @@ def merge_slices(src, dst, strategy, config_path, overwrite):
 @main.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--src-strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--src-strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Strategy file the run that saved SRC wrote.")
 @click.option("--dst-strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Strategy file of the target layout (e.g. from a run on another device count).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 def reshard(src, dst, src_strategy, dst_strategy, overwrite):
-    """Per-rank slices SRC in one layout -> DST/rank_N/ slices in another (e.g. 16 devices -> 8).
+    """Per-rank slices SRC in one layout -> DST/rank_N/ slices in another (e.g. 16 devices -> 8), with
+    mindspore.parallel.transform_checkpoints (memory: the slices a target rank combines, up to the whole model).
 
     \b
     Example:
@@ -189,7 +200,9 @@ def reshard(src, dst, src_strategy, dst_strategy, overwrite):
 @click.option("--config", "config_path", type=click.Path(exists=True, path_type=Path),
               help="config.json used to match names across namings when A or B has none beside it.")
 def verify(a, b, atol, ignore_dtype, config_path):
-    """Compare checkpoints A and B (either format and naming) tensor by tensor: names, shapes, dtypes, max |Δ|.
+    """Compare checkpoints A and B (either format and naming) tensor by tensor: names, shapes, dtypes, max |Δ|,
+    in 64 MB chunks. An FP8 original's weights are dequantized with their block scales as hf2ms does, so a
+    DeepSeek-V3 checkpoint verifies against its conversion.
 
     Exit code 0 if they agree, 1 on any mismatch, 2 on unreadable input.
 
@@ -266,7 +279,7 @@ def merge_lora(base, adapter, dst, dtype, max_shard_size, overwrite, quiet):
     """Base model BASE + PEFT LoRA adapter ADAPTER -> Hugging Face model directory DST with merged weights.
 
     Each adapted weight becomes W + (B @ A) * lora_alpha / r (computed in float32, stored in the base's dtype or
-    --dtype); every other tensor is copied. BASE is a Hugging Face directory or `msllm-ckpt hf2ms` output. DST
+    --dtype; memory: one such weight in float32); every other tensor is copied in 64 MB chunks. BASE is a Hugging Face directory or `msllm-ckpt hf2ms` output. DST
     loads with transformers' AutoModelForCausalLM.from_pretrained, no peft needed.
 
     \b
