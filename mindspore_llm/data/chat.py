@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mindspore_llm.data.config import DataError
 from mindspore_llm.tokenizer import Tokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -152,8 +153,6 @@ def turn_reasoning(message: dict) -> tuple[str | None, str]:
 def _prompt_and_turn(tokenizer: Tokenizer, messages: list[dict], index: int, fmt: ThinkingFormat, kwargs: dict,
                      where: str) -> tuple[str, str]:
     """(prompt, trained text) of assistant turn `index`."""
-    from mindspore_llm.data.config import DataError
-
     history, message = messages[:index], messages[index]
     prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True, **kwargs)
     reasoning, answer = turn_reasoning(message)
@@ -172,17 +171,16 @@ def _prompt_and_turn(tokenizer: Tokenizer, messages: list[dict], index: int, fmt
     if not opened:
         raise DataError(f"{where}: cannot train this assistant turn: the chat template's rendering of it does not "
                         f"continue its generation prompt {prompt[-40:]!r} (rendered: {rendered[-60:]!r})")
-    end_of_turn = _end_of_turn(tokenizer, history, kwargs)
-    block = f"{THINK_OPEN}\n{reasoning or ''}\n{THINK_CLOSE}\n\n{answer.lstrip(chr(10))}"
-    return prompt, block[opened:] + end_of_turn
+    answer = answer.lstrip("\n")
+    block = f"{THINK_OPEN}\n{reasoning or ''}\n{THINK_CLOSE}\n\n{answer}{_end_of_turn(tokenizer, history, kwargs)}"
+    return prompt, block[opened:]
 
 
 def _open_think_suffix(prompt: str) -> int:
-    """How many characters of ``<think>\\n`` end `prompt` when it ends inside an opened think block (0: none)."""
-    opening = f"{THINK_OPEN}\n"
-    for length in range(len(opening), len(THINK_OPEN) - 1, -1):
-        if prompt.endswith(opening[:length]):
-            return length
+    """How many characters of ``<think>\\n`` end `prompt` when it opens a think block (0: it does not)."""
+    for opening in (f"{THINK_OPEN}\n", THINK_OPEN):
+        if prompt.endswith(opening):
+            return len(opening)
     return 0
 
 
