@@ -279,8 +279,9 @@ def merge_lora(base, adapter, dst, dtype, max_shard_size, overwrite, quiet):
     """Base model BASE + PEFT LoRA adapter ADAPTER -> Hugging Face model directory DST with merged weights.
 
     Each adapted weight becomes W + (B @ A) * lora_alpha / r (computed in float32, stored in the base's dtype or
-    --dtype; memory: one such weight in float32); every other tensor is copied in 64 MB chunks. BASE is a Hugging Face directory or `msllm-ckpt hf2ms` output. DST
-    loads with transformers' AutoModelForCausalLM.from_pretrained, no peft needed.
+    --dtype; memory: one such weight in float32); every other tensor is copied in 64 MB chunks. BASE is a Hugging
+    Face directory or `msllm-ckpt hf2ms` output. DST loads with transformers' AutoModelForCausalLM.from_pretrained,
+    no peft needed.
 
     \b
     Example:

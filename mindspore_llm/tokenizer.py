@@ -171,7 +171,8 @@ def read_chat_template(directory: Path, config: dict) -> tuple[str | None, Path 
         if name.endswith(".jinja"):
             return file.read_text(encoding="utf-8"), file
         try:
-            template = (config if name == "tokenizer_config.json" else json.loads(file.read_text())).get("chat_template")
+            source = config if name == "tokenizer_config.json" else json.loads(file.read_text(encoding="utf-8"))
+            template = source.get("chat_template")
         except (json.JSONDecodeError, AttributeError) as err:
             raise TokenizerError(f"{file}: not a JSON object ({err})") from None
         if isinstance(template, list):

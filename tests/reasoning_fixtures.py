@@ -13,7 +13,8 @@ from mindspore_llm.data import TINY_ASSETS
 TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
 R1_BOS, R1_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 FAMILIES = {
-    "r1": {"template": "DeepSeek-R1-Distill-Qwen-32B.jinja", "special": [R1_BOS, R1_EOS, "<｜User｜>", "<｜Assistant｜>"],
+    "r1": {"template": "DeepSeek-R1-Distill-Qwen-32B.jinja",
+           "special": [R1_BOS, R1_EOS, "<｜User｜>", "<｜Assistant｜>"],
            "config": {"bos_token": R1_BOS, "eos_token": R1_EOS, "pad_token": R1_EOS}},
     "qwen3": {"template": "Qwen3.jinja", "special": [],  # ChatML's markers are already special in the shipped one
               "config": {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}},

@@ -1,7 +1,6 @@
 """The command lines as a user meets them: every option explained, examples for the main jobs, versions, clean
 errors (exit 2, one line, no traceback) for an empty prompt and missing slices, chat prompts through the model's
 template, numbers that YAML 1.1 reads as strings."""
-import json
 
 import click
 import pytest

@@ -18,7 +18,8 @@ from tests.reasoning_fixtures import R1_EOS, make_tokenizer_dir
 
 QUESTION = {"role": "user", "content": "What is 2 + 3?"}
 INLINE = [QUESTION, {"role": "assistant", "content": "<think>\nAdd 2 and 3.\n</think>\n\nThe answer is 5."}]
-REASONING_CONTENT = [QUESTION, {"role": "assistant", "content": "The answer is 5.", "reasoning_content": "Add 2 and 3."}]
+REASONING_CONTENT = [QUESTION,
+                     {"role": "assistant", "content": "The answer is 5.", "reasoning_content": "Add 2 and 3."}]
 TWO_TURNS = INLINE + [{"role": "user", "content": "And 4 + 4?"},
                       {"role": "assistant", "content": "<think>\nAdd 4 and 4.\n</think>\n\nThe answer is 8."}]
 NO_REASONING = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]

@@ -8,8 +8,9 @@ the multiplier at s (our schedule counts updates from 1).
 Tolerances, each within ~10x of the error measured here: per-step loss 3e-6 relative (measured 4.2e-7); pre-clip
 grad norm 2e-6 relative (measured 1.9e-7); final weights max|Δ| <= 1e-4 * max|w| per parameter (measured 2.1e-5).
 Accumulation K=4 vs one batch of 4b: first moments 3e-6 * max (measured 5.2e-7), weights 1e-4 * the update's rate
-(measured 1.2e-5). fp16 O2 loss curve within 5e-4 of fp32 per step (measured 7e-5). Data parallel over 2 CPU processes (msrun) vs
-accumulation 2 in one process on the same rows: losses and weights equal to 1e-6 relative (measured: bit-identical).
+(measured 1.2e-5). fp16 O2 loss curve within 5e-4 of fp32 per step (measured 7e-5). Data parallel over 2 CPU
+processes (msrun) vs accumulation 2 in one process on the same rows: losses and weights equal to 1e-6 relative
+(measured: bit-identical).
 """
 import math
 import os

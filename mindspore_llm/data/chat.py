@@ -49,8 +49,8 @@ NO_THINKING_KWARGS = {"enable_thinking": False}
 class ThinkingFormat:
     """How a chat template treats reasoning, read off its renderings of a probe conversation (not off a model name).
 
-    - ``prompt_opens_think``: the generation prompt ends inside an opened think block (R1: ``<｜Assistant｜><think>\\n``),
-      so the model's turn starts with its reasoning and the turn is trained as that continuation.
+    - ``prompt_opens_think``: the generation prompt ends inside an opened think block (R1:
+      ``<｜Assistant｜><think>\\n``), so the model's turn starts with its reasoning, trained as that continuation.
     - ``shows_reasoning``: the template renders a final assistant turn's reasoning itself (Qwen3), so the trained
       turn is the template's own text.
     - ``no_thinking_kwargs``: template kwargs of a no-thinking generation prompt ({} when it has none).

@@ -120,5 +120,5 @@ def padding_id(tokenizer: Tokenizer) -> int:
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return token_id
-    raise DataError(f"data.tokenizer: padding needs a pad_token or an eos_token in the vocabulary: "
-                    f"{tokenizer.describe_special_token('pad_token')}, and {tokenizer.describe_special_token('eos_token')}")
+    pad, eos = (tokenizer.describe_special_token(key) for key in ("pad_token", "eos_token"))
+    raise DataError(f"data.tokenizer: padding needs a pad_token or an eos_token in the vocabulary: {pad}, and {eos}")
