@@ -81,11 +81,17 @@ def layout_options(contiguous_attention: bool, interleaved_mlp: bool, qkv_concat
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mindspore_llm")
 def main():
-    """Convert checkpoints between Hugging Face safetensors and MindSpore, streaming tensor by tensor.
+    """Convert checkpoints between Hugging Face safetensors and MindSpore, tensor by tensor; FP8 (e4m3) weights
+    with 128x128 block scales are dequantized on the way. Outputs appear only when complete.
 
-    Memory stays bounded by a 64 MB working chunk whatever the model size; FP8 (e4m3) weights with 128x128
-    block scales are dequantized on the way. Outputs appear only when complete.
+    \b
+    Memory, whatever the model size:
+      hf2ms, ms2hf, verify, inspect   a few 64 MB working chunks (streamed tensor by tensor)
+      merge-lora, export-peft         the largest adapted weight in float32 (+ the adapters)
+      merge-slices, reshard,          the whole checkpoint: mindspore.parallel.transform_checkpoints
+      ms2hf --strategy                loads the slices it combines (plan RAM for the full model)
 
     \b
     Examples:
@@ -128,7 +134,7 @@ def main():
               help="Accept pytorch_model.bin (read with torch.load(weights_only=True)).")
 def hf2ms(src, dst, dtype, max_shard_size, overwrite, quiet, naming, qkv_concat, mla_qkv_concat,
           contiguous_attention, interleaved_mlp, file_format, allow_pickle):
-    """Hugging Face model directory SRC -> MindSpore checkpoint directory DST.
+    """Hugging Face model directory SRC -> MindSpore checkpoint directory DST, tensor by tensor.
 
     DST gets mindspore_model-0000N-of-0000M.ckpt (or .safetensors) shards loadable by mindspore.load_checkpoint,
     mindspore_model.index.json (name -> file), manifest.json (shape, dtype, CRC32 per tensor), and config,
@@ -163,7 +169,8 @@ def hf2ms(src, dst, dtype, max_shard_size, overwrite, quiet, naming, qkv_concat,
 @mcore_layout_options
 def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, quiet, contiguous_attention,
           interleaved_mlp):
-    """MindSpore checkpoint SRC (directory or one .ckpt/.safetensors file) -> Hugging Face directory DST.
+    """MindSpore checkpoint SRC (directory or one .ckpt/.safetensors file) -> Hugging Face directory DST, tensor by
+    tensor (with --strategy: the slices are merged in memory first, see merge-slices).
 
     SRC may be in any naming, detected from its names: ours, mindformers 1.x with or without qkv_concat, or
     mindformers-mcore (Qwen3, DeepSeek-V3; for how its fused tensors are laid out where the names do not tell,
@@ -190,11 +197,13 @@ def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, qui
                        overwrite=overwrite, quiet=quiet, description="ms2hf",
                        options=layout_options(contiguous_attention, interleaved_mlp))
 
-    if strategy is None:
-        _run(run, src)
-        return
-    with merged_slices(src, strategy) as full:
-        _run(run, full)
+    def convert_source():  # all inside _run: bad slices are one clear line, as in merge-slices
+        if strategy is None:
+            return run(src)
+        with merged_slices(src, strategy) as full:
+            return run(full)
+
+    _run(convert_source)
 
 
 @main.command("merge-slices")
@@ -207,7 +216,7 @@ def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, qui
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 def merge_slices(src, dst, strategy, config_path, overwrite):
     """Per-rank slices SRC/rank_N/*.ckpt -> DST/mindspore_model.ckpt with the full tensors
-    (mindspore.parallel.transform_checkpoints).
+    (mindspore.parallel.transform_checkpoints, which holds the whole checkpoint in memory).
 
     \b
     Example:
@@ -221,12 +230,14 @@ def merge_slices(src, dst, strategy, config_path, overwrite):
 @main.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--src-strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--src-strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Strategy file the run that saved SRC wrote.")
 @click.option("--dst-strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Strategy file of the target layout (e.g. from a run on another device count).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 def reshard(src, dst, src_strategy, dst_strategy, overwrite):
-    """Per-rank slices SRC in one layout -> DST/rank_N/ slices in another (e.g. 16 devices -> 8).
+    """Per-rank slices SRC in one layout -> DST/rank_N/ slices in another (e.g. 16 devices -> 8), with
+    mindspore.parallel.transform_checkpoints (memory: the slices a target rank combines, up to the whole model).
 
     \b
     Example:
@@ -246,7 +257,9 @@ def reshard(src, dst, src_strategy, dst_strategy, overwrite):
               help="config.json used to match names across namings when A or B has none beside it.")
 @mcore_layout_options
 def verify(a, b, atol, ignore_dtype, config_path, contiguous_attention, interleaved_mlp):
-    """Compare checkpoints A and B (either format and naming) tensor by tensor: names, shapes, dtypes, max |Δ|.
+    """Compare checkpoints A and B (either format and naming) tensor by tensor: names, shapes, dtypes, max |Δ|,
+    in 64 MB pieces. An FP8 original's weights are dequantized with their block scales as hf2ms does, so a
+    DeepSeek-V3 checkpoint verifies against its conversion.
 
     Exit code 0 if they agree, 1 on any mismatch, 2 on unreadable input.
 
@@ -323,8 +336,9 @@ def merge_lora(base, adapter, dst, dtype, max_shard_size, overwrite, quiet):
     """Base model BASE + PEFT LoRA adapter ADAPTER -> Hugging Face model directory DST with merged weights.
 
     Each adapted weight becomes W + (B @ A) * lora_alpha / r (computed in float32, stored in the base's dtype or
-    --dtype); every other tensor is copied. BASE is a Hugging Face directory or `msllm-ckpt hf2ms` output. DST
-    loads with transformers' AutoModelForCausalLM.from_pretrained, no peft needed.
+    --dtype; memory: one such weight in float32); every other tensor is copied in 64 MB chunks. BASE is a Hugging
+    Face directory or `msllm-ckpt hf2ms` output. DST loads with transformers' AutoModelForCausalLM.from_pretrained,
+    no peft needed.
 
     \b
     Example:

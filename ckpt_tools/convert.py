@@ -19,12 +19,9 @@ from mindspore_llm.fileio import atomic_directory
 from mindspore_llm.models.naming import (CheckpointView, HFTensors, LayoutOptions, StoredRows, StoredTensor,
                                          TensorLayout, tensor_layout)
 from mindspore_llm.models.naming import to_float32 as naming_float32
+from mindspore_llm.tokenizer import tokenizer_files
 
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-# Files a model directory carries besides its weights, copied along so the output is usable as it is.
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-              "merges.txt", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-              "chat_template.json")
 FP8_BLOCK = 128  # DeepSeek-V3's weight_scale_inv covers 128 x 128 blocks (config quantization_config.weight_block_size)
 SCALE_SUFFIX = "_scale_inv"
 PARAM_NAME_MAP = "param_name_map.json"  # mindformers' reverse converters find MindSpore safetensors shards by it
@@ -183,17 +180,17 @@ def plan(view: CheckpointView, target: TensorLayout, dtype: str | None) -> list[
 
 
 def write_side_files(hf_config: dict, directories: list[Path], out: Path, dequantized: bool) -> None:
-    """config.json, plus the tokenizer and generation files found first in `directories`."""
+    """config.json, plus generation_config.json and the tokenizer (its files and chat template together) of the
+    first of `directories` that has them, so the output is usable as it is."""
     config = dict(hf_config)
     if dequantized:
         # The weights are no longer FP8: a kept quantization_config would make loaders expect FP8.
         config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for file_name in SIDE_FILES:
-        for directory in directories:
-            if (directory / file_name).is_file():
-                shutil.copyfile(directory / file_name, out / file_name)
-                break
+    generation = [d / "generation_config.json" for d in directories if (d / "generation_config.json").is_file()]
+    tokenizers = [files for files in map(tokenizer_files, directories) if files]
+    for file in generation[:1] + (tokenizers[0] if tokenizers else []):
+        shutil.copyfile(file, out / file.name)
 
 
 def convert(src: Path, dst: Path, *, target_naming: str, layout: Layout, dtype: str | None, max_shard_bytes: int,

@@ -16,8 +16,14 @@ def main():
 
     \b
     Examples:
-      msllm generate ./my-qwen --prompt "Hello" --max-new-tokens 20
-      msllm rehearse configs/qwen2_5_32b_sft_8k_16p.yaml     a cluster job's step, at toy size, on this machine
+      msllm train configs/tiny_qwen_sft.yaml                       train as the YAML says (msllm train -h)
+      msllm train configs/tiny_qwen_sft.yaml --set train.steps=50 --resume
+      msllm plan configs/qwen2_5_32b_sft_8k_16p.yaml --device-num 16 --hbm-gb 58   memory per device, fits?
+      msllm preprocess --data-config configs/tiny_qwen_sft.yaml --output data/tiny_sft   tokenize once, offline
+      msllm rehearse configs/qwen2_5_32b_sft_8k_16p.yaml           a cluster job's step, at toy size, here
+      msllm generate ./runs/tiny_qwen_sft/final --prompt "What is 2 + 3?" --chat
+      msllm distill-topk configs/tiny_qwen_distill.yaml data/teacher_top64.safetensors --top-k 64
+      msllm rank-table generate --servers 10.0.0.1,10.0.0.2 --devices 0-7 --output rank_table_16p.json
       msllm-ckpt --help            checkpoint conversion (Hugging Face <-> MindSpore)
     """
 
@@ -45,36 +51,60 @@ def set_graph_mode(device_target: str = "CPU") -> None:
     ms.set_context(mode=ms.GRAPH_MODE, device_target=device_target)
 
 
+DEVICE_TARGET = click.option("--device-target", default="CPU", show_default=True, type=click.Choice(["CPU", "Ascend"]),
+                             help="Where the graphs run (Ascend: an NPU of this host).")
+
+
 @main.command()
 @click.argument("model_path", type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
+@click.option("--chat", is_flag=True,
+              help="Render PROMPT as a user turn with the model's chat template and its generation prompt (as "
+                   "transformers' apply_chat_template(add_generation_prompt=True)); print only the reply.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Stop after this many new tokens (or at the end-of-sequence token).")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True),
               help="tokenizer.json or sentencepiece .model (default: found in MODEL_PATH).")
-@click.option("--device-target", default="CPU", show_default=True, type=click.Choice(["CPU", "Ascend"]))
+@click.option("--compute-dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Dtype of the matmuls (weights are kept in fp32). bf16 needs Ascend: CPU kernels lack bf16 "
+                   "matmul.")
+@DEVICE_TARGET
 @verbosity_option
-def generate(model_path, prompt, max_new_tokens, tokenizer_path, device_target):
+def generate(model_path, prompt, chat, max_new_tokens, tokenizer_path, compute_dtype, device_target):
     """Greedy-decode a continuation of PROMPT with the model in MODEL_PATH.
 
     MODEL_PATH is a Hugging Face model directory (config.json + safetensors) or one written by
-    `msllm-ckpt hf2ms`. The model runs in graph mode; the sequence buffer is fixed-size, so it compiles once.
+    `msllm-ckpt hf2ms` or a training run (its final/). The model runs in graph mode; the sequence buffer is
+    fixed-size, so it compiles once.
+
+    \b
+    Examples:
+      msllm generate ./my-qwen --prompt "Hello" --max-new-tokens 20
+      msllm generate ./r1-distill --prompt "What is 2 + 3?" --chat --max-new-tokens 512 --device-target Ascend
     """
     from mindspore_llm.common import CheckpointError, TokenizerError
+    from mindspore_llm.data.chat import render_generation_prompt
     from mindspore_llm.generation import greedy_generate
     from mindspore_llm.models.auto import AutoModelForCausalLM
     from mindspore_llm.tokenizer import load_tokenizer
 
+    if not prompt.strip():
+        raise UserError("--prompt: empty; give the text to continue")
     set_graph_mode(device_target)
     try:
         tokenizer = load_tokenizer(tokenizer_path or model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path)
+        prompt_ids = (render_generation_prompt(tokenizer, [{"role": "user", "content": prompt}]) if chat
+                      else tokenizer.encode(prompt))
+        model = AutoModelForCausalLM.from_pretrained(model_path, compute_dtype=compute_dtype)
     except (ConfigError, CheckpointError, TokenizerError) as err:
         raise UserError(str(err)) from None
+    if len(prompt_ids) + max_new_tokens > model.config.max_position_embeddings:
+        raise UserError(f"--max-new-tokens: the prompt's {len(prompt_ids)} tokens + {max_new_tokens} exceed the "
+                        f"model's max_position_embeddings {model.config.max_position_embeddings}")
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prompt_ids = tokenizer.encode(prompt)
     new_ids = greedy_generate(model, prompt_ids, max_new_tokens, eos, pad)
-    click.echo(tokenizer.decode(prompt_ids + new_ids))
+    click.echo(tokenizer.decode(new_ids if chat else prompt_ids + new_ids))
 
 
 @main.command()
@@ -98,9 +128,12 @@ def preprocess(data_config, output, shards, overwrite):
       msllm preprocess --data-config configs/tiny_qwen_sft.yaml --output data/tiny_sft
       msllm preprocess --data-config data.yaml --output /shared/pretrain --shards 8
     """
+    import logging
+
     from mindspore_llm.common import IGNORE_INDEX
     from mindspore_llm.data import build_sequences, load_data_config, write_mindrecord
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_data_config(data_config)
         arrays = build_sequences(cfg)
@@ -368,8 +401,9 @@ def rank_table_local(table_path, device_num, config_path, server_index, local_ip
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.option("--top-k", type=click.IntRange(1), help="Logits kept per token (default: distill.top_k of CONFIG).")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--device-target", default="CPU", show_default=True, type=click.Choice(["CPU", "Ascend"]))
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1),
+              help="Sequences per teacher forward pass.")
+@DEVICE_TARGET
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @verbosity_option
 def distill_topk(config_path, output, top_k, batch_size, device_target, quiet):

@@ -1,7 +1,9 @@
 """DeepSeek-V3 Cells against transformers' DeepseekV3ForCausalLM (the reference), fp32, graph mode on CPU.
 
-Tolerances as tests/test_qwen_parity.py: logits max|Δ| <= 1e-4 * max|logit| on non-padding positions; loss within
-1e-5 relative; each parameter's gradient (in the checkpoint's per-expert layout) max|Δ| <= 1e-4 * max|reference|.
+Tolerances, each within ~10x of the error measured here: logits max|Δ| <= 3e-6 * max|logit| on non-padding
+positions (measured 3.4e-7); loss within 3e-6 relative (measured 3.9e-7, 2.8e-7 with the aux loss); each parameter's
+gradient (in the checkpoint's per-expert layout) max|Δ| <= 2e-5 * max|reference| (measured 2.4e-6; 3.7e-7 for the
+gradients through the aux loss, checked at 3e-6); routing weights rtol 1e-5 + atol 1e-6 (13% of it used).
 """
 import dataclasses
 import logging
@@ -130,12 +132,12 @@ def test_logits_match_reference(pair):
     (ref_logits, _, _), (logits, _, _), (_, mask, _), _ = pair
     valid = mask.astype(bool)
     error = np.abs(logits - ref_logits)[valid].max()
-    assert error <= 1e-4 * np.abs(ref_logits[valid]).max(), error
+    assert error <= 3e-6 * np.abs(ref_logits[valid]).max(), error
 
 
 def test_loss_matches_reference(pair):
     (_, ref_loss, _), (_, loss, _), _, _ = pair
-    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert loss == pytest.approx(ref_loss, rel=3e-6)
 
 
 def test_every_gradient_matches_autograd_in_saved_layout(pair):
@@ -145,7 +147,7 @@ def test_every_gradient_matches_autograd_in_saved_layout(pair):
     assert sorted(grads) == sorted(ref_grads)
     for name, ref in ref_grads.items():
         error = np.abs(grads[name] - ref).max()
-        assert error <= 1e-4 * np.abs(ref).max(), (name, error, np.abs(ref).max())
+        assert error <= 2e-5 * np.abs(ref).max(), (name, error, np.abs(ref).max())
 
 
 def test_capacity_dispatch_that_drops_nothing_matches_the_reference(module_dir, checkpoint):
@@ -253,11 +255,11 @@ def test_sequence_aux_loss_joins_loss_and_gradient(checkpoint, aux_model):
     (out.loss + aux).backward()
     ref_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
     _, loss, grads = ms_logits_loss_grads(aux_model, *batch)
-    assert loss == pytest.approx(float(out.loss + aux), rel=1e-5)
+    assert loss == pytest.approx(float(out.loss + aux), rel=3e-6)
     ref_grads, grads = saved_layout(ref_grads, experts), saved_layout(grads, experts)
     for name in ("model.layers.1.mlp.gate.weight", "model.layers.2.mlp.gate.weight", "model.embed_tokens.weight"):
         error = np.abs(grads[name] - ref_grads[name]).max()
-        assert error <= 1e-4 * np.abs(ref_grads[name]).max(), (name, error)
+        assert error <= 3e-6 * np.abs(ref_grads[name]).max(), (name, error)
     stats = expert_load_stats(aux_model)
     assert stats["moe/1/aux_loss"] > 0 and stats["moe/2/dropped_slots"] == 0  # evaluation mode: dropless
 

@@ -5,11 +5,12 @@ tokens of all micro-batches), torch.optim.AdamW with two parameter groups (matri
 torch.nn.utils.clip_grad_norm_, and transformers' warmup + cosine-to-min_lr scheduler shifted so that update s uses
 the multiplier at s (our schedule counts updates from 1).
 
-Tolerances: per-step loss 1e-4 relative; pre-clip grad norm 1e-4 relative; final weights max|Δ| <= 1e-4 * max|w|
-per parameter. Accumulation K=4 vs one batch of 4b: first moments 1e-5 * max, weights 1e-3 * the update's rate.
-fp16 O2 loss curve within 0.2% of fp32 per step (measured 7e-5). Data parallel over 2 CPU processes (msrun) vs
-accumulation 2 in one process on the same rows: losses, gradient norms and weights equal to 1e-6 relative (measured:
-bit-identical), and an overflow on one rank skips the update on both.
+Tolerances, each within ~10x of the error measured here: per-step loss 3e-6 relative (measured 4.2e-7); pre-clip
+grad norm 2e-6 relative (measured 1.9e-7); final weights max|Δ| <= 1e-4 * max|w| per parameter (measured 2.1e-5).
+Accumulation K=4 vs one batch of 4b: first moments 3e-6 * max (measured 5.2e-7), weights 1e-4 * the update's rate
+(measured 1.2e-5). fp16 O2 loss curve within 5e-4 of fp32 per step (measured 7e-5). Data parallel over 2 CPU
+processes (msrun) vs accumulation 2 in one process on the same rows: losses and weights equal to 1e-6 relative
+(measured: bit-identical), and an overflow on one rank skips the update on both.
 """
 import math
 import os
@@ -139,8 +140,8 @@ def test_fp32_losses_match_reference_loop(torch_run, fp32_run):
     ref_losses, ref_norms, _ = torch_run
     results, _ = fp32_run
     losses = [r[0] for r in results]
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
-    np.testing.assert_allclose([r[1] for r in results], ref_norms, rtol=1e-4)
+    np.testing.assert_allclose(losses, ref_losses, rtol=3e-6)
+    np.testing.assert_allclose([r[1] for r in results], ref_norms, rtol=2e-6)
     assert losses[-1] < losses[0] - 0.1  # it trains
     assert not any(r[2] for r in results)
 
@@ -171,14 +172,14 @@ def test_accumulation_of_4_equals_one_step_on_the_concatenated_batch(model_dir):
     moments_accumulated, moments_whole = state(accumulated, "optimizer.exp_avg."), state(whole, "optimizer.exp_avg.")
     weights_accumulated, weights_whole = weights(accumulated), weights(whole)
     for name, ref in moments_whole.items():  # first moment = (1 - beta1) * gradient after one update
-        assert np.abs(moments_accumulated[name] - ref).max() <= 1e-5 * np.abs(ref).max(), name
+        assert np.abs(moments_accumulated[name] - ref).max() <= 3e-6 * np.abs(ref).max(), name
     # Adam's first update moves every weight by up to the rate (m / sqrt(v) = g / (|g| + eps)): the bound is
     # relative to the rate. Where |g| is within 100 eps of 0 the step is rounding noise, not arithmetic (k_proj's
     # bias: softmax ignores a score shift shared by all keys, so its true gradient is 0), so those are left out.
     rate = learning_rate(1, SCHEDULE)
     for name, ref in weights_whole.items():
         meaningful = np.abs(moments_whole["optimizer.exp_avg." + name]) / (1 - OPTIMIZER.beta1) > 100 * OPTIMIZER.eps
-        assert np.abs(weights_accumulated[name] - ref)[meaningful].max(initial=0) <= 1e-3 * rate, name
+        assert np.abs(weights_accumulated[name] - ref)[meaningful].max(initial=0) <= 1e-4 * rate, name
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def fp16_step(model_dir):
 def test_fp16_o2_tracks_fp32_loss_curve(fp16_step, fp32_run, batches):
     results = [run(fp16_step, batch) for batch in batches]
     fp32_losses = np.array([r[0] for r in fp32_run[0]])
-    np.testing.assert_allclose([r[0] for r in results], fp32_losses, rtol=2e-3)
+    np.testing.assert_allclose([r[0] for r in results], fp32_losses, rtol=5e-4)
     # the dynamic scale follows its rule: x2 after every 4 clean steps, /2 on an overflow
     scale, clean = 2.0 ** 12, 0
     for _, _, overflow, reported in results:
@@ -228,7 +229,7 @@ def test_schedule_equals_transformers_and_graph_version(decay, hf_scheduler):
     steps = [1, 5, 10, 11, 37, 50, 99, 100]
     reference_rates = [cfg.lr * scheduler.lr_lambdas[0](s) for s in steps]
     rates = [learning_rate(s, cfg) for s in steps]
-    np.testing.assert_allclose(rates, reference_rates, rtol=1e-12)
+    np.testing.assert_allclose(rates, reference_rates, rtol=1e-15)  # float64 arithmetic: measured 1.7e-16
     graph = LearningRate(cfg)
     np.testing.assert_allclose([float(graph(ms.Tensor(s, ms.int32)).asnumpy()) for s in steps], rates, rtol=1e-6)
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory
+from mindspore_llm.tokenizer import tokenizer_files
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAIN_STATE = "train_state.ckpt"
@@ -29,7 +30,6 @@ TRAINER_STATE = "trainer_state.json"
 # never checkpointed: frozen parameters loaded from their own directory at every start (a distillation teacher),
 # and the pipeline's gradient accumulation buffers (PipelineGradReducer: zero between steps)
 NOT_SAVED = ("teacher.", "accu_grads.")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
 def saved(name: str) -> bool:
@@ -153,15 +153,10 @@ def save_model_directory(model, model_config, directory: str | Path, tokenizer: 
 
     config = hf_config(model_config)
     tensors = {name: np.ascontiguousarray(array) for name, array in model.checkpoint_arrays() if saved(name)}
-    source = None if tokenizer is None else Path(tokenizer)
-    if source is not None and source.is_file():
-        files = [source]
-    else:
-        files = [] if source is None else [source / n for n in TOKENIZER_FILES] + sorted(source.glob("*.model"))
+    files = [] if tokenizer is None else tokenizer_files(tokenizer)  # with its chat template
     with atomic_directory(directory, overwrite=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for file in files:
-            if file.is_file():
-                shutil.copyfile(file, tmp / file.name)
+            shutil.copyfile(file, tmp / file.name)
     return Path(directory)
