@@ -312,6 +312,21 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, TensorFile]]:
             yield name, reader
 
 
+class ArrayTensor:
+    """An array computed while loading (stacked experts, a zeroed statistics buffer, a weight's quantized codes),
+    read like a checkpoint file's tensor so ``load_weights`` treats it like any other; its dtype is kept."""
+
+    def __init__(self, array: np.ndarray, path):
+        self.path = path
+        self.array = array
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def float32(self, name: str) -> np.ndarray:
+        return self.array
+
+
 # Tensors a Hugging Face checkpoint may carry that are not model parameters.
 NON_PARAMETER_SUFFIXES = (".rotary_emb.inv_freq",)
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
@@ -327,9 +342,10 @@ def layer_index(name: str) -> int | None:
 TRAINING_STATE_PREFIXES = ("optimizer.", "loss_scale.", "accu_grads.")
 
 
-def load_weights(model, directory: str | os.PathLike) -> None:
+def load_weights(model, directory: str | os.PathLike, transform=None) -> None:
     """Fill every parameter of `model` from a checkpoint directory (Hugging Face, or `msllm-ckpt hf2ms` output in
-    either format); names must match exactly.
+    either format); names must match exactly. `transform` maps the (name, reader) stream further, after the
+    family's own mapping (``models.quantized.quantizing_tensors``: weights quantized as they stream in).
 
     Missing or unexpected tensors and shape mismatches are errors naming the tensor and file.
     """
@@ -342,6 +358,8 @@ def load_weights(model, directory: str | os.PathLike) -> None:
     # A family whose Cells lay tensors out differently from checkpoints (DeepSeek's stacked experts) maps them.
     if hasattr(model, "checkpoint_tensors"):
         tensors = model.checkpoint_tensors(tensors)
+    if transform is not None:
+        tensors = transform(tensors)
     for name, reader in tensors:
         if name not in params:
             if not name.endswith(NON_PARAMETER_SUFFIXES):

@@ -11,6 +11,8 @@ from mindspore_llm.common import ConfigError
 from mindspore_llm.config_utils import from_dict, read_text
 from mindspore_llm.models import deepseek_v3, qwen
 from mindspore_llm.models.layers import CausalLM, Precision
+from mindspore_llm.models.quantized import quantize_model, quantizing_tensors
+from mindspore_llm.quant import QuantizationConfig, read_hf_quantization
 
 # architecture name -> (config class with from_hf, builder(config, precision) -> CausalLM)
 REGISTRY: dict[str, tuple[type, Callable[..., CausalLM]]] = {
@@ -67,8 +69,38 @@ class AutoModelForCausalLM:
         return build_model(config, Precision.from_names(param_dtype, compute_dtype))
 
     @staticmethod
-    def from_pretrained(path: str | os.PathLike, param_dtype: str = "fp32", compute_dtype: str = "fp32") -> CausalLM:
+    def from_pretrained(path: str | os.PathLike, param_dtype: str = "fp32", compute_dtype: str = "fp32",
+                        quantization: str | QuantizationConfig | None = None) -> CausalLM:
+        """`quantization` ("nf4", "int8" or a ``QuantizationConfig``): hold the weight of every linear layer
+        quantized (``models/quantized.py``), quantized tensor by tensor as the checkpoint is read. A checkpoint
+        saved quantized (``msllm-ckpt quantize``, or transformers with bitsandbytes) loads quantized by itself."""
+        if quantization is not None or _saved_quantization(path) is not None:
+            return load_quantized(path, Precision.from_names(param_dtype, compute_dtype), quantization)
         model = AutoModelForCausalLM.from_config(load_config(path), param_dtype, compute_dtype)
         load_weights(model, path)
         model.name_or_path = str(path)
         return model
+
+
+def _saved_quantization(path: str | os.PathLike) -> QuantizationConfig | None:
+    hf, file = read_hf_config(path)
+    return read_hf_quantization(hf, str(file))
+
+
+def load_quantized(path: str | os.PathLike, precision: Precision = Precision(),
+                   quantization: str | QuantizationConfig | None = None) -> CausalLM:
+    """The model in directory `path` with its linear weights quantized as they stream in, never all in float:
+    built without allocating its parameters, each float linear weight quantized once read. `quantization`
+    None: as the checkpoint was saved quantized."""
+    from mindspore.nn.utils import no_init_parameters
+
+    saved = _saved_quantization(path)
+    config = QuantizationConfig.of(quantization) if quantization is not None else saved
+    if saved is not None and config != saved:
+        raise ConfigError(f"{path}: saved quantized as {saved}; it cannot be loaded as {config}")
+    with no_init_parameters():
+        model = build_model(load_config(path), precision)
+    quantize_model(model, config, from_weights=False)
+    load_weights(model, path, transform=lambda tensors: quantizing_tensors(model, tensors))
+    model.name_or_path = str(path)
+    return model
