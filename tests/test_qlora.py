@@ -3,7 +3,7 @@
 bitsandbytes' Linear4bit takes a bf16 fast path on CPUs with AVX512-BF16 (about 3e-3 off exact NF4): it is switched
 off, so that it dequantizes and runs an fp32 matmul, which is what is compared. Its CPU matmul needs output
 features divisible by 64, hence the tiny models' dimensions. Tolerances: bit for bit where the arithmetic is the
-same; logits max|Δ| <= 1e-4 x max|reference logit| (measured 3e-7 relative).
+same; logits max|Δ| <= 1e-4 x max|reference logit| (measured 4e-7 to 1.7e-6 relative).
 """
 import json
 import math
@@ -36,32 +36,16 @@ from mindspore_llm.quant import DYNAMIC_MAP, NF4_CODE, QuantizationConfig, _quan
 from mindspore_llm.train.config import train_config_from_dict
 from mindspore_llm.train.trainer import Trainer
 from tests import reference
+from tests.test_lora import assert_close, logits_of, torch_logits
 from tests.test_trainer import ASSETS, REPO
 
 NF4 = QuantizationConfig(method="nf4")
 NF4_DQ = QuantizationConfig(method="nf4", double_quant=True)
 INT8 = QuantizationConfig(method="int8")
-# output features all multiples of 64 (bitsandbytes' CPU matmul), in_features too (our blocks never straddle rows)
-QWEN2 = dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2)
-QWEN3 = dict(hidden_size=64, head_dim=32, intermediate_size=128)
-
-
-def logits_of(model, batch):
-    input_ids, mask, _ = batch
-    return model(ms.Tensor(input_ids, ms.int32), ms.Tensor(mask, ms.int32)).asnumpy()
-
-
-def torch_logits(model, batch):
-    input_ids, mask, _ = batch
-    with torch.no_grad():
-        return model(torch.tensor(input_ids), attention_mask=torch.tensor(mask)).logits.numpy()
-
-
-def assert_close(logits, ref, batch, bound=1e-4):
-    valid = batch[1].astype(bool)
-    error = np.abs(logits - ref)[valid].max()
-    print(f"max|Δlogit| {error:.2e}, max|logit| {np.abs(ref[valid]).max():.3f}")
-    assert error <= bound * np.abs(ref[valid]).max(), error
+# output features all multiples of 64 (bitsandbytes' CPU matmul), in_features too (our blocks never straddle rows);
+# one decoder layer: every quantized projection kind is in it, and each compiled graph costs half
+QWEN2 = dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+QWEN3 = dict(hidden_size=64, head_dim=32, intermediate_size=128, num_hidden_layers=1)
 
 
 def bnb_model(directory, config: QuantizationConfig | None = None):
@@ -227,7 +211,7 @@ def test_peft_adapter_on_the_quantized_model_equals_peft_on_bitsandbytes(loaded,
     peft_model.save_pretrained(module_dir / "qlora_peft")
     model = AutoModelForCausalLM.from_pretrained(directory, quantization=NF4_DQ)
     load_peft_adapter(model, module_dir / "qlora_peft")
-    assert len(lora_layers(model)) == 8
+    assert len(lora_layers(model)) == 4
     assert_close(logits_of(model, batch), torch_logits(peft_model, batch), batch)
 
 
@@ -322,7 +306,7 @@ def qlora_run(module_dir):
 def test_qlora_run_lowers_the_loss_and_leaves_the_quantized_base_bitwise(qlora_run):
     _, trainer, frozen, result = qlora_run
     print("losses", [round(loss, 4) for _, loss in result.losses])
-    assert result.last_loss < result.first_loss - 0.3  # measured 6.24 -> 5.69 (step 5) -> 5.79
+    assert result.last_loss < result.first_loss - 0.3  # measured 6.23 -> 5.60
     held = base_params(trainer.model)
     assert held["model.layers.0.mlp.down_proj.weight.codes"].dtype == np.uint8
     for name, value in frozen.items():
@@ -338,7 +322,7 @@ def test_qlora_adapter_loads_in_peft_on_the_bitsandbytes_base(qlora_run):
     loaded_adapters = {name.replace("base_model.model.", "").replace(".default", ""): value.detach().numpy()
                        for name, value in peft_model.named_parameters() if ".lora_" in name}
     trained = {p.name: p.asnumpy() for p in trainer.model.trainable_params()}
-    assert sorted(loaded_adapters) == sorted(trained) and len(trained) == 2 * 7 * 2
+    assert sorted(loaded_adapters) == sorted(trained) and len(trained) == 7 * 2
     for name, value in trained.items():
         np.testing.assert_array_equal(loaded_adapters[name], value, err_msg=name)
 
@@ -383,11 +367,11 @@ def test_memory_planner_counts_codes_and_scales(qwen2_dir):
     expected = 0
     for out, inp in [(128, 128), (64, 128), (64, 128), (128, 128), (192, 128), (192, 128), (128, 192)]:
         blocks = out * inp // 64
-        expected += 2 * ((out * inp / 2 + blocks) / 2 + 4 * math.ceil(blocks / 256) + 4)  # 2 layers
+        expected += (out * inp / 2 + blocks) / 2 + 4 * math.ceil(blocks / 256) + 4
     assert terms["quantized weights"] == pytest.approx(expected, rel=1e-12)
     unquantized = estimate_memory(config, parallel, work, LoraConfig(rank=4, target_modules=["q_proj"]))[0].terms
-    linear = 2 * sum(out * inp for out, inp in [(128, 128), (64, 128), (64, 128), (128, 128), (192, 128),
-                                                (192, 128), (128, 192)]) / 2
+    linear = sum(out * inp for out, inp in [(128, 128), (64, 128), (64, 128), (128, 128), (192, 128), (192, 128),
+                                            (128, 192)]) / 2
     assert unquantized["fp32 weights"] - terms["fp32 weights"] == 4 * linear  # no float copy of a quantized weight
     assert unquantized["compute weights"] - terms["compute weights"] == 2 * linear
 
