@@ -145,9 +145,6 @@ class QuantizationConfig:
                 "nested_absmax": ((-(-out_features * blocks // NESTED_BLOCKSIZE),), np.dtype(np.float32)),
                 "nested_offset": ((), np.dtype(np.float32))}
 
-    def nbytes(self, out_features: int, in_features: int) -> int:
-        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.shapes(out_features, in_features).values())
-
 
 def check_shape(shape: tuple[int, ...], where: str) -> None:
     """A quantized weight is 2-D with rows made of whole blocks of 64."""

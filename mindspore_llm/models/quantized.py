@@ -4,8 +4,9 @@ dequantized inside the graph.
 A quantized linear layer is still a ``layers.Linear`` with its name, interface and shard strategies; only its
 ``weight`` is a Cell (``NF4Weight``, ``Int8Weight``) whose construct returns the (out, in) matrix in float32, which
 the layer casts to its compute dtype for the matmul. So LoRA wraps it as any linear layer, and the plan splits the
-codes and block scales together with the layer. The weight's parameters keep bitsandbytes' names under it:
-``q_proj.weight.codes``, ``q_proj.weight.absmax`` (+ ``nested_absmax``, ``nested_offset``).
+codes and block scales together with the layer. Its parameters sit under the weight's name, as bitsandbytes'
+tensors do: ``q_proj.weight.codes`` (which bitsandbytes stores as ``q_proj.weight`` itself),
+``q_proj.weight.absmax``, ``q_proj.weight.nested_absmax`` and ``q_proj.weight.nested_offset`` (in its quant state).
 
 Embeddings, norms, the LM head and the MoE routers are no ``layers.Linear``: they stay in the parameter dtype, as
 bitsandbytes leaves ``lm_head`` (and transformers 5's fused routed experts) unquantized.
@@ -21,7 +22,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.ops import operations as P
 
 from mindspore_llm.checkpoint import ArrayTensor
-from mindspore_llm.common import ConfigError
+from mindspore_llm.common import CheckpointError, ConfigError
 from mindspore_llm.models import layers
 from mindspore_llm.models.shapes import layer_parameter_shapes, moe_layer
 from mindspore_llm.quant import (BLOCKSIZE, DYNAMIC_MAP, NESTED_BLOCKSIZE, NF4_CODE, QuantizationConfig,
@@ -48,9 +49,6 @@ class QuantizedWeight(nn.Cell):
         for name, (shape, np_dtype) in config.shapes(out_features, in_features).items():
             setattr(self, name, Parameter(Tensor(np.zeros(shape, np_dtype)), name=name, requires_grad=False))
         self.recompute()
-
-    def arrays(self) -> dict[str, Parameter]:
-        return {name: getattr(self, name) for name in self.config.shapes(*self.shape)}
 
 
 class NF4Weight(QuantizedWeight):
@@ -162,8 +160,8 @@ def quantizing_tensors(model: nn.Cell, tensors: Iterable[tuple[str, object]]) ->
         weight = held[path]
         if suffix == "weight" and reader.dtype(name) not in ("U8", "I8"):  # a float weight
             if reader.shape(name) != weight.shape:
-                yield name, reader  # load_weights reports the unexpected tensor
-                continue
+                raise CheckpointError(f"{reader.path}: tensor {name} has shape {reader.shape(name)}, the model "
+                                      f"expects {weight.shape}")
             arrays = quantize(reader.float32(name), weight.config)
         else:
             found = pending.setdefault(path, {})
