@@ -33,6 +33,7 @@ from mindspore_llm.parallel.memory import Workload, _representative_model, estim
 from mindspore_llm.parallel.plan import apply_plan, parameter_layout, validate_plan
 from mindspore_llm.peft import load_peft_adapter, write_adapter
 from mindspore_llm.quant import DYNAMIC_MAP, NF4_CODE, QuantizationConfig, _quantize_dynamic, quantize
+from mindspore_llm.train import checkpointing
 from mindspore_llm.train.config import train_config_from_dict
 from mindspore_llm.train.trainer import Trainer
 from tests import reference
@@ -311,6 +312,17 @@ def test_qlora_run_lowers_the_loss_and_leaves_the_quantized_base_bitwise(qlora_r
     assert held["model.layers.0.mlp.down_proj.weight.codes"].dtype == np.uint8
     for name, value in frozen.items():
         np.testing.assert_array_equal(held[name], value, err_msg=name)
+
+
+def test_qlora_checkpoint_restores_the_quantized_base(qlora_run):
+    """The run's training checkpoint (MindSpore .ckpt) holds the uint8 codes and gives them back on resume."""
+    _, trainer, _, result = qlora_run
+    before = base_params(trainer.model)
+    codes = trainer.model.parameters_dict()["model.layers.0.mlp.down_proj.weight.codes"]
+    codes.set_data(ms.Tensor(np.zeros(codes.shape, np.uint8)))
+    checkpointing.load_checkpoint(result.checkpoint, trainer.step_cell)
+    for name, value in base_params(trainer.model).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
 
 
 def test_qlora_adapter_loads_in_peft_on_the_bitsandbytes_base(qlora_run):
