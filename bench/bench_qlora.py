@@ -39,11 +39,13 @@ BASES = {"fp32": None, "bf16": None, "int8": "int8", "nf4": "nf4", "nf4 + double
 def make_checkpoint(directory: Path) -> int:
     """The synthetic bf16 checkpoint, streamed to disk (one random block repeated); returns its bytes."""
     from ckpt_tools.convert import LAYOUTS
-    from ckpt_tools.naming import name_map
     from ckpt_tools.writer import OutTensor, write_checkpoint
     from mindspore_llm.checkpoint import float32_to_bf16_bits
+    from mindspore_llm.models.auto import config_from_hf
+    from mindspore_llm.models.naming import OURS, tensor_layout
 
-    tensors = [OutTensor(name, shape, "BF16") for name, shape in name_map(MEMORY_MODEL, "bench").expected().items()]
+    shapes = tensor_layout(config_from_hf(MEMORY_MODEL, "bench"), OURS).hf_shapes
+    tensors = [OutTensor(name, shape, "BF16") for name, shape in shapes.items()]
     block = float32_to_bf16_bits(np.random.default_rng(0).standard_normal(16 << 20, np.float32) * 0.02)
 
     def chunks(tensor):

@@ -6,26 +6,26 @@ from pathlib import Path
 
 import numpy as np
 
-from ckpt_tools.convert import open_files, read_config, to_float32
-from ckpt_tools.naming import name_map
+from ckpt_tools.convert import open_files, read_config, to_float32, view_of
+from mindspore_llm.models.auto import config_from_hf
+from mindspore_llm.models.naming import LayoutOptions
 from mindspore_llm.checkpoint import SAFETENSORS_DTYPES, TensorFile
 
 COMPARE_ELEMENTS = 16 << 20
 
 
-def hf_named(path: Path, config: Path | None) -> dict[str, tuple[str, TensorFile]]:
-    """HF name -> (stored name, file): names are translated through the family table when a config.json is
-    found (next to the checkpoint or given), so checkpoints in different namings compare."""
+def hf_named(path: Path, config: Path | None, options: LayoutOptions = LayoutOptions()
+             ) -> dict[str, tuple[str, TensorFile]]:
+    """HF name -> (stored name, reader): with a config.json (next to the checkpoint or given), tensors of any naming
+    are read as Hugging Face's (fused ones split), so checkpoints in different namings compare; what the naming
+    does not explain is compared by its stored name."""
     files = open_files(path, allow_pickle=False)
     config = config or (path if path.is_dir() else path.parent)
     if not (config.is_file() or (config / "config.json").is_file()):
         return {name: (name, file) for name, file in files.items()}
-    names = name_map(read_config(config), str(config))
-    naming = names.detect(list(files))
-    out = {}
-    for name, file in files.items():
-        renamed = names.rename(name, naming, "hf")
-        out[renamed[0] if renamed else name] = (name, file)
+    view = view_of(files, config_from_hf(read_config(config), str(config)), options, str(config), strict=False)
+    out = {name: (name, view) for name in view.names()}
+    out.update({name: (name, files[name]) for name in view.unexplained + view.training_state})
     return out
 
 
@@ -51,8 +51,9 @@ class Report:
     mismatches: int
 
 
-def verify(a: Path, b: Path, atol: float, ignore_dtype: bool, config: Path | None = None) -> Report:
-    left, right = hf_named(a, config), hf_named(b, config)
+def verify(a: Path, b: Path, atol: float, ignore_dtype: bool, config: Path | None = None,
+           options: LayoutOptions = LayoutOptions()) -> Report:
+    left, right = hf_named(a, config, options), hf_named(b, config, options)
     lines, mismatches = [], 0
     for name in sorted(set(left) - set(right)):
         lines.append(f"only in {a}: {left[name][0]}")

@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckpt_tools.convert import (DTYPES, LAYOUTS, open_files, plan, read_config, read_float32, source_chunks,
-                                write_side_files)
-from ckpt_tools.naming import name_map
+                                view_of, write_side_files)
 from ckpt_tools.writer import OutTensor, write_checkpoint
 from mindspore_llm.fileio import atomic_directory
 from mindspore_llm.models.auto import config_from_hf
+from mindspore_llm.models.naming import OURS, LayoutOptions, tensor_layout
 from mindspore_llm.models.quantized import quantized_weight_shapes
 from mindspore_llm.quant import (QuantizationConfig, bnb_shapes, bnb_tensors, check_shape, hf_quantization_config,
                                  quantize)
@@ -20,15 +20,19 @@ from mindspore_llm.quant import (QuantizationConfig, bnb_shapes, bnb_tensors, ch
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, config: QuantizationConfig, *, dtype: str | None = None,
                         max_shard_bytes: int = 4 << 30, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Hugging Face model directory (or `msllm-ckpt hf2ms` output) `src` -> directory `dst` with its linear weights
-    quantized; the other tensors as stored (or cast to `dtype`). Returns the manifest written."""
+    """Model directory `src` (Hugging Face, `msllm-ckpt hf2ms` output, any naming) -> directory `dst` in Hugging
+    Face names with its linear weights quantized; the other tensors as stored (or cast to `dtype`). Returns the
+    manifest written."""
     from tqdm import tqdm
 
     src = Path(src)
     hf_config = read_config(src)
     source_file = str(src / "config.json")
-    sources = plan(open_files(src, allow_pickle=False), name_map(hf_config, source_file), "hf", DTYPES.get(dtype))
-    targets = dict(quantized_weight_shapes(config_from_hf(hf_config, source_file)))
+    model_config = config_from_hf(hf_config, source_file)
+    view = view_of(open_files(src, allow_pickle=False), model_config, LayoutOptions(), source_file)
+    view.notice()
+    sources = plan(view, tensor_layout(model_config, OURS), DTYPES.get(dtype))
+    targets = dict(quantized_weight_shapes(model_config))
     for name, shape in targets.items():  # every weight checked before anything is written
         check_shape(shape, f"{source_file}: {name}")
     outputs, origin = [], {}  # output name -> (its source, the bitsandbytes tensor it is, None: as the source)
@@ -62,7 +66,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, config: QuantizationCo
             tqdm(total=sum(t.nbytes for t in outputs), unit="B", unit_scale=True, unit_divisor=1024,
                  desc=description, disable=quiet) as bar:
         manifest = write_checkpoint(tmp, outputs, LAYOUTS[("safetensors", "hf")], max_shard_bytes, chunks, bar,
-                                    {"format": "safetensors", "naming": "hf", "source": str(src),
+                                    {"format": "safetensors", "naming": OURS, "source": str(src),
                                      "quantization": {"method": config.method, "double_quant": config.double_quant}})
         # the source's own quantization_config (FP8 DeepSeek) gives way: its weights are dequantized on the way
         write_side_files({**hf_config, "quantization_config": hf_quantization_config(config, compute)}, [src], tmp,

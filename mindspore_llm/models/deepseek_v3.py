@@ -152,9 +152,9 @@ class DeepseekV3ForCausalLM(CausalLM):
                 loss = loss + self.model.layers[i].mlp.aux_loss
         return loss
 
-    def checkpoint_arrays(self):
+    def checkpoint_arrays(self, arrays=None):
         """Stacked experts leave as the per-expert tensors real checkpoints hold."""
-        for name, array in super().checkpoint_arrays():
+        for name, array in super().checkpoint_arrays(arrays):
             names = checkpoint_names(name, self.config.n_routed_experts)
             if len(names) == 1:
                 yield name, array

@@ -142,11 +142,13 @@ def quantize_model(model: nn.Cell, config: QuantizationConfig, from_weights: boo
     return list(linears)
 
 
-def quantizing_tensors(model: nn.Cell, tensors: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+def quantizing_tensors(model: nn.Cell, tensors: Iterable[tuple[str, object]], prequantized: bool = False
+                       ) -> Iterator[tuple[str, object]]:
     """For ``checkpoint.load_weights``: (name, reader) pairs of a checkpoint -> the same for a model with quantized
     weights. A float ``X.weight`` of a quantized layer is quantized as it arrives (one tensor in memory at a
-    time); the bitsandbytes tensors of a pre-quantized one (``X.weight``, ``X.weight.absmax``, ..., or ``X.SCB``)
-    are gathered and mapped to ours. Everything else passes unchanged."""
+    time); in a `prequantized` checkpoint (bitsandbytes' layout, in our names) the tensors of a quantized layer
+    (``X.weight`` stored as integers, ``X.weight.absmax``, ..., or ``X.SCB``) are gathered and mapped to ours.
+    Everything else passes unchanged."""
     held = {path: linear.weight for path, linear in linear_layers(model).items()
             if isinstance(linear.weight, QuantizedWeight)}
     pieces = {f"{path}.{suffix}": (path, suffix) for path, weight in held.items()
@@ -158,7 +160,7 @@ def quantizing_tensors(model: nn.Cell, tensors: Iterable[tuple[str, object]]) ->
             continue
         path, suffix = pieces[name]
         weight = held[path]
-        if suffix == "weight" and reader.dtype(name) not in ("U8", "I8"):  # a float weight
+        if suffix == "weight" and not (prequantized and reader.dtype(name) in ("U8", "I8")):  # a float weight
             if reader.shape(name) != weight.shape:
                 raise CheckpointError(f"{reader.path}: tensor {name} has shape {reader.shape(name)}, the model "
                                       f"expects {weight.shape}")

@@ -101,6 +101,7 @@ class Trainer:
         from mindspore_llm.lora import apply_lora
         from mindspore_llm.models.auto import build_model, load_quantized
         from mindspore_llm.models.deepseek_v3 import moe_blocks
+        from mindspore_llm.models.naming import OURS, checkpoint_tensors, tensor_layout
         from mindspore_llm.parallel.plan import apply_plan, validate_plan
         from mindspore_llm.train.optim import AdamW
         from mindspore_llm.train.step import TrainStep
@@ -145,10 +146,13 @@ class Trainer:
         if "path" not in config.model:
             self.model = build_model(self.model_config, precision)
         elif quantization is not None:  # QLoRA: the base is quantized as its checkpoint streams in
-            self.model = load_quantized(config.model["path"], precision, quantization)
-        else:
+            self.model = load_quantized(config.model["path"], precision, quantization,
+                                        config.model.get("config"), config.model_layout())
+        else:  # a model directory or a (training) checkpoint, in any naming
             self.model = build_model(self.model_config, precision)
-            load_weights(self.model, config.model["path"])
+            load_weights(self.model, config.model["path"],
+                         checkpoint_tensors(config.model["path"], self.model_config, config.model_layout(),
+                                            "model.config"))
             self.model.name_or_path = config.model["path"]
         if config.lora is not None:
             apply_lora(self.model, config.lora)  # quantizes an in-memory base first (lora.quantize_base)
@@ -174,9 +178,23 @@ class Trainer:
                                    config.optimizer.clip_grad_norm, self.context.grad_reducer(optimizer.parameters),
                                    self.context.wrap_loss)
         self.compiled = self.context.wrap_step(self.step_cell, config.checkpoint_dir / "strategy", config.parallel)
+        # the naming checkpoints are written in: ours, or mindformers' (checked now: the family must have it)
+        self.naming = None
+        if config.checkpoint.naming != OURS:
+            if self.context.mode == "semi_auto_parallel":
+                raise ConfigError(f"checkpoint.naming: {config.checkpoint.naming} needs whole tensors; under "
+                                  f"semi-auto parallel each rank saves slices (keep mindspore_llm, then merge and "
+                                  f"convert with msllm-ckpt merge-slices / hf2ms)")
+            self.naming = tensor_layout(self.model_config, config.checkpoint.naming, config.checkpoint.layout,
+                                        "checkpoint.naming")
 
         self.start_step = 0
         self.resumed_from = self._resume(resume)
+        if self.resumed_from is None and config.checkpoint.resume_optimizer:
+            from mindspore_llm.train.interop import optimizer_state
+
+            self.start_step = optimizer_state(config.model["path"], self.step_cell, self.model,
+                                              config.model_layout(), "model.config")
 
     def _teacher_topk(self):
         """Offline distillation: the stored top-k file, and the file row of each of this rank's sequences (row r
@@ -209,7 +227,11 @@ class Trainer:
         if path is None:
             log.info("no checkpoint in %s: starting from step 0", directory)
             return None
-        state = checkpointing.load_checkpoint(path, self.step_cell, self.context.rank)
+        from mindspore_llm.train.interop import read_state
+
+        state = checkpointing.load_checkpoint(  # ours, or written in mindformers' naming (checkpoint.naming)
+            path, self.step_cell, self.context.rank,
+            lambda file: read_state(file, self.step_cell, self.model, self.config.checkpoint.layout, str(file)))
         if state["rank_batch"] != self.rank_batch or state["data_world_size"] != self.context.data_world_size:
             raise CheckpointError(
                 f"{path}: written with {state['rank_batch']} samples per rank and step on "
@@ -235,9 +257,17 @@ class Trainer:
         sharded = self.context.mode == "semi_auto_parallel"
         if not (sharded or self.context.is_main):
             return None
+        entries = None
+        if self.naming is not None:
+            from mindspore_llm.train.interop import epochs_begun, mindformers_entries
+
+            entries = mindformers_entries(self.step_cell, self.model, self.naming, step=step,
+                                          epoch=epochs_begun(step, len(self.dataset) // self.rank_batch),
+                                          global_batch_size=self.global_batch)
         return checkpointing.save_checkpoint(
             self.config.checkpoint_dir, step, self.step_cell, self._trainer_state(step), rank=self.context.rank,
-            shards=self.context.world_size if sharded else 1, keep_last=self.config.checkpoint.keep_last)
+            shards=self.context.world_size if sharded else 1, keep_last=self.config.checkpoint.keep_last,
+            entries=entries)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _throughput(self) -> Throughput:
