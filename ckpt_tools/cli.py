@@ -104,6 +104,7 @@ def main():
       msllm-ckpt inspect ./qwen-ms
       msllm-ckpt export-peft ./runs/lora/checkpoints/step_00001000/rank_0/train_state.ckpt ./adapter --alpha 16
       msllm-ckpt merge-lora ./Qwen2.5-7B ./adapter ./qwen-merged    LoRA folded into the weights
+      msllm-ckpt quantize ./Qwen2.5-7B ./qwen-nf4 --double-quant    NF4 base for QLoRA and inference
       msllm-ckpt merge-slices ./step_00001000 ./full --strategy strategy_rank_0.ckpt   per-rank slices -> full
     """
 
@@ -289,6 +290,37 @@ def inspect(path, allow_pickle):
     from ckpt_tools.compare import inspect as listing
 
     click.echo("\n".join(_run(listing, path, allow_pickle)))
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(["nf4", "int8"]), default="nf4", show_default=True,
+              help="nf4: QLoRA's 4-bit NormalFloat, one absmax per 64 weights; int8: one absmax per output row.")
+@click.option("--double-quant", is_flag=True,
+              help="nf4: store the absmax values in 8 bits too (QLoRA's double quantization, ~0.37 bit/weight less).")
+@common_options
+def quantize(src, dst, method, double_quant, dtype, max_shard_size, overwrite, quiet):
+    """Model directory SRC -> DST with every linear layer's weight quantized, for QLoRA and inference.
+
+    The weights of the decoder's linear layers become NF4 codes with their block scales (or int8 with row
+    scales), computed exactly as bitsandbytes computes them; embeddings, norms and the LM head stay as stored
+    (or --dtype). DST is written as transformers writes a bitsandbytes model (config.json quantization_config,
+    model-0000N-of-0000M.safetensors): `AutoModelForCausalLM.from_pretrained(DST)` loads it quantized without
+    SRC, and so does transformers with bitsandbytes installed. One weight is held in float32 at a time.
+
+    \b
+    Examples:
+      msllm-ckpt quantize ./DeepSeek-R1-Distill-Qwen-32B ./r1-32b-nf4 --double-quant
+      msllm-ckpt quantize ./Qwen2.5-7B ./qwen-7b-int8 --method int8 --dtype bf16
+    """
+    from ckpt_tools.quantize import quantize_checkpoint
+    from mindspore_llm.quant import QuantizationConfig
+
+    config = _run(QuantizationConfig.of, QuantizationConfig(method=method, double_quant=double_quant))
+    manifest = _run(quantize_checkpoint, src, dst, config, dtype=dtype, max_shard_bytes=max_shard_size,
+                    overwrite=overwrite, quiet=quiet)
+    click.echo(f"wrote {dst}: {manifest['total_size'] / 2 ** 20:.1f} MiB of tensors")
 
 
 @main.command("export-peft")

@@ -3,6 +3,7 @@ check it against config.json, rename, cast (dequantizing FP8 block-scaled weight
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -127,10 +128,27 @@ def source_chunks(source: Source) -> Iterator[np.ndarray]:
         yield cast(array.reshape(-1), tag, source.out.dtype)
 
 
+def read_float32(source: Source) -> np.ndarray:
+    """The whole tensor of `source` as float32 (FP8 dequantized), read chunk by chunk into one array."""
+    values = np.empty(source.out.shape, np.float32).reshape(-1)
+    start = 0
+    as_float32 = dataclasses.replace(source, out=dataclasses.replace(source.out, dtype="F32"))
+    for chunk in source_chunks(as_float32):  # each chunk is only valid until the next: copy it out
+        values[start:start + chunk.size] = chunk
+        start += chunk.size
+    return values.reshape(source.out.shape)
+
+
 def read_config(path: Path) -> dict:
     from mindspore_llm.models.auto import read_hf_config
+    from mindspore_llm.quant import read_hf_quantization
 
-    return read_hf_config(path, hint="; pass --config with the model's config.json")[0]
+    hf, file = read_hf_config(path, hint="; pass --config with the model's config.json")
+    if read_hf_quantization(hf, str(file)) is not None:
+        raise CheckpointError(f"{file}: the model is saved quantized (bitsandbytes quantization_config); these tools "
+                              f"read float checkpoints: use the original-precision model (a LoRA adapter trained on "
+                              f"a quantized base merges into it), or load this one with from_pretrained")
+    return hf
 
 
 def open_files(src: Path, allow_pickle: bool) -> dict[str, TensorFile]:

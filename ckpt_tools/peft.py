@@ -4,13 +4,12 @@ base as a Hugging Face model directory (streamed, tensor by tensor). The PEFT fo
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from ckpt_tools.convert import (DTYPES, LAYOUTS, cast, open_files, plan, read_config, source_chunks, view_of,
-                                write_side_files)
+from ckpt_tools.convert import (DTYPES, LAYOUTS, cast, open_files, plan, read_config, read_float32, source_chunks,
+                                view_of, write_side_files)
 from ckpt_tools.writer import write_checkpoint
 from mindspore_llm.checkpoint import iter_tensors
 from mindspore_llm.common import CheckpointError
@@ -72,13 +71,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, dst: str | Path, *, dty
             yield from source_chunks(source)
             return
         path = tensor.name[:-len(".weight")]
-        merged = np.empty(tensor.shape, np.float32).reshape(-1)
-        start = 0
-        as_float32 = dataclasses.replace(source, out=dataclasses.replace(source.out, dtype="F32"))
-        for chunk in source_chunks(as_float32):  # each chunk is only valid until the next: copy it out
-            merged[start:start + chunk.size] = chunk
-            start += chunk.size
-        merged = merged.reshape(tensor.shape)
+        merged = read_float32(source)
         merged += (tensors[f"{path}.lora_B.weight"] @ tensors[f"{path}.lora_A.weight"]) * np.float32(cfg.scaling)
         yield cast(merged, "F32", tensor.dtype)
 

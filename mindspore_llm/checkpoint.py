@@ -324,6 +324,21 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, TensorFile]]:
             yield name, reader
 
 
+class ArrayTensor:
+    """An array computed while loading (stacked experts, a zeroed statistics buffer, a weight's quantized codes),
+    read like a checkpoint file's tensor so ``load_weights`` treats it like any other; its dtype is kept."""
+
+    def __init__(self, array: np.ndarray, path):
+        self.path = path
+        self.array = array
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def float32(self, name: str) -> np.ndarray:
+        return self.array
+
+
 # Tensors a Hugging Face checkpoint may carry that are not model parameters.
 NON_PARAMETER_SUFFIXES = (".rotary_emb.inv_freq",)
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")

@@ -29,7 +29,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from mindspore_llm.checkpoint import layer_index
+from mindspore_llm.checkpoint import ArrayTensor, layer_index
 from mindspore_llm.common import ConfigError
 from mindspore_llm.config_utils import from_dict, require
 from mindspore_llm.models.config import DecoderConfig, RopeConfig, hf_fields
@@ -244,21 +244,6 @@ def checkpoint_names(param_name: str, num_experts: int) -> list[str]:
     if stacked is None:
         return [param_name]
     return [f"{stacked.group(1)}.{e}.{stacked.group(2)}.weight" for e in range(num_experts)]
-
-
-class ArrayTensor:
-    """An array computed while loading (stacked experts, a zeroed statistics buffer), read like a checkpoint file's
-    tensor so ``load_weights`` treats it like any other."""
-
-    def __init__(self, array: np.ndarray, path):
-        self.path = path
-        self.array = array
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.array.shape)
-
-    def float32(self, name: str) -> np.ndarray:
-        return self.array
 
 
 def stack_checkpoint_tensors(tensors: Iterable[tuple[str, Any]], config: DeepseekV3Config,

@@ -65,7 +65,9 @@ class Linear(nn.Cell):
     def construct(self, x):
         out_shape = x.shape[:-1] + (self.out_features,)
         x = self.cast(x, self.compute_dtype).reshape(-1, self.in_features)
-        y = self.matmul(x, self.cast(self.weight, self.compute_dtype))
+        # a frozen quantized weight is a Cell that dequantizes it here, in the graph (models/quantized.py)
+        weight = self.weight() if isinstance(self.weight, nn.Cell) else self.weight
+        y = self.matmul(x, self.cast(weight, self.compute_dtype))
         if self.bias is not None:
             y = self.bias_add(y, self.cast(self.bias, self.compute_dtype))
         return self.cast(y, self.activation_dtype).reshape(out_shape)

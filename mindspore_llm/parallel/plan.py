@@ -25,8 +25,10 @@ from mindspore import nn
 from mindspore_llm.common import ConfigError
 from mindspore_llm.lora import LoraLinear
 from mindspore_llm.models import layers, mla, moe
+from mindspore_llm.models.quantized import Int8Weight, NF4Weight, quantized_weight_shapes
 from mindspore_llm.models.shapes import parameter_shapes
 from mindspore_llm.parallel.config import RECOMPUTE_MODES, ParallelConfig
+from mindspore_llm.quant import BLOCKSIZE, QuantizationConfig
 
 # Linear layers by their attribute name: how the weight (out, in) is split across model_parallel.
 COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "q_b_proj", "kv_b_proj"}
@@ -35,6 +37,7 @@ ROW_PARALLEL = {"o_proj", "down_proj"}
 REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa"}
 HEAD_NORMS = {"q_norm", "k_norm"}  # RMSNorm over (B, S, heads, head_dim)
 VOCAB = {"embed_tokens", "lm_head"}
+QUANTIZED_ARRAYS = {"codes", "absmax", "nested_absmax", "nested_offset"}  # of X.weight (models/quantized.py)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,21 @@ def _lora_update(kind: str, dp: int, mp: int, sequence_parallel: bool, dropout: 
     return {"scale": (y, ()), "add": (y, y), **({"lora_dropout": (x,)} if dropout else {})}
 
 
+def _quantized_weight(cell, kind: str, mp: int) -> dict:
+    """A quantized weight's dequantization, split like the (out, in) weight it yields: by rows (column-parallel
+    layer) or by columns (row-parallel: whole blocks of 64 per device, which ``validate_plan`` checks). The code
+    tables and the nested scales (a few per 256 blocks) are replicated."""
+    rows, columns = {"column": (mp, 1), "row": (1, mp)}.get(kind, (1, 1))
+    if isinstance(cell, Int8Weight):
+        return {"cast": ((rows, columns),), "scale": ((rows, columns), (rows, 1)), "scale_127": ((rows, columns), ())}
+    strategies = {"cast": ((rows, columns),), "gather": ((1, 1), (rows, columns)),
+                  "scale": ((rows, columns, 1), (rows, columns, 1))}
+    if cell.double_quant:
+        strategies.update({"cast_absmax": ((rows, columns),), "gather_absmax": ((1,), (rows, columns)),
+                           "scale_absmax": ((rows, columns), (rows, columns)), "add_offset": ((rows, columns), ())})
+    return strategies
+
+
 def _rms_norm(rank_mp: tuple[int, ...], dp: int) -> dict:
     x = (dp,) + rank_mp
     return {"square": (x,), "mean": (x,), "rsqrt": (x[:-1] + (1,),), "add_eps": (x[:-1] + (1,), ()),
@@ -136,6 +154,8 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: n
             strategies.update(_lora_update(linear_kind(leaf), dp, mp, parallel.sequence_parallel,
                                            cell.lora_dropout is not None))
         return strategies
+    if isinstance(cell, (NF4Weight, Int8Weight)):  # the weight of the linear layer `name` without ".weight"
+        return _quantized_weight(cell, linear_kind(name.rsplit(".", 2)[-2]), mp)
     if isinstance(cell, layers.RMSNorm):
         if leaf in HEAD_NORMS:
             return _rms_norm((1, mp, 1), dp)
@@ -181,6 +201,12 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: n
 def parameter_layout(name: str, ndim: int, parallel: ParallelConfig) -> tuple[str | None, ...]:
     """Which mesh axis ("mp", "ep") splits each dimension of parameter `name` (Hugging Face / our names)."""
     parts = name.split(".")
+    if len(parts) > 3 and parts[-2] == "weight" and parts[-1] in QUANTIZED_ARRAYS:  # X.weight.codes, ...
+        # codes and absmax (per block; int8's per row) split like the weight, the nested scales are replicated
+        kind = linear_kind(parts[-3]) if parts[-1] in ("codes", "absmax") else "replicated"
+        if kind == "column":
+            return ("mp",) + (None,) * (ndim - 1)
+        return (None, "mp") if kind == "row" and ndim == 2 else (None,) * ndim
     if parts[-2] in ("lora_A", "lora_B"):  # adapters follow the split of the layer they adapt
         kind = linear_kind(parts[-3])
         if (kind, parts[-2]) == ("column", "lora_B"):
@@ -365,10 +391,12 @@ def _divides(errors: list[str], field: str, size: int, by_field: str, by: int) -
 
 def validate_plan(model_config, parallel: ParallelConfig, device_num: int, global_batch_size: int | None = None,
                   micro_batch_size: int = 1, gradient_accumulation_steps: int = 1,
-                  seq_length: int | None = None) -> None:
+                  seq_length: int | None = None, quantization: QuantizationConfig | None = None) -> None:
     """Check `parallel` against the model and the device count; raise ConfigError listing every problem.
 
     The global batch is data_parallel x micro_batch_size x micro_batch_num x gradient_accumulation_steps.
+    With `quantization` (a quantized frozen base), every device's slice of a linear weight must hold whole
+    blocks of 64 along its rows.
     """
     errors: list[str] = []
     dp, mp, ep, pp = (parallel.data_parallel, parallel.model_parallel, parallel.expert_parallel,
@@ -420,6 +448,8 @@ def validate_plan(model_config, parallel: ParallelConfig, device_num: int, globa
                           f"gradient_accumulation_steps ({gradient_accumulation_steps}) = {per_step}")
     if not errors:  # every parameter's split must divide its dimensions (catches what the fields above miss)
         errors += _parameter_split_errors(model_config, parallel)
+    if quantization is not None:
+        errors += _quantized_block_errors(model_config, parallel)
     if errors:
         raise ConfigError("invalid parallel plan:\n  - " + "\n  - ".join(errors))
 
@@ -432,6 +462,18 @@ def _parameter_split_errors(model_config, parallel: ParallelConfig) -> list[str]
         if any(size % parts for size, parts in zip(shape, split)):
             pattern = ".".join("N" if part.isdigit() else part for part in name.split("."))
             errors.setdefault(pattern, f"parameter {pattern} of shape {shape} cannot be split {split}")
+    return list(errors.values())
+
+
+def _quantized_block_errors(model_config, parallel: ParallelConfig) -> list[str]:
+    errors = {}
+    for name, (rows, columns) in quantized_weight_shapes(model_config):
+        columns_per_device = columns // parameter_split(name, 2, parallel)[1]
+        if columns_per_device % BLOCKSIZE:
+            pattern = ".".join("N" if part.isdigit() else part for part in name.split("."))
+            split = f" over model_parallel {parallel.model_parallel}" if columns_per_device != columns else ""
+            errors.setdefault(pattern, f"quantized weight {pattern} ({rows} x {columns}): each device holds "
+                                       f"{columns_per_device} columns{split}, not whole blocks of {BLOCKSIZE}")
     return list(errors.values())
 
 

@@ -121,7 +121,7 @@ class Trainer:
         from mindspore_llm.checkpoint import load_weights
         from mindspore_llm.data.dataset import build_dataset
         from mindspore_llm.lora import apply_lora
-        from mindspore_llm.models.auto import build_model
+        from mindspore_llm.models.auto import build_model, load_quantized
         from mindspore_llm.models.moe import moe_blocks
         from mindspore_llm.models.naming import OURS, checkpoint_tensors, tensor_layout
         from mindspore_llm.parallel.plan import apply_plan, validate_plan
@@ -153,20 +153,27 @@ class Trainer:
         self.model_config = config.model_config()
         if config.lora is None:
             checkpointing.hf_config(self.model_config)  # the final config.json must be writable: fail now, not then
+        quantization = config.lora.quantization if config.lora is not None else None
         if self.context.mode == SEMI_AUTO:
             validate_plan(self.model_config, config.parallel, self.context.world_size, self.global_batch,
-                          run.micro_batch_size, run.gradient_accumulation_steps, config.data.seq_length)
+                          run.micro_batch_size, run.gradient_accumulation_steps, config.data.seq_length, quantization)
             if not dry_run:  # a dry run compiles the real graph, whose strategies MindSpore checks itself
                 checked = check_plan_structure(config, self.context)  # minutes before the compile would say so
                 log.info("op strategies: %d checked against the shapes a toy twin of the model sees", checked)
-        self.model = build_model(self.model_config, config.precision.model_precision())
-        if "path" in config.model:  # a model directory or a (training) checkpoint, in any naming
+        precision = config.precision.model_precision()
+        if "path" not in config.model:
+            self.model = build_model(self.model_config, precision)
+        elif quantization is not None:  # QLoRA: the base is quantized as its checkpoint streams in
+            self.model = load_quantized(config.model["path"], precision, quantization,
+                                        config.model.get("config"), config.model_layout())
+        else:  # a model directory or a (training) checkpoint, in any naming
+            self.model = build_model(self.model_config, precision)
             load_weights(self.model, config.model["path"],
                          checkpoint_tensors(config.model["path"], self.model_config, config.model_layout(),
                                             "model.config"))
             self.model.name_or_path = config.model["path"]
         if config.lora is not None:
-            apply_lora(self.model, config.lora)
+            apply_lora(self.model, config.lora)  # quantizes an in-memory base first (lora.quantize_base)
         self.applied_strategies = apply_plan(self.model, config.parallel)  # the adapters split like their bases
         # the model the step differentiates: the student with its frozen teacher (``teacher.*``, never
         # checkpointed: reloaded from distill.teacher at every start) or the model itself
