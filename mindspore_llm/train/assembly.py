@@ -44,15 +44,20 @@ def toy_seq_length(seq_length: int, parallel: ParallelConfig) -> int:
     return min(seq_length, math.lcm(TOY_SEQ_LENGTH, split))
 
 
-def toy_model_config(model_config, parallel: ParallelConfig, vocab_size: int | None = None):
+def toy_model_config(model_config, parallel: ParallelConfig, vocab_size: int | None = None,
+                     quantization_block: int | None = None):
     """`model_config`'s family and variant flags (biases, q/k norm, tied embeddings, rope scaling, dense/MoE layer
     mix) at toy size: heads and kv heads a multiple of model_parallel, FFN widths and (vocab_parallel) the vocabulary
     multiples of it, routed experts a multiple of expert_parallel and of the router groups, one layer per pipeline
-    stage (at least two layers). `vocab_size` forces the vocabulary (a distillation teacher shares the student's)."""
+    stage (at least two layers). `vocab_size` forces the vocabulary (a distillation teacher shares the student's).
+    `quantization_block` (a QLoRA base): every linear layer's input width on one device (row-parallel layers are
+    split on it) holds whole quantization blocks."""
     mp, ep, pp = parallel.model_parallel, parallel.expert_parallel, parallel.pipeline_stages
     c = model_config
     layers = max(pp, 2)
-    fields = {"hidden_size": 64, "num_hidden_layers": layers, "intermediate_size": max(64, 16 * mp),
+    block = quantization_block or 1
+    fields = {"hidden_size": math.lcm(64, block), "num_hidden_layers": layers,
+              "intermediate_size": math.lcm(max(64, 16 * mp), block * mp),
               "vocab_size": vocab_size or max(128, 32 * mp), "max_position_embeddings": max(64, TOY_SEQ_LENGTH),
               "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if hasattr(c, "kv_lora_rank"):  # DeepSeek-V3: MLA + DeepSeekMoE
@@ -66,10 +71,19 @@ def toy_model_config(model_config, parallel: ParallelConfig, vocab_size: int | N
     else:  # Qwen2/3: grouped-query attention (a group of 2 where the real model groups its heads)
         kv_heads = mp
         groups = 2 if c.num_attention_heads > c.num_key_value_heads else 1
-        fields.update(num_attention_heads=kv_heads * groups, num_key_value_heads=kv_heads, head_dim=8)
+        # o_proj's input, heads x head_dim, is split by model_parallel
+        fields.update(num_attention_heads=kv_heads * groups, num_key_value_heads=kv_heads,
+                      head_dim=math.lcm(8, block // math.gcd(block, groups)))
     toy = dataclasses.replace(c, **fields)
     toy.validate()
     return toy
+
+
+def quantization_block(config) -> int | None:
+    """The block size of the job's quantized (QLoRA) base, if it has one."""
+    from mindspore_llm.quant import BLOCKSIZE
+
+    return BLOCKSIZE if config.lora is not None and config.lora.quantization is not None else None
 
 
 def toy_parallel(parallel: ParallelConfig, num_hidden_layers: int) -> ParallelConfig:
@@ -130,7 +144,7 @@ def check_plan_structure(config, context) -> int:
     from mindspore_llm.parallel.plan import check_strategies, trace_input_shapes
 
     parallel = config.parallel
-    model_config = toy_model_config(config.model_config(), parallel)
+    model_config = toy_model_config(config.model_config(), parallel, quantization_block=quantization_block(config))
     toy_parallel_config = toy_parallel(parallel, model_config.num_hidden_layers)
     model, applied = build_toy_model(model_config, toy_parallel_config, config.precision.model_precision(),
                                      config.lora)

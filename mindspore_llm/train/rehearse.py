@@ -33,8 +33,8 @@ import numpy as np
 from mindspore_llm.common import IGNORE_INDEX
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.context import SEMI_AUTO, STANDALONE, ParallelContext
-from mindspore_llm.train.assembly import (build_step, build_toy_model, toy_batch, toy_model_config, toy_parallel,
-                                          toy_seq_length)
+from mindspore_llm.train.assembly import (build_step, build_toy_model, quantization_block, toy_batch,
+                                          toy_model_config, toy_parallel, toy_seq_length)
 from mindspore_llm.train.config import TrainConfig
 from mindspore_llm.train.trainer import BATCH_KEYS, check_parallel_settings
 
@@ -104,12 +104,13 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
     check_parallel_settings(config, context)
     if context.mode == SEMI_AUTO:
         validate_plan(real, parallel, parallel.device_num, run.global_batch_size, run.micro_batch_size,
-                      run.gradient_accumulation_steps, config.data.seq_length)
+                      run.gradient_accumulation_steps, config.data.seq_length,
+                      config.lora.quantization if config.lora is not None else None)
         say(f"  the real plan: {real.architecture}, {parallel.device_num} devices (dp {parallel.data_parallel} x mp "
             f"{parallel.model_parallel} x pp {parallel.pipeline_stages}) validated against the model's dimensions")
 
     # -- the toy job --------------------------------------------------------------------------------------------
-    toy = toy_model_config(real, parallel)
+    toy = toy_model_config(real, parallel, quantization_block=quantization_block(config))
     toy_plan = toy_parallel(parallel, toy.num_hidden_layers)
     pipelined = parallel.pipeline_stages > 1
     micro = MICRO_BATCHES if pipelined else 1
