@@ -29,7 +29,10 @@ setup(
     extras_require={
         # The reference implementation for parity tests. torch is pinned exactly: 2.13.0 is the CPU wheel here,
         # any other version would pull a multi-GB CUDA build. Parity tests were run with transformers 5.23.
-        "test": ["pytest", "torch==2.13.0", "transformers>=5.0,<6", "peft"],
+        # deepspeed (its ZeRO memory estimators, tests/test_zero.py; run with 0.19.8) ships as an sdist whose build
+        # imports torch: install it against the pinned torch, `DS_BUILD_OPS=0 pip install --no-build-isolation
+        # deepspeed`, or pip's isolated build fetches another torch.
+        "test": ["pytest", "torch==2.13.0", "transformers>=5.0,<6", "peft", "deepspeed>=0.19,<0.20"],
     },
     entry_points={
         "console_scripts": [

@@ -241,6 +241,7 @@ def rehearse(config_path, overrides, steps):
 
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@_set_option
 @click.option("--device-num", required=True, type=click.IntRange(1), help="Devices of the job.")
 @click.option("--hbm-gb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Memory one device may use (910B: 64; mindformers' recipes cap jobs at 58).")
@@ -251,7 +252,7 @@ def rehearse(config_path, overrides, steps):
               help="Host<->device bandwidth per device and direction assumed for offload timing (GB/s).")
 @click.option("--devices-per-server", default=8, show_default=True, type=click.IntRange(1),
               help="Devices per server, for the host memory of offloaded state.")
-def plan(config_path, device_num, hbm_gb, compare_zero, pcie_gb_per_s, devices_per_server):
+def plan(config_path, overrides, device_num, hbm_gb, compare_zero, pcie_gb_per_s, devices_per_server):
     """Print the parallel plan of a training CONFIG: device mesh, pipeline stages, op strategies and the
     per-device memory (parameters, gradients, optimizer states, activations) under its ZeRO stage and offload,
     host memory and PCIe traffic of what is offloaded, and whether it fits.
@@ -264,13 +265,15 @@ def plan(config_path, device_num, hbm_gb, compare_zero, pcie_gb_per_s, devices_p
       msllm plan configs/qwen2_5_32b_sft_8k_16p.yaml --device-num 16 --hbm-gb 58
       msllm plan configs/qwen2_5_32b_sft_8k_8p_offload.yaml --device-num 8 --hbm-gb 58 --compare-zero
       msllm plan configs/deepseek_v3_671b_pretrain_4k_2048p.yaml --device-num 2048
+      msllm plan configs/qwen2_5_32b_sft_8k_16p.yaml --device-num 16 --compare-zero \\
+          --set parallel.data_parallel=2 --set parallel.pipeline_stages=1 --set parallel.micro_batch_num=1 ...
     """
     from mindspore_llm.parallel.memory import Offload, compare_zero_report, plan_report
     from mindspore_llm.train.config import load_plan_inputs
 
     offload = Offload(pcie_gb_per_s, devices_per_server)
     try:
-        inputs = load_plan_inputs(config_path)
+        inputs = load_plan_inputs(config_path, overrides)
         text, fits = plan_report(inputs, device_num, hbm_gb, offload)
     except ConfigError as err:
         raise UserError(str(err)) from None

@@ -552,16 +552,18 @@ def compare_zero_report(inputs: PlanInputs, hbm_gb: float, offload: Offload = Of
              f"GB/s per device)",
              f"  {'zero_stage':>10s} {'offload':>8s} {'device GB':>10s} {'model state':>12s} "
              f"{'DeepSpeed est.':>15s} {'host GB':>9s} {'PCIe s/step':>12s}  verdict"]
+    reasons = list(dict.fromkeys(row.refused for row in rows if row.refused))
     for row in rows:
         if row.refused:
             lines.append(f"  {row.zero_stage:>10d} {row.offload_optimizer:>8s} {'-':>10s} {'-':>12s} {'-':>15s} "
-                         f"{'-':>9s} {'-':>12s}  refused: {row.refused}")
+                         f"{'-':>9s} {'-':>12s}  refused ({reasons.index(row.refused) + 1})")
             continue
         deepspeed = "-" if row.deepspeed_bytes is None else f"{row.deepspeed_bytes / GB:.2f}"
         verdict = "fits" if row.device_bytes <= hbm_gb * GB else "does not fit"
         lines.append(f"  {row.zero_stage:>10d} {row.offload_optimizer:>8s} {row.device_bytes / GB:>10.2f} "
                      f"{row.model_state_bytes / GB:>12.2f} {deepspeed:>15s} {row.host_bytes_per_server / GB:>9.2f} "
                      f"{row.pcie_seconds:>12.2f}  {verdict}")
+    lines += [f"  ({i}) {reason}" for i, reason in enumerate(reasons, 1)]
     lines.append("  model state: weights, gradients, optimizer state on the device. DeepSpeed est.: its "
                  "estimate_zero2/3_model_states_mem_needs for the same slice over dp; it counts 16-bit "
                  "gradients beside fp32 ones (MindSpore keeps fp32 only) and, offloaded, the fp32 weights and "
