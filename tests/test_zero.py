@@ -12,6 +12,7 @@
 """
 import json
 import math
+import os
 from pathlib import Path
 
 import mindspore as ms
@@ -54,9 +55,15 @@ def runs(module_dir):
     variants = {"plain": {}, "host": {"offload_optimizer": "host"},
                 "zero1_host": {"zero_stage": 1, "offload_optimizer": "host"}, "swap": {"recompute": "swap"}}
     results = {}
-    for name, parallel in variants.items():
-        trainer = Trainer(tiny_config(module_dir / name, parallel=parallel, train={"steps": 4}))
-        results[name] = (trainer, trainer.run())
+    before = os.environ.get(zero.RUNTIME_CONF)
+    try:
+        for name, parallel in variants.items():
+            trainer = Trainer(tiny_config(module_dir / name, parallel=parallel, train={"steps": 4}))
+            results[name] = (trainer, trainer.run(), os.environ.get(zero.RUNTIME_CONF))
+    finally:  # the trainer sets it for the process; the rest of the session runs as before
+        os.environ.pop(zero.RUNTIME_CONF, None)
+        if before is not None:
+            os.environ[zero.RUNTIME_CONF] = before
     return results
 
 
@@ -72,6 +79,8 @@ def test_offload_zero_and_swap_flags_train_to_the_same_losses(runs, variant):
 @pytest.mark.parametrize("variant,host", [("plain", False), ("host", True), ("zero1_host", True), ("swap", False)])
 def test_every_adamw_moment_is_a_clone_of_its_weight_with_the_placement_flag(runs, variant, host):
     optimizer = runs[variant][0].step_cell.optimizer
+    if host:  # the trainer set the runtime option host placement needs
+        assert "switch_inline:False" in runs[variant][2]
     weights = list(optimizer.parameters)
     assert len(optimizer.exp_avg) == len(optimizer.exp_avg_sq) == len(weights) > 0
     for weight, m, v in zip(weights, optimizer.exp_avg, optimizer.exp_avg_sq):

@@ -162,7 +162,7 @@ def deepspeed_overrides(path: str | os.PathLike) -> DeepSpeedMapping:
     where = f"{path}: zero_optimization"
 
     def set_key(key: str, value, source: str) -> None:
-        mapping.overrides.append(f"parallel.{key}={json.dumps(value) if isinstance(value, dict) else value}")
+        mapping.overrides.append(f"parallel.{key}={value}")
         mapping.mapped.append(f"{source} -> parallel.{key}: {value}")
 
     stage = zero.get("stage", 0)
