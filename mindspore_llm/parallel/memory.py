@@ -430,7 +430,7 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float,
              f"{parallel.model_parallel} x pipeline_stages {parallel.pipeline_stages}"
              + (f"; experts over expert_parallel {parallel.expert_parallel} of the dp replicas"
                 if is_moe(config) else ""),
-             f"  optimizer_shard {parallel.optimizer_shard}, sequence_parallel {parallel.sequence_parallel}, "
+             f"  zero_stage {parallel.zero_stage}, sequence_parallel {parallel.sequence_parallel}, "
              f"vocab_parallel {parallel.vocab_parallel}, micro_batch_num {parallel.micro_batch_num}",
              f"batch: seq_length {work.seq_length}, micro_batch_size {inputs.micro_batch_size}, global batch "
              f"{parallel.data_parallel * inputs.micro_batch_size * parallel.micro_batch_num * inputs.gradient_accumulation_steps}"
