@@ -161,8 +161,13 @@ def _set_option(command):
                    "booking the cluster (on any machine: `msllm rehearse CONFIG`).")
 @click.option("--rank", type=click.IntRange(0), default=None,
               help="With --dry-run: the rank to compile (default: the logging rank, the first of the last stage).")
+@click.option("--deepspeed", "deepspeed_path", type=click.Path(exists=True, dir_okay=False),
+              help="A DeepSpeed JSON: its zero_optimization block (stage, offload_optimizer.device, "
+                   "stage3_param_persistence_threshold, bucket sizes) sets parallel.zero_stage, offload_optimizer, "
+                   "optimizer_shard_threshold_kb and comm_fusion_mb; prints what maps and what is ignored. --set "
+                   "wins over it.")
 @verbosity_option
-def train(config_path, overrides, resume, dry_run, rank):
+def train(config_path, overrides, resume, dry_run, rank, deepspeed_path):
     """Train (pretraining or SFT) as CONFIG describes: logs, checkpoints, final model directory.
 
     Every step logs loss, learning rate, grad norm, loss scale, overflow and tokens/s to
@@ -179,6 +184,7 @@ def train(config_path, overrides, resume, dry_run, rank):
       msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True --log_dir=runs/msrun_logs \\
           python -m mindspore_llm.cli train configs/tiny_qwen_sft.yaml --set output_dir=runs/tiny_2p
       msllm train configs/qwen2_5_32b_sft_8k_16p.yaml --dry-run  # on one Ascend NPU, before the 16-NPU job
+      msllm train configs/qwen2_5_32b_sft_8k_8p_offload.yaml --deepspeed ds_zero2_offload.json
     """
     import logging
 
@@ -187,6 +193,12 @@ def train(config_path, overrides, resume, dry_run, rank):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
+        if deepspeed_path:
+            from mindspore_llm.parallel.zero import deepspeed_overrides
+
+            mapping = deepspeed_overrides(deepspeed_path)
+            click.echo(mapping.report(deepspeed_path), err=True)
+            overrides = (*mapping.overrides, *overrides)
         config = load_train_config(config_path, overrides)
         if dry_run:
             click.echo(_dry_run(config, rank))
@@ -241,7 +253,7 @@ def rehearse(config_path, overrides, steps):
     \b
     Examples:
       msllm rehearse configs/qwen2_5_32b_sft_8k_16p.yaml
-      msllm rehearse configs/deepseek_v3_671b_pretrain_4k_2048p.yaml --set parallel.optimizer_shard=false
+      msllm rehearse configs/deepseek_v3_671b_pretrain_4k_2048p.yaml --set parallel.zero_stage=3
     """
     from mindspore_llm.train.config import load_train_config
 
@@ -262,12 +274,21 @@ def rehearse(config_path, overrides, steps):
 
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@_set_option
 @click.option("--device-num", required=True, type=click.IntRange(1), help="Devices of the job.")
 @click.option("--hbm-gb", default=64.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Memory one device may use (910B: 64; mindformers' recipes cap jobs at 58).")
-def plan(config_path, device_num, hbm_gb):
+@click.option("--compare-zero", is_flag=True,
+              help="Also print one table of every parallel.zero_stage (0-3) x offload_optimizer (none, host) choice "
+                   "for this job: device GB, host GB per server, PCIe time per step, DeepSpeed's estimate beside.")
+@click.option("--pcie-gb-per-s", default=25.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Host<->device bandwidth per device and direction assumed for offload timing (GB/s).")
+@click.option("--devices-per-server", default=8, show_default=True, type=click.IntRange(1),
+              help="Devices per server, for the host memory of offloaded state.")
+def plan(config_path, overrides, device_num, hbm_gb, compare_zero, pcie_gb_per_s, devices_per_server):
     """Print the parallel plan of a training CONFIG: device mesh, pipeline stages, op strategies and the
-    per-device memory (parameters, gradients, optimizer states, activations), and whether it fits.
+    per-device memory (parameters, gradients, optimizer states, activations) under its ZeRO stage and offload,
+    host memory and PCIe traffic of what is offloaded, and whether it fits.
 
     Reads the model, parallel, data.seq_length, train, precision, lora and distill sections; nothing is
     compiled or allocated. Exit code 1 when a stage does not fit, 2 when the plan is invalid.
@@ -275,16 +296,23 @@ def plan(config_path, device_num, hbm_gb):
     \b
     Examples:
       msllm plan configs/qwen2_5_32b_sft_8k_16p.yaml --device-num 16 --hbm-gb 58
+      msllm plan configs/qwen2_5_32b_sft_8k_8p_offload.yaml --device-num 8 --hbm-gb 58 --compare-zero
       msllm plan configs/deepseek_v3_671b_pretrain_4k_2048p.yaml --device-num 2048
+      msllm plan configs/qwen2_5_32b_sft_8k_16p.yaml --device-num 16 --compare-zero \\
+          --set parallel.data_parallel=2 --set parallel.pipeline_stages=1 --set parallel.micro_batch_num=1 ...
     """
-    from mindspore_llm.parallel.memory import plan_report
+    from mindspore_llm.parallel.memory import Offload, compare_zero_report, plan_report
     from mindspore_llm.train.config import load_plan_inputs
 
+    offload = Offload(pcie_gb_per_s, devices_per_server)
     try:
-        text, fits = plan_report(load_plan_inputs(config_path), device_num, hbm_gb)
+        inputs = load_plan_inputs(config_path, overrides)
+        text, fits = plan_report(inputs, device_num, hbm_gb, offload)
     except ConfigError as err:
         raise UserError(str(err)) from None
     click.echo(text)
+    if compare_zero:
+        click.echo(compare_zero_report(inputs, hbm_gb, offload))
     sys.exit(0 if fits else 1)
 
 

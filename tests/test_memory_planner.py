@@ -63,9 +63,10 @@ def test_published_parameter_totals():
 
 
 def test_estimate_matches_a_hand_calculation():
-    """dp 2 x mp 2 x pp 2, optimizer sharding, 4 micro-batches, recompute [full, none], seq 32, micro-batch 2, O2."""
+    """dp 2 x mp 2 x pp 2, ZeRO-2 sharding every parameter (threshold 0), 4 micro-batches, recompute [full, none],
+    seq 32, micro-batch 2, O2."""
     parallel = ParallelConfig(data_parallel=2, model_parallel=2, pipeline_stages=2, micro_batch_num=4,
-                              optimizer_shard=True, recompute=["full", "none"])
+                              zero_stage=2, optimizer_shard_threshold_kb=0, recompute=["full", "none"])
     stages = estimate_memory(TINY_QWEN, parallel, Workload(32, 2, 2))
     # Parameters per device. A layer: q 64x64+64, k 32x64+32, v 32x64+32, o 64x64, gate/up/down 3 x 128x64 all
     # split by mp 2; two norms of 64 replicated.

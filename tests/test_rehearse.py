@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from mindspore_llm.cli import main as cli_main
 from mindspore_llm.parallel import context as context_module
 from mindspore_llm.train import step as step_module
+from mindspore_llm.train.assembly import build_toy_model, toy_model_config
 from mindspore_llm.train.config import load_train_config
 from mindspore_llm.train.rehearse import rehearse
 
@@ -35,6 +36,11 @@ def test_every_shipped_config_rehearses(path):
         assert "compiled as AutoParallel" in report
     if config.lora is not None and config.lora.dropout > 0:
         assert "LoRA dropout" in report
+    assert f"zero_stage {config.parallel.zero_stage}" in report
+    if config.parallel.offloads_optimizer:  # every moment of the toy model on the host
+        moments = 2 * len(build_toy_model(toy_model_config(config.model_config(), config.parallel),
+                                          config.parallel, config.precision.model_precision())[0].trainable_params())
+        assert f"{moments} of {moments} AdamW moments placed on the host" in report
 
 
 def test_rehearsal_fails_on_the_pipeline_arity_error(monkeypatch):
@@ -58,7 +64,7 @@ def test_rehearsal_reports_a_wiring_mismatch(monkeypatch):
 def test_rehearsal_without_optimizer_shard_compares_the_pipeline_gradients():
     """optimizer_shard false: the reducer reads buffers only MindSpore's pipeline pass fills on the cluster, so the
     rehearsal compares the pipeline's own gradients and the first step's loss."""
-    config = load_train_config(SFT_32B, ["parallel.optimizer_shard=false"])
+    config = load_train_config(SFT_32B, ["parallel.zero_stage=0"])
     result = rehearse(config, str(SFT_32B), steps=1, echo=lambda line: None)
     report = "\n".join(result.lines)
     assert result.ok, report

@@ -31,6 +31,7 @@ from mindspore.parallel.nn import parallel_grad_reducer
 
 from mindspore_llm.common import ConfigError
 from mindspore_llm.parallel.config import ParallelConfig
+from mindspore_llm.parallel.zero import configure_parallel_optimizer, describe, set_runtime_for
 
 log = logging.getLogger("mindspore_llm")
 
@@ -127,8 +128,7 @@ class ParallelContext:
 
         net = AutoParallel(step_cell, parallel_mode="semi_auto")
         net.dataset_strategy("full_batch")
-        if parallel.optimizer_shard:
-            net.hsdp()
+        configure_parallel_optimizer(net, parallel)
         if parallel.pipeline_stages > 1:
             net.pipeline(stages=parallel.pipeline_stages, scheduler="1f1b")
         Path(strategy_dir).mkdir(parents=True, exist_ok=True)
@@ -204,6 +204,9 @@ def setup_parallel(parallel: ParallelConfig, device_target: str) -> ParallelCont
 
     distributed = launched_by_msrun() or (device_target == "Ascend" and (launched_with_rank_table() or simulated()))
     ms.set_context(mode=ms.GRAPH_MODE)
+    runtime = set_runtime_for(parallel)  # before anything compiles: MindSpore reads it then
+    if runtime is not None:
+        log.info("optimizer state in host memory: MS_DEV_RUNTIME_CONF=%s", runtime)
     if device_target == "Ascend" and "DEVICE_ID" in os.environ:
         ms.set_device("Ascend", int(os.environ["DEVICE_ID"]))
     else:
@@ -226,6 +229,10 @@ def setup_parallel(parallel: ParallelConfig, device_target: str) -> ParallelCont
             raise ConfigError("parallel.model_parallel / pipeline_stages / micro_batch_num: only data parallelism "
                               "runs on CPU (MindSpore supports SEMI_AUTO_PARALLEL on Ascend/GPU only); set them to 1 "
                               "and accumulate with train.gradient_accumulation_steps")
+        if parallel.zero_stage:
+            raise ConfigError(f"parallel.zero_stage: {parallel.zero_stage}, but MindSpore's parallel optimizer runs "
+                              f"under semi-auto parallel on Ascend/GPU only; DATA_PARALLEL on CPU would not shard "
+                              f"anything: set it to 0 (offload_optimizer: host still applies)")
         if parallel.data_parallel not in (1, world_size):
             raise ConfigError(f"parallel.data_parallel: {parallel.data_parallel}, but msrun started {world_size} "
                               f"processes; set it to {world_size} (or 1: one data-parallel rank per process)")
@@ -248,5 +255,5 @@ def setup_parallel(parallel: ParallelConfig, device_target: str) -> ParallelCont
                                   f"on {world_size} Ascend devices",
                                   0, 1, parallel.data_parallel, parallel.pipeline_stages, parallel.micro_batch_num,
                                   parallel.optimizer_shard)
-    log.info("parallel mode: %s (rank %d of %d)", context.description, rank, world_size)
+    log.info("parallel mode: %s (rank %d of %d); %s", context.description, rank, world_size, describe(parallel))
     return context

@@ -8,7 +8,7 @@ The formulas and their assumptions are in docs/distributed.md; ``msllm plan`` pr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mindspore_llm.distill import DistillConfig
@@ -87,7 +87,7 @@ def layer_activation_bytes(config, index: int, work: Workload, parallel: Paralle
     sp = t if parallel.sequence_parallel else 1
     h, a = config.hidden_size, config.num_attention_heads
     tokens = s * b
-    if mode == "full":  # only the layer input survives (split along the sequence with sequence parallel)
+    if mode in ("full", "swap"):  # only the layer input stays on the device (split along the sequence with SP)
         return e * tokens * h / sp
     replicated = 4 * e * tokens * h / sp  # both norm inputs, the attention input, the MLP input
     if hasattr(config, "kv_lora_rank"):
@@ -143,6 +143,13 @@ class StageMemory:
     layers: list[int]
     terms: dict[str, float]  # bytes per device
     parameters: float  # elements per device (trainable + frozen)
+    host: dict[str, float] = field(default_factory=dict)  # bytes per device kept in host memory (offload, swap)
+    swapped_per_micro_batch: float = 0.0  # activation bytes one micro-batch swaps out (and back) per device
+
+    def pcie_bytes(self, micro_batches: int) -> float:
+        """Host <-> device bytes per step and device: offloaded optimizer state in and out once (the update reads
+        and writes it), swapped activations out in forward and back in backward, every micro-batch."""
+        return 2 * (self.host.get("optimizer states", 0.0) + micro_batches * self.swapped_per_micro_batch)
 
     @property
     def total(self) -> float:
@@ -164,8 +171,9 @@ def estimate_memory(config, parallel: ParallelConfig, work: Workload,
     """Peak bytes per device of every pipeline stage (a stage's devices all hold the same amount).
 
     Parameters are fp32 master weights; with 16-bit compute (O2) each also has a compute-dtype copy.
-    Gradients are fp32 (the parameters' dtype); AdamW holds two fp32 moments. ``optimizer_shard`` divides master
-    weights, gradients and moments over the data-parallel replicas (for experts: over dp / ep).
+    Gradients are fp32 (the parameters' dtype); AdamW holds two fp32 moments. The ZeRO stage shards them over the
+    data-parallel replicas as MindSpore's parallel optimizer does (``_add_model_state``); offloaded moments and
+    swapped activations are counted in ``StageMemory.host``.
     A quantized base (``lora.quantize_base``) holds its linear weights as codes and block scales (NF4: 0.5 byte per
     weight + 4 bytes per 64, or with double quantization 1 byte per 64 + 4 bytes per 64 x 256) and no
     compute-dtype copy; one layer at a time is dequantized (``dequant working set``: the fp32 weight and
@@ -174,8 +182,6 @@ def estimate_memory(config, parallel: ParallelConfig, work: Workload,
     num_layers = config.num_hidden_layers
     layer_stages = parallel.stage_of_layers(num_layers)
     modes = parallel.recompute_of_layers(num_layers)
-    dp_shard = parallel.data_parallel if parallel.optimizer_shard else 1
-    expert_dp_shard = dp_shard // parallel.expert_parallel if parallel.optimizer_shard else 1
     copy_bytes = work.compute_bytes if work.compute_bytes < 4 else 0
     stages = [StageMemory(k, [i for i, s in enumerate(layer_stages) if s == k],
                           dict.fromkeys(("compute weights", "fp32 weights", "gradients", "optimizer states",
@@ -188,27 +194,36 @@ def estimate_memory(config, parallel: ParallelConfig, work: Workload,
     if quantized:
         for stage in stages:
             stage.terms.update({"quantized weights": 0.0, "dequant working set": 0.0})
+    layer_elements = [dict.fromkeys(range(num_layers), 0.0) for _ in stages]
     for name, shape, is_trainable in [(n, s, not frozen_base) for n, s in parameter_shapes(config)] + trainable:
         elements = _device_elements(name, shape, parallel)
-        shard = expert_dp_shard if ".experts." in name else dp_shard
         for k in _stage_of_parameter(name, layer_stages, config.tie_word_embeddings):
-            terms = stages[k].terms
             stages[k].parameters += elements
             if name in quantized:
+                terms = stages[k].terms
                 terms["quantized weights"] += _quantized_device_bytes(name, shape, quantization, parallel)
                 terms["dequant working set"] = max(terms["dequant working set"], 8 * elements)
                 continue
-            terms["compute weights"] += copy_bytes * elements
             if is_trainable:
-                terms["fp32 weights"] += 4 * elements / shard
-                terms["gradients"] += 4 * elements / shard
-                terms["optimizer states"] += 8 * elements / shard
+                _add_model_state(stages[k], name, shape, elements, parallel, copy_bytes)
+                index = _layer_index(name)
+                if index is not None:
+                    layer_elements[k][index] += elements
             else:  # frozen: fp32 parameters, never sharded by the optimizer, no gradient or moments
-                terms["fp32 weights"] += 4 * elements
+                stages[k].terms["compute weights"] += copy_bytes * elements
+                stages[k].terms["fp32 weights"] += 4 * elements
+    if parallel.zero_stage == 3:
+        for stage, per_layer in zip(stages, layer_elements):
+            stage.terms["gathered layer (ZeRO-3)"] = zero3_gathered_bytes(max(per_layer.values()), copy_bytes)
     for stage in stages:
         flights = in_flight_micro_batches(parallel, stage.stage)
         stored = [layer_activation_bytes(config, i, work, parallel, modes[i], lora) for i in stage.layers]
         stage.terms["activations"] = flights * (sum(stored) + 4 * work.micro_batch_size * work.seq_length ** 2)
+        swapped = sum(layer_activation_bytes(config, i, work, parallel, "none", lora) - stored[j]
+                      for j, i in enumerate(stage.layers) if modes[i] == "swap")
+        if swapped:
+            stage.swapped_per_micro_batch = swapped
+            stage.host["swapped activations"] = flights * swapped
         # backward re-runs one layer's recomputed part at a time: what that layer did not store
         stage.terms["recompute working set"] = max(
             (layer_activation_bytes(config, i, work, parallel, "none", lora) - stored[j]
@@ -218,6 +233,64 @@ def estimate_memory(config, parallel: ParallelConfig, work: Workload,
     if distill is not None:
         _add_teacher(stages, distill, teacher, parallel, work, copy_bytes)
     return stages
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ZeRO and offload (parallel/zero.py maps the stages to MindSpore's optimizer_level)
+
+
+def optimizer_shards(name: str, shape: tuple[int, ...], parallel: ParallelConfig) -> int:
+    """Over how many devices MindSpore's parallel optimizer splits trainable parameter `name` (1: it does not).
+
+    The group is the parameter's data-parallel replicas (experts: dp / ep), or ``optimizer_shard_size`` of them;
+    a parameter whose per-device fp32 size is under ``optimizer_shard_threshold_kb``, or whose per-device first
+    dimension the group does not divide, stays whole (MindSpore slices dimension 0 of the device's tensor)."""
+    if parallel.zero_stage == 0:
+        return 1
+    replicas = parallel.data_parallel // (parallel.expert_parallel if ".experts." in name else 1)
+    group = replicas if parallel.optimizer_shard_size == -1 else min(parallel.optimizer_shard_size, replicas)
+    split = parameter_split(name, len(shape), parallel)
+    first = shape[0] // split[0]
+    if 4 * math.prod(shape) / math.prod(split) < parallel.optimizer_shard_threshold_kb * 1024 or first % group:
+        return 1
+    return group
+
+
+def _add_model_state(stage: StageMemory, name: str, shape: tuple[int, ...], elements: float,
+                     parallel: ParallelConfig, copy_bytes: int) -> None:
+    """A trainable parameter's bytes on a device of `stage`, by ZeRO stage (n = ``optimizer_shards``):
+
+    stage 0: 16-bit copy, fp32 weight, fp32 gradient, AdamW m and v, all whole;
+    stage 1: the fp32 weight and the moments / n; the 16-bit weight is gathered whole (after the cast) and kept
+             from forward to backward; the gradient (and its accumulation buffer) whole;
+    stage 2: + the gradient / n (MindSpore's gradient_accumulation_shard: reduce-scattered each micro-batch);
+    stage 3: + no whole 16-bit copy is kept (one layer's is gathered at a time: ``zero3_gathered_bytes``).
+    With ``offload_optimizer: host`` the moments' bytes are host memory instead."""
+    n = optimizer_shards(name, shape, parallel)
+    stage_ = parallel.zero_stage
+    terms = stage.terms
+    terms["compute weights"] += (copy_bytes if stage_ < 3 or n == 1 else 0) * elements
+    terms["fp32 weights"] += 4 * elements / n
+    terms["gradients"] += 4 * elements / (n if stage_ >= 2 else 1)
+    if parallel.offloads_optimizer:
+        stage.host["optimizer states"] = stage.host.get("optimizer states", 0.0) + 8 * elements / n
+    else:
+        terms["optimizer states"] += 8 * elements / n
+
+
+def zero3_gathered_bytes(layer_elements: float, copy_bytes: int) -> float:
+    """ZeRO-3's working set: one layer's weight gathered whole in the compute dtype (fp32 when computing in fp32)
+    and its whole fp32 gradient before the reduce-scatter; DeepSpeed's estimator counts the same as 4 bytes per
+    element of the largest layer (16-bit parameter and gradient)."""
+    return ((copy_bytes or 4) + 4) * layer_elements
+
+
+def host_bytes_per_server(stages: list[StageMemory], parallel: ParallelConfig, devices_per_server: int) -> float:
+    """The most host memory one server holds for its devices (ranks fill servers in order; a rank's pipeline
+    stage is rank // (dp x mp), MindSpore's assignment)."""
+    per_rank = [sum(stages[rank // parallel.stage_devices].host.values()) for rank in range(parallel.device_num)]
+    return max(sum(per_rank[start:start + devices_per_server])
+               for start in range(0, parallel.device_num, devices_per_server))
 
 
 def _add_teacher(stages: list[StageMemory], distill: DistillConfig, teacher, parallel: ParallelConfig,
@@ -328,7 +401,46 @@ def _moe_line(config, seq_length: int) -> str:
             f"{flops_per_token(config, seq_length) / 1e12:.3f} T model (MFU counts these)")
 
 
-def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float) -> tuple[str, bool]:
+# Host <-> device bandwidth per 910B and direction assumed for offload timing (not measured here): the Atlas 800T A2
+# links each NPU to the host over PCIe x16 (32-64 GB/s theoretical per direction by generation); 25 GB/s is a
+# sustained planning figure. ``msllm plan --pcie-gb-per-s`` sets another.
+PCIE_GB_PER_S = 25.0
+DEVICES_PER_SERVER = 8
+
+
+@dataclass(frozen=True)
+class Offload:
+    """How the offload figures are worked out: host<->device bandwidth per device (GB/s, 10^9 bytes) and the
+    devices of one server."""
+    pcie_gb_per_s: float = PCIE_GB_PER_S
+    devices_per_server: int = DEVICES_PER_SERVER
+
+
+def micro_batches_per_step(inputs: PlanInputs) -> int:
+    return inputs.parallel.micro_batch_num * inputs.gradient_accumulation_steps
+
+
+def zero_lines(inputs: PlanInputs, stages: list[StageMemory], offload: Offload) -> list[str]:
+    """The ZeRO stage, host memory per server and PCIe traffic per step of the plan."""
+    from mindspore_llm.parallel.zero import describe
+
+    parallel = inputs.parallel
+    lines = [f"zero: {describe(parallel)}"]
+    host = host_bytes_per_server(stages, parallel, min(offload.devices_per_server, parallel.device_num))
+    if host:
+        worst = max(stages, key=lambda s: s.pcie_bytes(micro_batches_per_step(inputs)))
+        traffic = worst.pcie_bytes(micro_batches_per_step(inputs))
+        lines.append(f"  host memory: {host / GB:.2f} GB per server of {offload.devices_per_server} devices ("
+                     + ", ".join(f"{term} {b / GB:.2f} GB" for term, b in worst.host.items())
+                     + f" per device of stage {worst.stage})")
+        lines.append(f"  host<->device traffic: {traffic / GB:.2f} GB per step and device, {traffic / 1e9 / offload.pcie_gb_per_s:.2f} s "
+                     f"at an assumed {offload.pcie_gb_per_s:g} GB/s per device (not overlapped with compute; "
+                     f"measure on the server)")
+    return lines
+
+
+def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float,
+                offload: Offload = Offload()) -> tuple[str, bool]:
     """(the printed plan, whether every stage fits in `hbm_gb`)."""
     from mindspore_llm.parallel.plan import validate_plan
 
@@ -343,7 +455,7 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float) -> tuple[str
              f"{parallel.model_parallel} x pipeline_stages {parallel.pipeline_stages}"
              + (f"; experts over expert_parallel {parallel.expert_parallel} of the dp replicas"
                 if is_moe(config) else ""),
-             f"  optimizer_shard {parallel.optimizer_shard}, sequence_parallel {parallel.sequence_parallel}, "
+             f"  zero_stage {parallel.zero_stage}, sequence_parallel {parallel.sequence_parallel}, "
              f"vocab_parallel {parallel.vocab_parallel}, micro_batch_num {parallel.micro_batch_num}",
              f"batch: seq_length {work.seq_length}, micro_batch_size {inputs.micro_batch_size}, global batch "
              f"{parallel.data_parallel * inputs.micro_batch_size * parallel.micro_batch_num * inputs.gradient_accumulation_steps}"
@@ -385,8 +497,105 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float) -> tuple[str
                * in_flight_micro_batches(parallel, s.stage) for s in stages]
     lines.append("  activations without recompute would be: "
                  + ", ".join(f"stage {s.stage} {w / GB:.2f} GB" for s, w in zip(stages, without)))
+    lines += zero_lines(inputs, stages, offload)
     lines.append(f"peak: stage {worst.stage}, {worst.total / GB:.2f} GB of {hbm_gb:g} GB -> "
                  f"{'fits' if fits else 'DOES NOT FIT'}; dominant term: {worst.dominant} "
                  f"({worst.terms[worst.dominant] / GB:.2f} GB)")
     return "\n".join(lines), fits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every ZeRO stage x offload choice of one job
+
+
+@dataclass(frozen=True)
+class ZeroChoice:
+    zero_stage: int
+    offload_optimizer: str
+    device_bytes: float  # the peak stage's device bytes
+    model_state_bytes: float  # of which weights, gradients, optimizer state
+    host_bytes_per_server: float
+    pcie_seconds: float  # per step, the busiest device
+    deepspeed_bytes: float | None  # DeepSpeed's estimator for the same model state (stages 2, 3)
+    refused: str | None = None  # why the project refuses this choice for the job
+
+
+MODEL_STATE_TERMS = ("compute weights", "fp32 weights", "gradients", "optimizer states", "gathered layer (ZeRO-3)")
+
+
+def zero_choices(inputs: PlanInputs, offload: Offload = Offload()) -> list[ZeroChoice]:
+    """The job under every zero_stage x offload_optimizer choice (the rest of its parallel section kept)."""
+    import dataclasses
+
+    from mindspore_llm.common import ConfigError
+    from mindspore_llm.parallel.zero import deepspeed_estimate
+
+    choices = []
+    for zero_stage in (0, 1, 2, 3):
+        for target in ("none", "host"):
+            parallel = dataclasses.replace(inputs.parallel, zero_stage=zero_stage, optimizer_shard=False,
+                                           offload_optimizer=target)
+            if zero_stage == 0:
+                parallel = dataclasses.replace(parallel, optimizer_shard_size=-1, optimizer_shard_threshold_kb=64)
+            try:
+                parallel.validate()
+            except ConfigError as err:
+                choices.append(ZeroChoice(zero_stage, target, 0, 0, 0, 0, None, str(err)))
+                continue
+            stages = estimate_memory(inputs.model, parallel, inputs.work, inputs.lora, inputs.distill, inputs.teacher)
+            worst = max(stages, key=lambda s: s.total)
+            state = sum(worst.terms.get(term, 0.0) for term in MODEL_STATE_TERMS)
+            trainable = _trainable_elements(inputs, parallel, worst)
+            estimate = deepspeed_estimate(zero_stage, trainable[0], trainable[1], parallel.data_parallel, 1,
+                                          target == "host")
+            micro = inputs.parallel.micro_batch_num * inputs.gradient_accumulation_steps
+            choices.append(ZeroChoice(
+                zero_stage, target, worst.total, state,
+                host_bytes_per_server(stages, parallel, min(offload.devices_per_server, parallel.device_num)),
+                max(s.pcie_bytes(micro) for s in stages) / 1e9 / offload.pcie_gb_per_s,
+                None if estimate is None else estimate[1]))
+    return choices
+
+
+def _trainable_elements(inputs: PlanInputs, parallel: ParallelConfig, stage: StageMemory) -> tuple[float, float]:
+    """(trainable elements on a device of `stage` before ZeRO, those of its largest layer): what DeepSpeed's
+    estimator calls total_params and largest_layer_params for a model-parallel slice."""
+    shapes = lora_parameter_shapes(inputs.model, inputs.lora) if inputs.lora else parameter_shapes(inputs.model)
+    layer_stages = parallel.stage_of_layers(inputs.model.num_hidden_layers)
+    total, per_layer = 0.0, {}
+    for name, shape in shapes:
+        if stage.stage in _stage_of_parameter(name, layer_stages, inputs.model.tie_word_embeddings):
+            elements = _device_elements(name, shape, parallel)
+            total += elements
+            index = _layer_index(name)
+            if index is not None:
+                per_layer[index] = per_layer.get(index, 0.0) + elements
+    return total, max(per_layer.values(), default=0.0)
+
+
+def compare_zero_report(inputs: PlanInputs, hbm_gb: float, offload: Offload = Offload()) -> str:
+    """One table: every stage x offload choice, device and host GB side by side, DeepSpeed's estimate beside."""
+    rows = zero_choices(inputs, offload)
+    lines = [f"ZeRO choices for {inputs.source} (peak pipeline stage; GB = 2^30 bytes; HBM {hbm_gb:g} GB; host "
+             f"per server of {offload.devices_per_server} devices; PCIe at an assumed {offload.pcie_gb_per_s:g} "
+             f"GB/s per device)",
+             f"  {'zero_stage':>10s} {'offload':>8s} {'device GB':>10s} {'model state':>12s} "
+             f"{'DeepSpeed est.':>15s} {'host GB':>9s} {'PCIe s/step':>12s}  verdict"]
+    reasons = list(dict.fromkeys(row.refused for row in rows if row.refused))
+    for row in rows:
+        if row.refused:
+            lines.append(f"  {row.zero_stage:>10d} {row.offload_optimizer:>8s} {'-':>10s} {'-':>12s} {'-':>15s} "
+                         f"{'-':>9s} {'-':>12s}  refused ({reasons.index(row.refused) + 1})")
+            continue
+        deepspeed = "-" if row.deepspeed_bytes is None else f"{row.deepspeed_bytes / GB:.2f}"
+        verdict = "fits" if row.device_bytes <= hbm_gb * GB else "does not fit"
+        lines.append(f"  {row.zero_stage:>10d} {row.offload_optimizer:>8s} {row.device_bytes / GB:>10.2f} "
+                     f"{row.model_state_bytes / GB:>12.2f} {deepspeed:>15s} {row.host_bytes_per_server / GB:>9.2f} "
+                     f"{row.pcie_seconds:>12.2f}  {verdict}")
+    lines += [f"  ({i}) {reason}" for i, reason in enumerate(reasons, 1)]
+    lines.append("  model state: weights, gradients, optimizer state on the device. DeepSpeed est.: its "
+                 "estimate_zero2/3_model_states_mem_needs for the same slice over dp; it counts 16-bit "
+                 "gradients beside fp32 ones (MindSpore keeps fp32 only) and, offloaded, the fp32 weights and "
+                 "gradients on the host with a CPU Adam (MindSpore updates on the device: only the moments move)")
+    return "\n".join(lines)
 

@@ -267,6 +267,8 @@ def _assign_stages_and_recompute(model: nn.Cell, decoder: layers.DecoderModel, p
             for _, cell in layer.cells_and_names():
                 if isinstance(cell, layers.DotProductAttention):
                     cell.recompute()
+        elif mode == "swap":  # activations to host memory in forward, back before backward (Ascend; unproven)
+            layer.offload()
     if parallel.pipeline_stages == 1:
         return
     last = parallel.pipeline_stages - 1

@@ -28,11 +28,12 @@ TOY_SEQ_LENGTH = 16
 
 def build_step(trained, trainable_params, config, context):
     """(the ``TrainStep``, the cell to compile) of training `trained` (the model, or a ``DistillationModel`` around
-    it) under `context`, as the trainer builds it."""
+    it) under `context`, as the trainer builds it: the AdamW moments in host memory with ``offload_optimizer:
+    host``, the ZeRO stage on the ``AutoParallel`` cell (``context.wrap_step``)."""
     from mindspore_llm.train.optim import AdamW
     from mindspore_llm.train.step import TrainStep
 
-    optimizer = AdamW(trainable_params, config.optimizer, config.schedule)
+    optimizer = AdamW(trainable_params, config.optimizer, config.schedule, config.parallel.offloads_optimizer)
     step = TrainStep(trained, optimizer, config.precision, config.train.gradient_accumulation_steps,
                      config.optimizer.clip_grad_norm, **context.step_parallelism(optimizer.parameters))
     return step, context.wrap_step(step, config.checkpoint_dir / "strategy", config.parallel)

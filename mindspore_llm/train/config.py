@@ -265,6 +265,7 @@ def plan_inputs(config: TrainConfig, source: str) -> PlanInputs:
                       distill, teacher)
 
 
-def load_plan_inputs(path: str | Path) -> PlanInputs:
-    """The plan of the training YAML at `path` (its data files need not exist: only the shapes are read)."""
-    return plan_inputs(load_train_config(path), str(path))
+def load_plan_inputs(path: str | Path, overrides: list[str] = ()) -> PlanInputs:
+    """The plan of the training YAML at `path` with `overrides` (``section.key=value``; its data files need not
+    exist: only the shapes are read)."""
+    return plan_inputs(load_train_config(path, overrides), str(path))

@@ -3,7 +3,8 @@ square root), run in the graph with its state in Parameters so that a MindSpore 
 
 State names: ``optimizer.step`` (updates taken), ``optimizer.exp_avg.<param>`` and ``optimizer.exp_avg_sq.<param>``
 (torch's names for the first and second moments). The moments are clones of their weights (``adamw_state``), which is
-how MindSpore gives optimizer state its weight's layout under parallelism.
+how MindSpore gives optimizer state its weight's layout under parallelism; with ``offload_optimizer: host`` they are
+placed in host memory too.
 """
 from __future__ import annotations
 
@@ -49,9 +50,24 @@ def param_groups(params) -> tuple[list[Parameter], list[Parameter]]:
     return decay, no_decay
 
 
-def adamw_state(params: ParameterTuple) -> tuple[ParameterTuple, ParameterTuple]:
+HOST = "CPU"  # MindSpore's name for host memory in Parameter(..., device=...)
+
+
+def place_on_host(param: Parameter) -> None:
+    """What ``Parameter(..., device="CPU")`` records (MindSpore 2.10's parameter.py): the runtime keeps the
+    parameter in host memory, loads it to the device when an op uses it and unloads it after. The clone of a weight
+    cannot be constructed with the argument, so the same record is written on it."""
+    param._set_user_data("parameter_device", HOST)  # pylint: disable=protected-access
+
+
+def placement(param: Parameter) -> str | None:
+    """``"CPU"`` for a parameter placed in host memory, None for one on the device."""
+    return param._get_user_data("parameter_device")  # pylint: disable=protected-access
+
+
+def adamw_state(params: ParameterTuple, host: bool = False) -> tuple[ParameterTuple, ParameterTuple]:
     """AdamW's first and second moments of `params`: fp32 zeros named ``optimizer.exp_avg.<param>`` and
-    ``optimizer.exp_avg_sq.<param>``.
+    ``optimizer.exp_avg_sq.<param>``, in host memory when `host` (ZeRO-Offload's optimizer state).
 
     Each moment is ``Parameter.clone`` of its weight (as MindSpore's own Adam does), which records it in the weight's
     ``param_info.cloned_obj``. Under semi-auto parallel MindSpore gives every clone its weight's layout: the weight's
@@ -65,6 +81,8 @@ def adamw_state(params: ParameterTuple) -> tuple[ParameterTuple, ParameterTuple]
             moment.requires_grad = False
             if moment.dtype != ms.float32:  # the moments are fp32 whatever the weight's dtype
                 moment.set_dtype(ms.float32)
+            if host:
+                place_on_host(moment)
         return cloned
 
     return moments("optimizer.exp_avg"), moments("optimizer.exp_avg_sq")
@@ -95,16 +113,16 @@ def _update(beta1, beta2, eps, lr, step_size, bias_correction2_sqrt, apply, weig
 class AdamW(nn.Cell):
     """``optimizer(grads, apply)`` updates every parameter when the bool scalar `apply` is true (the training step
     passes "all gradients finite") and returns the learning rate it used. The rate comes from `schedule` at the
-    optimizer's own step count, counted from 1."""
+    optimizer's own step count, counted from 1. `host_state`: the moments live in host memory."""
 
-    def __init__(self, params, config: OptimizerConfig, schedule: ScheduleConfig):
+    def __init__(self, params, config: OptimizerConfig, schedule: ScheduleConfig, host_state: bool = False):
         super().__init__(auto_prefix=False)
         params = list(params)
         decay, _ = param_groups(params)
         decay_ids = {id(p) for p in decay}
         self.parameters = ParameterTuple(params)
         self.weight_decays = tuple(config.weight_decay if id(p) in decay_ids else 0.0 for p in params)
-        self.exp_avg, self.exp_avg_sq = adamw_state(self.parameters)
+        self.exp_avg, self.exp_avg_sq = adamw_state(self.parameters, host_state)
         self.step = Parameter(Tensor(0, ms.int32), name="optimizer.step", requires_grad=False)
         self.beta1 = config.beta1
         self.beta2 = config.beta2

@@ -33,9 +33,11 @@ import numpy as np
 from mindspore_llm.common import IGNORE_INDEX
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.context import SEMI_AUTO, STANDALONE, ParallelContext
+from mindspore_llm.parallel.zero import describe
 from mindspore_llm.train.assembly import (build_step, build_toy_model, quantization_block, toy_batch,
                                           toy_model_config, toy_parallel, toy_seq_length)
 from mindspore_llm.train.config import TrainConfig
+from mindspore_llm.train.optim import HOST, placement
 from mindspore_llm.train.trainer import BATCH_KEYS, check_parallel_settings
 
 # Agreement between the wrapped and the reference step (both run on this CPU, the same arithmetic on other batch
@@ -188,6 +190,11 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
                      f"it wraps runs)")
     if lora is not None:
         built.append(f"LoRA rank {lora.rank} on {len(lora_layers(model))} layers")
+    built.append(describe(parallel))
+    if parallel.offloads_optimizer:
+        moments = [*step.optimizer.exp_avg, *step.optimizer.exp_avg_sq]
+        built.append(f"{sum(placement(m) == HOST for m in moments)} of {len(moments)} AdamW moments placed on the "
+                     f"host")
     say("  built: " + "; ".join(built))
 
     # -- the steps --------------------------------------------------------------------------------------------------
