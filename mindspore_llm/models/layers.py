@@ -25,6 +25,16 @@ DTYPES = {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float1
           "bf16": ms.bfloat16, "bfloat16": ms.bfloat16}
 
 
+def broadcast_explicitly() -> bool:
+    """Whether elementwise ops get operands of one shape (``ops.broadcast_to`` first) instead of broadcasting.
+
+    On CPU, MindSpore 2.10's kernel for a broadcasting Mul/Add/Sub keeps two int64 index maps of its output's size
+    for the life of the compiled graph, forward and backward: 16 bytes per output element (1 GB for the loss's
+    logits - row max at 2048 x 32000). BroadcastTo and same-shape ops keep none, and the expanded operand is a
+    transient pool buffer (docs/training_numerics.md, "Memory"). Ascend kernels broadcast in place, so there it would
+    only add a copy."""
+    return ms.get_context("device_target") == "CPU"
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -61,6 +71,7 @@ class Linear(nn.Cell):
         self.matmul = P.MatMul(transpose_b=True)
         self.bias_add = P.Add()
         self.cast = P.Cast()
+        self.explicit_broadcast = broadcast_explicitly()
 
     def construct(self, x):
         out_shape = x.shape[:-1] + (self.out_features,)
@@ -69,7 +80,8 @@ class Linear(nn.Cell):
         weight = self.weight() if isinstance(self.weight, nn.Cell) else self.weight
         y = self.matmul(x, self.cast(weight, self.compute_dtype))
         if self.bias is not None:
-            y = self.bias_add(y, self.cast(self.bias, self.compute_dtype))
+            bias = self.cast(self.bias, self.compute_dtype)
+            y = self.bias_add(y, ops.broadcast_to(bias, y.shape) if self.explicit_broadcast else bias)
         return self.cast(y, self.activation_dtype).reshape(out_shape)
 
 
@@ -100,13 +112,19 @@ class RMSNorm(nn.Cell):
         self.mul = P.Mul()
         self.mul_weight = P.Mul()
         self.cast = P.Cast()
+        self.explicit_broadcast = broadcast_explicitly()
 
     def construct(self, x):
         dtype = x.dtype
         x32 = self.cast(x, ms.float32)
         variance = self.mean(self.square(x32), -1)
-        normed = self.mul(x32, self.rsqrt(self.add_eps(variance, self.eps)))
-        return self.mul_weight(self.cast(normed, dtype), self.cast(self.weight, dtype))
+        inverse_rms = self.rsqrt(self.add_eps(variance, self.eps))
+        weight = self.cast(self.weight, dtype)
+        if self.explicit_broadcast:
+            inverse_rms = ops.broadcast_to(inverse_rms, x32.shape)
+            weight = ops.broadcast_to(weight, x.shape)
+        normed = self.mul(x32, inverse_rms)
+        return self.mul_weight(self.cast(normed, dtype), weight)
 
 
 def rope_inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
@@ -192,6 +210,7 @@ class ApplyRotary(nn.Cell):
         self.neg = P.Neg()
         self.concat = P.Concat(-1)
         self.cast = P.Cast()
+        self.explicit_broadcast = broadcast_explicitly()
 
     def construct(self, x, cos, sin):
         dtype = x.dtype
@@ -199,7 +218,10 @@ class ApplyRotary(nn.Cell):
         x1 = x[..., :self.half]
         x2 = x[..., self.half:]
         rotated = self.concat((self.neg(x2), x1))
-        out = self.add(self.mul_cos(x, cos.expand_dims(1)), self.mul_sin(rotated, sin.expand_dims(1)))
+        cos, sin = cos.expand_dims(1), sin.expand_dims(1)
+        if self.explicit_broadcast:
+            cos, sin = ops.broadcast_to(cos, x.shape), ops.broadcast_to(sin, x.shape)
+        out = self.add(self.mul_cos(x, cos), self.mul_sin(rotated, sin))
         return self.cast(out, dtype)
 
 
@@ -241,10 +263,13 @@ class DotProductAttention(nn.Cell):
         self.softmax = P.Softmax(-1)
         self.pv_matmul = P.BatchMatMul()
         self.cast = P.Cast()
+        self.explicit_broadcast = broadcast_explicitly()
 
     def construct(self, query, key, value, bias):
         scores = self.qk_matmul(self.cast(query, self.compute_dtype), self.cast(key, self.compute_dtype))
         scores = self.cast(scores, ms.float32)
+        if self.explicit_broadcast:
+            bias = ops.broadcast_to(bias, scores.shape)
         scores = self.add_bias(self.scale(scores, self.scaling), bias)
         probs = self.cast(self.softmax(scores), self.compute_dtype)
         return self.cast(self.pv_matmul(probs, self.cast(value, self.compute_dtype)), self.activation_dtype)
@@ -388,6 +413,7 @@ class CausalLMLoss(nn.Cell):
         self.log = P.Log()
         self.gather = P.GatherD()
         self.concat = P.Concat(1)
+        self.explicit_broadcast = broadcast_explicitly()
 
     def construct(self, logits, labels):
         batch, _, vocab = logits.shape
@@ -397,6 +423,8 @@ class CausalLMLoss(nn.Cell):
         counted = targets != IGNORE_INDEX
         safe_targets = ops.select(counted, targets, ops.zeros_like(targets)).astype(ms.int32)
         row_max = ops.stop_gradient(self.reduce_max(logits, -1))
+        if self.explicit_broadcast:
+            row_max = ops.broadcast_to(row_max, logits.shape)
         shifted = self.sub(logits, row_max)
         log_normaliser = self.log(self.reduce_sum(self.exp(shifted), -1))
         picked = self.gather(shifted, 1, safe_targets.reshape(-1, 1))
