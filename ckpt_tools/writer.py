@@ -1,12 +1,12 @@
 """The one checkpoint writer: tensors streamed piece by piece into shards of Hugging Face safetensors, MindSpore
 safetensors or MindSpore .ckpt, with an index and a manifest (shape, dtype, CRC32 of each tensor's bytes).
 
-Shards are planned up front from the tensors' shapes and dtypes, so a safetensors header is written first and
-each tensor's bytes follow as they are produced; a few shards are written at once, each by its own thread.
+Shards are planned up front from the tensors' shapes and dtypes, down to the byte where each tensor goes, so a few
+tensors are written at once (one thread each, in any shard) while each tensor's bytes are written as produced.
 
 A tensor's bytes come as arrays (cast, fused or dequantized values, produced in slabs) or, for a tensor written
 exactly as a source file stores it, as that file's byte ranges (`FileBytes`). Those are checksummed where they lie,
-through a memory map of one window at a time, and copied by the kernel (``sendfile``, as ``cp`` copies): they
+through a memory map of one window at a time, and copied by the kernel (``sendfile``), as ``cp`` copies: they
 never pass through a Python buffer. Memory stays at one slab or one window per thread, whatever the shard size.
 """
 from __future__ import annotations
@@ -186,38 +186,56 @@ class _TensorSink:
                 offset += sent
 
 
-def _write_shard(path: Path, shard: list[OutTensor], layout: Layout,
-                 chunks: Callable[[OutTensor], Iterable[np.ndarray | FileBytes]], advance: Callable[[int], None],
-                 cancelled: threading.Event, fsync: bool) -> dict[str, int]:
-    """One shard file; returns the CRC32 of each of its tensors."""
-    ckpt = layout.extension == "ckpt"
-    crcs = {}
-    with open(path, "xb", buffering=0) as f:
-        if not ckpt:
-            _write(f.fileno(), _safetensors_header(shard, layout.metadata))
-        for tensor in shard:
-            sink = _TensorSink(f.fileno(), tensor, ckpt, cancelled)
-            for piece in chunks(tensor):
-                sink.write(piece)
-                advance(piece.nbytes)
-            if sink.left:
-                raise ValueError(f"tensor {tensor.name}: {sink.left} bytes were never produced")
-            crcs[tensor.name] = sink.crc
-        if fsync:
-            os.fsync(f.fileno())
-    return crcs
+def _stored_size(tensor: OutTensor, ckpt: bool) -> int:
+    """Bytes `tensor` takes in its shard: its data, in a .ckpt with the framing of each slice."""
+    if not ckpt:
+        return tensor.nbytes
+    full, rest = divmod(tensor.nbytes, CKPT_SLICE_BYTES)
+    framing = full * len(_ckpt_value_header(tensor, CKPT_SLICE_BYTES))
+    if rest or not full:  # an empty tensor is one empty Value
+        framing += len(_ckpt_value_header(tensor, rest))
+    return tensor.nbytes + framing
+
+
+def _write_tensor(path: Path, offset: int, tensor: OutTensor, ckpt: bool,
+                  chunks: Callable[[OutTensor], Iterable[np.ndarray | FileBytes]], advance: Callable[[int], None],
+                  cancelled: threading.Event) -> int:
+    """`tensor` written from byte `offset` of shard `path`; returns the CRC32 of its bytes."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+        sink = _TensorSink(fd, tensor, ckpt, cancelled)
+        for piece in chunks(tensor):
+            sink.write(piece)
+            advance(piece.nbytes)
+    finally:
+        os.close(fd)
+    if sink.left:
+        raise ValueError(f"tensor {tensor.name}: {sink.left} bytes were never produced")
+    return sink.crc
 
 
 def write_checkpoint(directory: Path, tensors: list[OutTensor], layout: Layout, max_shard_bytes: int,
                      chunks: Callable[[OutTensor], Iterable[np.ndarray | FileBytes]], progress=None,
                      manifest_extra: dict | None = None, workers: int = 1, fsync: bool = False) -> dict:
-    """Write `tensors` (their bytes produced by `chunks(tensor)`, in order: arrays or `FileBytes`) into
-    `directory`, `workers` shards at a time; returns the manifest. `fsync`: each shard is on disk when this returns.
+    """Write `tensors` (the bytes of each produced in order by `chunks(tensor)`: arrays or `FileBytes`) into
+    `directory`, `workers` tensors at a time, each at its planned place in its shard; returns the manifest.
+    `fsync`: the shards are on disk when this returns.
 
     `directory` is expected to be a temporary directory (``fileio.atomic_directory``) renamed when complete.
     """
+    ckpt = layout.extension == "ckpt"
     shards = plan_shards(tensors, max_shard_bytes)
-    files = [f"{layout.stem}-{number:05d}-of-{len(shards):05d}.{layout.extension}" for number in range(1, len(shards) + 1)]
+    files = [f"{layout.stem}-{number:05d}-of-{len(shards):05d}.{layout.extension}"
+             for number in range(1, len(shards) + 1)]
+    places = []  # (file, offset, tensor) for every tensor, in file order
+    for file, shard in zip(files, shards):
+        header = b"" if ckpt else _safetensors_header(shard, layout.metadata)
+        (directory / file).write_bytes(header)
+        offset = len(header)
+        for tensor in shard:
+            places.append((file, offset, tensor))
+            offset += _stored_size(tensor, ckpt)
     lock, cancelled = threading.Lock(), threading.Event()
 
     def advance(nbytes: int) -> None:
@@ -225,25 +243,28 @@ def write_checkpoint(directory: Path, tensors: list[OutTensor], layout: Layout, 
             with lock:
                 progress.update(nbytes)
 
-    with ThreadPoolExecutor(max(1, min(workers, len(shards)))) as pool:
-        futures = [pool.submit(_write_shard, directory / file, shard, layout, chunks, advance, cancelled, fsync)
-                   for file, shard in zip(files, shards)]
+    with ThreadPoolExecutor(max(1, min(workers, len(places)))) as pool:
+        futures = [pool.submit(_write_tensor, directory / file, offset, tensor, ckpt, chunks, advance, cancelled)
+                   for file, offset, tensor in places]
         try:
             wait(futures, return_when=FIRST_EXCEPTION)
-        finally:  # after a failure (or Ctrl-C) the shards not started are dropped, the others stop soon
+        finally:  # after a failure (or Ctrl-C) the tensors not started are dropped, the others stop soon
             cancelled.set()
             for future in futures:
                 future.cancel()
     for future in futures:
         if not future.cancelled() and not isinstance(future.exception(), (_Cancelled, type(None))):
             raise future.exception()
-    crcs = [future.result() for future in futures]
-    weight_map, entries = {}, {}
-    for file, shard, shard_crcs in zip(files, shards, crcs):
-        for tensor in shard:
-            weight_map[tensor.name] = file
-            entries[tensor.name] = {"file": file, "shape": list(tensor.shape), "dtype": tensor.dtype,
-                                    "crc32": f"{shard_crcs[tensor.name]:08x}"}
+    if fsync:
+        for file in files:
+            fd = os.open(directory / file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    weight_map = {tensor.name: file for file, _, tensor in places}
+    entries = {tensor.name: {"file": file, "shape": list(tensor.shape), "dtype": tensor.dtype,
+                             "crc32": f"{future.result():08x}"} for (file, _, tensor), future in zip(places, futures)}
     total = sum(t.nbytes for t in tensors)
     (directory / layout.index).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
