@@ -8,7 +8,8 @@ the multiplier at s (our schedule counts updates from 1).
 Tolerances: per-step loss 1e-4 relative; pre-clip grad norm 1e-4 relative; final weights max|Δ| <= 1e-4 * max|w|
 per parameter. Accumulation K=4 vs one batch of 4b: first moments 1e-5 * max, weights 1e-3 * the update's rate.
 fp16 O2 loss curve within 0.2% of fp32 per step (measured 7e-5). Data parallel over 2 CPU processes (msrun) vs
-accumulation 2 in one process on the same rows: losses and weights equal to 1e-6 relative (measured: bit-identical).
+accumulation 2 in one process on the same rows: losses, gradient norms and weights equal to 1e-6 relative (measured:
+bit-identical), and an overflow on one rank skips the update on both.
 """
 import math
 import os
@@ -275,10 +276,17 @@ rank = get_rank()
 model = AutoModelForCausalLM.from_pretrained(model_dir)
 optimizer = AdamW(model.trainable_params(), t.OPTIMIZER, t.SCHEDULE)
 step = TrainStep(model, optimizer, PrecisionConfig(), 1, t.OPTIMIZER.clip_grad_norm,
-                 nn.DistributedGradReducer(optimizer.parameters, mean=True))
+                 grad_reducer=nn.DistributedGradReducer(optimizer.parameters, mean=False), data_parallel=2)
 rows = slice(rank * t.MICRO_BATCH, (rank + 1) * t.MICRO_BATCH)
-losses = [t.run(step, tuple(a[rows] for a in batch))[0] for batch in t.dp_batches()]
-np.savez(f"{out_dir}/rank{rank}.npz", losses=np.array(losses), **t.weights(step))
+results = [t.run(step, tuple(a[rows] for a in batch)) for batch in t.dp_batches()]
+trained = t.weights(step)
+# only rank 1's gradients overflow (its loss scale is fp32's largest): every rank must skip the update
+if rank == 1:
+    step.scale.set_data(ms.Tensor(3e38, ms.float32))
+skipped = t.run(step, tuple(a[rows] for a in t.dp_batches()[0]))[2]
+unchanged = all(np.array_equal(value, trained[name]) for name, value in t.weights(step).items())
+np.savez(f"{out_dir}/rank{rank}.npz", losses=np.array([r[0] for r in results]),
+         norms=np.array([r[1] for r in results]), skipped=skipped, unchanged=unchanged, **trained)
 """
 
 
@@ -310,10 +318,13 @@ def test_data_parallel_over_2_processes_equals_accumulation_in_one(model_dir, mo
                              str(out_dir)], cwd=out_dir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     single = ms_train_step(model_dir, 2)
-    losses = [run(single, batch)[0] for batch in batches]
+    results = [run(single, batch) for batch in batches]
     expected = weights(single)
     for rank in range(2):
         saved = np.load(out_dir / f"rank{rank}.npz")
-        np.testing.assert_allclose(saved["losses"], losses, rtol=1e-6)
+        np.testing.assert_allclose(saved["losses"], [r[0] for r in results], rtol=1e-6)
+        # the global gradient norm (so the clip factor and the finite check) is every rank's, and the 1-process one
+        np.testing.assert_allclose(saved["norms"], [r[1] for r in results], rtol=1e-6)
+        assert saved["skipped"] and saved["unchanged"], rank  # one rank's overflow skips the step on both
         for name, ref in expected.items():
             assert np.abs(saved[name] - ref).max() <= 1e-6 * np.abs(ref).max(), (rank, name)

@@ -13,7 +13,8 @@ from typing import Any
 
 from mindspore_llm.distill import DistillConfig
 from mindspore_llm.lora import LoraConfig, lora_parameter_shapes
-from mindspore_llm.models.shapes import count_parameters, is_moe, layer_parameter_shapes, moe_layer, parameter_shapes
+from mindspore_llm.models.shapes import (count_parameters, expert_capacity, is_moe, layer_parameter_shapes,
+                                         moe_layer, parameter_shapes, routed_slots_per_token)
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.plan import parameter_split
 
@@ -69,7 +70,7 @@ def layer_activation_bytes(config, index: int, work: Workload, parallel: Paralle
     Korthikanti et al. 2022 (arXiv:2205.05198) count s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit; this is the
     same bookkeeping adapted to these layers: no dropout masks, RMSNorm, SwiGLU (4 stored tensors of width
     intermediate_size), GQA/MLA widths for Q, K, V, an fp32 softmax output beside the 16-bit probabilities, and
-    MoE as our dense dropless dispatch computes it (every routed expert on every token). docs/distributed.md.
+    MoE as its training dispatch computes it (``moe_layer_activation_bytes``). docs/distributed.md.
     """
     s, b, e = work.seq_length, work.micro_batch_size, work.stored_bytes
     t = parallel.model_parallel
@@ -89,11 +90,7 @@ def layer_activation_bytes(config, index: int, work: Workload, parallel: Paralle
         attention = e * tokens * (2 * q + 2 * kv) / t  # Q, K, V, o_proj input
     core = 0.0 if mode == "selective" else (4 + e) * a * s * s * b / t  # fp32 softmax + 16-bit probabilities
     if moe_layer(config, index):
-        experts, i = config.n_routed_experts, config.moe_intermediate_size
-        # (E, T, .) tensors: the broadcast input and expert outputs (width h), gate/up/silu/product (width I / t)
-        mlp = experts * tokens * (2 * e * h + 4 * e * i / t)
-        mlp += 4 * tokens * experts * (3 + config.num_experts_per_tok)  # fp32 router logits, scores, one-hots
-        mlp += 4 * e * tokens * i * config.n_shared_experts / t
+        mlp = moe_layer_activation_bytes(config, s, b, e, t)
     else:
         mlp = 4 * e * tokens * config.intermediate_size / t
     adapters = 0.0
@@ -102,6 +99,22 @@ def layer_activation_bytes(config, index: int, work: Workload, parallel: Paralle
                       if name.endswith(".weight") and len(shape) == 2 and lora.matches(name[: -len(".weight")]))
         adapters = e * tokens * lora.rank * targets
     return replicated + attention + core + mlp + adapters
+
+
+def moe_layer_activation_bytes(config, seq_length: int, micro_batch_size: int, e: int, t: int) -> float:
+    """Bytes an MoE block stores for backward, by its training dispatch (``moe_dispatch``): R = routed slots per
+    token (``routed_slots_per_token``: E x C / S with a capacity, E dense, k grouped) times the T tokens are the
+    rows the experts run on; each stores its input (width h) and gate, up, silu(gate), product (width I / t);
+    the weighted combine keeps the gathered outputs (T k rows; dense: all E T); fp32 router tensors (logits,
+    scores, biased scores, one-hot (T, k, E), and with a capacity the (B, E, S) sort keys, order and ranks);
+    the shared experts' SwiGLU."""
+    tokens = seq_length * micro_batch_size
+    experts, top_k, i = config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size
+    rows = routed_slots_per_token(config, seq_length) * tokens
+    combined = experts * tokens if config.moe_dispatch == "dense" else top_k * tokens
+    router = 4 * tokens * experts * (3 + top_k + (3 if config.moe_dispatch == "capacity" else 0))
+    shared = 4 * e * tokens * i * config.n_shared_experts / t
+    return rows * e * (config.hidden_size + 4 * i / t) + combined * e * config.hidden_size + router + shared
 
 
 def logits_bytes(config, work: Workload, parallel: ParallelConfig) -> float:
@@ -276,6 +289,21 @@ def _fmt(strategy) -> str:
     return str(strategy).replace(" ", "")
 
 
+def _moe_line(config, seq_length: int) -> str:
+    from mindspore_llm.flops import executed_flops_per_token, flops_per_token
+
+    dispatch = f"{config.moe_dispatch} dispatch"
+    if config.moe_dispatch == "capacity":
+        capacity = expert_capacity(seq_length, config.n_routed_experts, config.num_experts_per_tok,
+                                   config.moe_capacity_factor)
+        dispatch += (f" (factor {config.moe_capacity_factor:g}: {capacity} of {seq_length} tokens per expert and "
+                     f"sequence, drop by {config.moe_drop_policy})")
+    return (f"moe: {dispatch}, {routed_slots_per_token(config, seq_length):.2f} routed-expert rows per token "
+            f"(top-{config.num_experts_per_tok} of {config.n_routed_experts}); training FLOPs per token "
+            f"{executed_flops_per_token(config, seq_length) / 1e12:.3f} T executed, "
+            f"{flops_per_token(config, seq_length) / 1e12:.3f} T model (MFU counts these)")
+
+
 def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float) -> tuple[str, bool]:
     """(the printed plan, whether every stage fits in `hbm_gb`)."""
     from mindspore_llm.parallel.plan import validate_plan
@@ -296,6 +324,8 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float) -> tuple[str
              f"batch: seq_length {work.seq_length}, micro_batch_size {inputs.micro_batch_size}, global batch "
              f"{parallel.data_parallel * inputs.micro_batch_size * parallel.micro_batch_num * inputs.gradient_accumulation_steps}"
              f", compute {'fp32' if work.compute_bytes == 4 else '16-bit (O2)'}"]
+    if is_moe(config):
+        lines.append(_moe_line(config, work.seq_length))
     if inputs.lora:
         lines.append(f"lora: rank {inputs.lora.rank} on {', '.join(inputs.lora.target_modules)}; base frozen")
     if inputs.teacher is not None:

@@ -8,7 +8,8 @@ Layouts: data parallel splits the batch dimension by ``dp``; tensor parallel (``
 FFN columns (column-parallel in-projections, row-parallel out-projections) and, with ``vocab_parallel``, the
 vocabulary of the embedding, LM head and loss; sequence parallel splits the norms and residual adds along the
 sequence by ``mp`` (row-parallel outputs reduce-scatter into that layout); expert parallel splits the stacked
-routed experts over ``ep`` of the data-parallel replicas.
+routed experts and their (E, tokens, H) inputs over ``ep`` of the data-parallel replicas, so the MoE dispatch's
+change of layout between sequences and experts becomes the compiler's all-to-all.
 
 ``validate_plan`` checks a parallel config against the model and the device count before anything starts;
 ``parameter_layout`` is the split of every parameter (what the memory planner divides by, and what
@@ -17,7 +18,7 @@ routed experts over ``ep`` of the data-parallel replicas.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mindspore import nn
 
@@ -48,6 +49,7 @@ class OpStrategy:
     path: str  # e.g. "model.layers.0.self_attn.q_proj.matmul"
     strategy: tuple[tuple[int, ...], ...]
     out_strategy: tuple[tuple[int, ...], ...] | None = None
+    primitive: object = field(default=None, compare=False, repr=False)  # the Primitive the strategy was set on
 
 
 def linear_kind(leaf: str) -> str:
@@ -93,12 +95,28 @@ def _rms_norm(rank_mp: tuple[int, ...], dp: int) -> dict:
 
 
 def _stacked_experts(dp: int, ep: int, mp: int) -> dict:
-    """(E, T, H) activations: experts split by ep, tokens by the remaining dp / ep, the expert FFN by mp."""
-    tokens = dp // ep
-    x, hidden = (ep, tokens, 1), (ep, tokens, mp)
-    return {"broadcast_tokens": ((1, dp, 1),), "gate_matmul": (x, (ep, mp, 1)), "up_matmul": (x, (ep, mp, 1)),
-            "silu": (hidden,), "mul": (hidden, hidden), "down_matmul": (hidden, (ep, 1, mp)),
-            "weigh": (x, x), "combine": (x,), "transpose": ((dp, 1),)}
+    """(E, N, H) expert inputs: experts split by ep, their rows by the remaining dp / ep, the expert FFN by mp."""
+    x, hidden = (ep, dp // ep, 1), (ep, dp // ep, mp)
+    return {"gate_matmul": (x, (ep, mp, 1)), "up_matmul": (x, (ep, mp, 1)), "silu": (hidden,),
+            "mul": (hidden, hidden), "down_matmul": (hidden, (ep, 1, mp))}
+
+
+def _dense_dispatch(dp: int, ep: int) -> dict:
+    """(E, T, H): every expert's copy of the tokens, laid out as the experts' inputs."""
+    x = (ep, dp // ep, 1)
+    return {"broadcast_tokens": ((1, dp, 1),), "transpose": ((dp, 1),), "weigh": (x, x), "combine_sum": (x,)}
+
+
+def _capacity_dispatch(dp: int, ep: int) -> dict:
+    """Routing and gathers per sequence, split by dp on the batch (every sequence is dispatched on its own
+    device); ``to_experts`` takes (B, E, C, H) in that layout, the experts want (E, B*C, H) as (ep, dp / ep),
+    and ``from_experts`` takes the experts' layout back: between them the compiler inserts the all-to-alls."""
+    batch = (dp, 1, 1)
+    return {"key_select": ((dp, 1), (dp, 1), (dp, 1)), "key_transpose": (batch,), "sort": (batch,),
+            "invert": (batch,), "rank_transpose": (batch,), "slot_gather": ((dp, 1), (dp, 1)),
+            "dispatch_gather": (batch, (dp, 1)), "to_experts": ((dp, 1, 1, 1),),
+            "from_experts": ((ep, dp // ep, 1, 1),), "combine_gather": (batch, (dp, 1)),
+            "weigh": (batch, batch), "combine_sum": ((dp, 1, 1, 1),)}
 
 
 def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: nn.Cell | None = None) -> dict:
@@ -142,6 +160,10 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: n
                 "q_concat": (heads, heads), "k_concat": (heads, heads), "broadcast_k_rope": ((dp, 1, 1, 1),)}
     if isinstance(cell, moe.StackedExperts):
         return _stacked_experts(dp, ep, mp)
+    if isinstance(cell, moe.DenseDispatch):
+        return _dense_dispatch(dp, ep)
+    if isinstance(cell, moe.CapacityDispatch):
+        return _capacity_dispatch(dp, ep)
     if isinstance(cell, moe.GroupLimitedTopKRouter):
         return {"matmul": ((dp, 1), (1, 1)), "sigmoid": ((dp, 1),), "add_bias": ((dp, 1), (1,))}
     if isinstance(cell, moe.DeepSeekMoE):
@@ -194,9 +216,10 @@ def apply_plan(model: nn.Cell, parallel: ParallelConfig) -> list[OpStrategy]:
         parent = cells.get(name.rsplit(".", 1)[0]) if "." in name else None
         for op_name, strategy in strategies_for(name, cell, parallel, parent).items():
             shard = strategy if isinstance(strategy, Shard) else Shard(strategy)
-            getattr(cell, op_name).shard(shard.in_strategy, out_strategy=shard.out_strategy)
+            primitive = getattr(cell, op_name)
+            primitive.shard(shard.in_strategy, out_strategy=shard.out_strategy)
             applied.append(OpStrategy(f"{name}.{op_name}" if name else op_name, shard.in_strategy,
-                                      shard.out_strategy))
+                                      shard.out_strategy, primitive))
     decoder = getattr(model, "model", None)
     if isinstance(decoder, layers.DecoderModel):
         _assign_stages_and_recompute(model, decoder, parallel)
@@ -231,22 +254,108 @@ def _assign_stages_and_recompute(model: nn.Cell, decoder: layers.DecoderModel, p
             cell.pipeline_stage = last
 
 
-def check_strategies(applied: list[OpStrategy], parallel: ParallelConfig) -> None:
-    """Every input's device matrix must divide the devices of one pipeline stage (dp x mp); every output
-    strategy's product must equal its input device matrix."""
+# Which input dimensions a matmul contracts: (dim of input 0, dim of input 1), counted from the end.
+def _contracted_dims(primitive) -> tuple[int, int] | None:
+    name = getattr(primitive, "name", "")
+    if name not in ("MatMul", "BatchMatMul"):
+        return None
+    attrs = primitive.attrs
+    return (-2 if attrs.get("transpose_a", False) else -1, -1 if attrs.get("transpose_b", False) else -2)
+
+
+def check_strategies(applied: list[OpStrategy], parallel: ParallelConfig,
+                     input_shapes: dict[str, list[list[tuple[int, ...]]]] | None = None) -> None:
+    """Check the op strategies before anything is compiled; raise ConfigError listing every problem.
+
+    Always: every input's device matrix divides the devices of one pipeline stage (dp x mp), and every output
+    strategy's product equals its input device matrix. With `input_shapes` (path -> the input shapes of each call of
+    that op, as ``trace_input_shapes`` records them): each strategy has one entry per dimension of its input, every
+    split dimension is divisible by its split (a (1, 1, S, S) attention bias cannot be split by dp > 1), and a
+    matmul splits the two dimensions it contracts alike. These are the checks MindSpore's compiler makes on the
+    cluster, after the cluster has been waited for."""
     devices = parallel.stage_devices
+    errors: list[str] = []
     for op in applied:
         for i, strategy in enumerate(op.strategy):
             used = math.prod(strategy)
             if devices % used:
-                raise ConfigError(f"{op.path}: input {i} strategy {strategy} uses {used} devices, which does not "
-                                  f"divide the {devices} devices of a stage (dp x mp)")
+                errors.append(f"{op.path}: input {i} strategy {strategy} uses {used} devices, which does not "
+                              f"divide the {devices} devices of a stage (dp x mp)")
         if op.out_strategy is not None:
             used = max(math.prod(s) for s in op.strategy)
             for strategy in op.out_strategy:
                 if math.prod(strategy) != used:
-                    raise ConfigError(f"{op.path}: output strategy {strategy} does not match the input device "
-                                      f"matrix of {used} devices")
+                    errors.append(f"{op.path}: output strategy {strategy} does not match the input device "
+                                  f"matrix of {used} devices")
+        for shapes in (input_shapes or {}).get(op.path, []):
+            errors += _shape_errors(op, shapes)
+    if errors:
+        unique = list(dict.fromkeys(errors))  # an op called several times reports once
+        raise ConfigError("invalid op strategies:\n  - " + "\n  - ".join(unique))
+
+
+def _shape_errors(op: OpStrategy, shapes: list[tuple[int, ...]]) -> list[str]:
+    if len(shapes) != len(op.strategy):
+        return [f"{op.path}: {len(op.strategy)} input strategies {op.strategy} for {len(shapes)} inputs {shapes}"]
+    errors = []
+    for i, (shape, strategy) in enumerate(zip(shapes, op.strategy)):
+        if len(shape) != len(strategy):
+            errors.append(f"{op.path}: input {i} has shape {shape} (rank {len(shape)}) but strategy {strategy} "
+                          f"(rank {len(strategy)})")
+            continue
+        for dim, (size, parts) in enumerate(zip(shape, strategy)):
+            if size % parts:
+                errors.append(f"{op.path}: input {i} dimension {dim} of shape {shape} (size {size}) cannot be split "
+                              f"{parts} ways (strategy {strategy})")
+    contracted = _contracted_dims(op.primitive)
+    if contracted is not None and not errors:
+        a, b = op.strategy[0][contracted[0]], op.strategy[1][contracted[1]]
+        if a != b:
+            errors.append(f"{op.path}: the contracted dimensions are split {a} and {b} ways (strategy "
+                          f"{op.strategy}); they must be split alike")
+    return errors
+
+
+def trace_input_shapes(model: nn.Cell, applied: list[OpStrategy], run) -> dict[str, list[list[tuple[int, ...]]]]:
+    """The input shapes every planned op of `model` sees while ``run()`` calls the model (once, in PyNative mode:
+    the ops run eagerly, so each planned primitive is briefly wrapped to record what it is called with).
+
+    Tensor arguments count as inputs, and Python numbers too where the strategy has an entry for them (the scalar of
+    ``Mul(x, 0.5)``, not the axis of ``Gather(x, ids, 0)``); tuples of tensors (``Concat``) are flattened."""
+    import mindspore as ms
+
+    cells = dict(model.cells_and_names())
+    recorded: dict[str, list[list[tuple[int, ...]]]] = {}
+    wrapped = []
+    for op in applied:
+        owner, _, attr = op.path.rpartition(".")
+        cell = cells[owner]
+        primitive = getattr(cell, attr)
+        wrapped.append((cell, attr, primitive))
+        object.__setattr__(cell, attr, _Recorder(primitive, len(op.strategy), recorded.setdefault(op.path, [])))
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        run()
+    finally:
+        ms.set_context(mode=mode)
+        for cell, attr, primitive in wrapped:
+            object.__setattr__(cell, attr, primitive)
+    return recorded
+
+
+class _Recorder:
+    def __init__(self, primitive, inputs: int, calls: list):
+        self.primitive, self.inputs, self.calls = primitive, inputs, calls
+
+    def __call__(self, *args):
+        from mindspore import Tensor
+
+        flat = [x for arg in args for x in (arg if isinstance(arg, (tuple, list)) else (arg,))]
+        tensors = [tuple(x.shape) for x in flat if isinstance(x, Tensor)]
+        numbers = [() for x in flat if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        self.calls.append(tensors + numbers[:max(0, self.inputs - len(tensors))])
+        return self.primitive(*args)
 
 
 def _divides(errors: list[str], field: str, size: int, by_field: str, by: int) -> None:
@@ -279,6 +388,10 @@ def validate_plan(model_config, parallel: ParallelConfig, device_num: int, globa
     if experts:
         _divides(errors, "moe_intermediate_size", c.moe_intermediate_size, "model_parallel", mp)
         _divides(errors, "n_routed_experts", experts, "expert_parallel", ep)
+        if c.moe_dispatch == "grouped" and (ep > 1 or mp > 1):
+            errors.append(f"moe_dispatch 'grouped' runs whole experts on each device's own tokens (its sorted "
+                          f"rows have no layout to split); use expert_parallel 1 and model_parallel 1 (got "
+                          f"{ep} and {mp}) or moe_dispatch 'capacity'")
     elif ep > 1:
         errors.append(f"expert_parallel ({ep}) needs a mixture-of-experts model; {c.architecture} has no experts")
     layers_num = c.num_hidden_layers
