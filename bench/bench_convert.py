@@ -40,7 +40,7 @@ IMPORTS = "import ckpt_tools.cli, ckpt_tools.convert, mindspore_llm.models.auto"
 def make_checkpoint(directory: Path, size_gb: float, dtype: str) -> dict:
     """Qwen2-1.5B-like shapes (hidden 1536, vocab 151936) in 1 GB shards; layers added until the size is reached."""
     from ckpt_tools.convert import LAYOUTS
-    from ckpt_tools.writer import OutTensor, write_checkpoint
+    from mindspore_llm.checkpoint_writer import OutTensor, write_checkpoint
     from mindspore_llm.checkpoint import float32_to_bf16_bits
     from mindspore_llm.models.auto import config_from_hf
     from mindspore_llm.models.naming import OURS, tensor_layout

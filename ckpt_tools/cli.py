@@ -45,10 +45,14 @@ _common = [
                  help="Replace DST if it exists (only once the new one is complete; the old one is deleted in the "
                       "background)."),
     click.option("--jobs", "-j", type=click.IntRange(min=1), default=2, show_default=True,
-                 help="Output shards written at once, each by a thread (1 for a spinning disk)."),
+                 help="Tensors written at once, each by a thread, at its place in its shard (1 for a spinning "
+                      "disk)."),
     click.option("--fsync", is_flag=True,
-                 help="Have every shard on disk before DST appears (as cp followed by sync); without it the data "
-                      "may still be in the page cache when the command returns, as after cp."),
+                 help="fsync every output file and directory before DST is renamed into place (as cp followed by "
+                      "sync), so that DST never exists with short files, even after a power loss. Without it (the "
+                      "default, as cp) the data may still be in the page cache when the command returns and reaches "
+                      "the disk with the kernel's write-back; a crash before then can leave DST with short "
+                      "files, as after cp (manifest.json holds every tensor's CRC32 to check against)."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
 ]
 

@@ -13,9 +13,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ckpt_tools.writer import FileBytes, Layout, OutTensor, write_checkpoint
-from mindspore_llm.checkpoint import (HF_INDEX, MS_INDEX, SAFETENSORS_DTYPES, TensorFile, float32_to_bf16_bits,
+from mindspore_llm.checkpoint import (MS_INDEX, SAFETENSORS_DTYPES, TensorFile, float32_to_bf16_bits,
                                       open_tensor_file, weight_files)
+from mindspore_llm.checkpoint_writer import HF_SAFETENSORS, FileBytes, Layout, OutTensor, write_checkpoint
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory, remove_in_background
 from mindspore_llm.models.naming import (CheckpointView, HFTensors, LayoutOptions, StoredRows, StoredTensor,
@@ -35,7 +35,7 @@ LAYOUTS = {
     ("ckpt", "ms"): Layout("mindspore_model", "ckpt", MS_INDEX, {}),
     # MindSpore's safetensors flavour: its save_checkpoint(format="safetensors") marks files {"format": "ms"}.
     ("safetensors", "ms"): Layout("mindspore_model", "safetensors", MS_INDEX, {"format": "ms"}, PARAM_NAME_MAP),
-    ("safetensors", "hf"): Layout("model", "safetensors", HF_INDEX, {"format": "pt"}),
+    ("safetensors", "hf"): HF_SAFETENSORS,
 }
 
 
@@ -227,8 +227,9 @@ def convert(src: Path, dst: Path, *, target_naming: str, layout: Layout, dtype: 
             quiet: bool = False, description: str = "convert", options: LayoutOptions = LayoutOptions(),
             workers: int = 2, fsync: bool = False) -> dict:
     """Convert checkpoint `src` (any naming, detected) into directory `dst` in `target_naming` with `options`
-    (the mcore switches also tell how `src` is laid out when it is mcore), `workers` shards at a time (`fsync`:
-    on disk before `dst` appears); returns the manifest written."""
+    (the mcore switches also tell how `src` is laid out when it is mcore), `workers` tensors at a time; `fsync`:
+    every file on disk before `dst` appears (otherwise left to the kernel's write-back, as after ``cp``); returns
+    the manifest written."""
     from tqdm import tqdm
 
     from mindspore_llm.models.auto import config_from_hf
@@ -243,12 +244,12 @@ def convert(src: Path, dst: Path, *, target_naming: str, layout: Layout, dtype: 
     sources = plan(view, target, DTYPES.get(dtype))
     by_name = {s.out.name: s for s in sources}
     total = sum(s.out.nbytes for s in sources)
-    with atomic_directory(dst, overwrite=overwrite, remove=remove_in_background) as tmp, \
+    with atomic_directory(dst, overwrite=overwrite, fsync=fsync, remove=remove_in_background) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, disable=quiet) as bar:
         manifest = write_checkpoint(
             tmp, [s.out for s in sources], layout, max_shard_bytes, lambda t: tensor_data(by_name[t.name]), bar,
             {"format": layout.extension, "naming": target.describe(), "source_naming": view.layout.describe(),
-             "architecture": hf_config["architectures"][0], "source": str(src)}, workers, fsync)
+             "architecture": hf_config["architectures"][0], "source": str(src)}, workers)
         side = [config_path if config_path.is_dir() else config_path.parent, src if src.is_dir() else src.parent]
         write_side_files(hf_config, side, tmp, any(s.dequantized for s in sources))
     return manifest

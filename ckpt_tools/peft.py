@@ -11,8 +11,8 @@ import numpy as np
 
 from ckpt_tools.convert import (DTYPES, LAYOUTS, cast, open_files, plan, read_config, source_chunks, tensor_data,
                                 view_of, write_side_files)
-from ckpt_tools.writer import write_checkpoint
 from mindspore_llm.checkpoint import iter_tensors
+from mindspore_llm.checkpoint_writer import write_checkpoint
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory, remove_in_background
 from mindspore_llm.lora import ADAPTER_SUFFIXES, LoraConfig
@@ -84,11 +84,11 @@ def merge_adapter(base: str | Path, adapter: str | Path, dst: str | Path, *, dty
         yield cast(merged, "F32", tensor.dtype)
 
     total = sum(s.out.nbytes for s in sources)
-    with atomic_directory(dst, overwrite=overwrite, remove=remove_in_background) as tmp, \
+    with atomic_directory(dst, overwrite=overwrite, fsync=fsync, remove=remove_in_background) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge-lora", disable=quiet) as bar:
         manifest = write_checkpoint(tmp, [s.out for s in sources], LAYOUTS[("safetensors", "hf")], max_shard_bytes,
                                     chunks, bar, {"format": "safetensors", "naming": OURS, "source": str(base),
                                                   "adapter": str(adapter), "merged_modules": len(adapted)},
-                                    workers, fsync)
+                                    workers)
         write_side_files(hf_config, [base], tmp, any(s.dequantized for s in sources))
     return manifest

@@ -1,5 +1,6 @@
-"""The one checkpoint writer: tensors streamed piece by piece into shards of Hugging Face safetensors, MindSpore
-safetensors or MindSpore .ckpt, with an index and a manifest (shape, dtype, CRC32 of each tensor's bytes).
+"""The one checkpoint writer (every `msllm-ckpt` command, and the trainer's export from per-rank slices): tensors
+streamed piece by piece into shards of Hugging Face safetensors, MindSpore safetensors or MindSpore .ckpt, with an
+index and a manifest (shape, dtype, CRC32 of each tensor's bytes).
 
 Shards are planned up front from the tensors' shapes and dtypes, down to the byte where each tensor goes, so a few
 tensors are written at once (one thread each, in any shard) while each tensor's bytes are written as produced.
@@ -8,6 +9,9 @@ A tensor's bytes come as arrays (cast, fused or dequantized values, produced in 
 exactly as a source file stores it, as that file's byte ranges (`FileBytes`). Those are checksummed where they lie,
 through a memory map of one window at a time, and copied by the kernel (``sendfile``), as ``cp`` copies: they
 never pass through a Python buffer. Memory stays at one slab or one window per thread, whatever the shard size.
+
+Nothing here forces the data to disk: the caller's ``fileio.atomic_directory`` does (or not, with ``fsync=False``)
+before the directory is renamed into place.
 """
 from __future__ import annotations
 
@@ -21,10 +25,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-# ISA-L's CRC-32 is zlib's (the same polynomial and values as zlib.crc32), 4-5x faster (measured in the doc).
-from isal.isal_zlib import crc32
 
-from mindspore_llm.checkpoint import MINDSPORE_DTYPES, SAFETENSORS_DTYPES
+from mindspore_llm.checkpoint import HF_INDEX, MINDSPORE_DTYPES, SAFETENSORS_DTYPES
 from mindspore_llm.common import CheckpointError
 
 # MindSpore's save_checkpoint splits a tensor's bytes into Values of at most SLICE_SIZE KB (512 MB);
@@ -34,6 +36,11 @@ CKPT_SLICE_BYTES = 512 * 1024 * 1024
 # pages count in the RSS) and is large enough that the mapping costs nothing measurable.
 COPY_WINDOW = 16 << 20
 MANIFEST = "manifest.json"
+
+try:  # ISA-L's CRC-32 is zlib's (same polynomial, same values), several times faster: docs/checkpoints.md
+    from isal.isal_zlib import crc32
+except ImportError:  # isal is in install_requires; a build without it still writes the same manifests
+    from zlib import crc32
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,10 @@ class Layout:
     metadata: dict
     # a flat tensor name -> file map written beside the index, as mindformers' tools expect (param_name_map.json)
     name_map: str | None = None
+
+
+# A Hugging Face model directory's weights (transformers' file names; safetensors metadata {"format": "pt"}).
+HF_SAFETENSORS = Layout("model", "safetensors", HF_INDEX, {"format": "pt"})
 
 
 def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
@@ -122,7 +133,7 @@ def _write(fd: int, data) -> None:
 
 
 class _Cancelled(Exception):
-    """Another shard failed: this one stops at its next piece or window."""
+    """Another tensor failed: this one stops at its next piece or window."""
 
 
 class _TensorSink:
@@ -217,10 +228,9 @@ def _write_tensor(path: Path, offset: int, tensor: OutTensor, ckpt: bool,
 
 def write_checkpoint(directory: Path, tensors: list[OutTensor], layout: Layout, max_shard_bytes: int,
                      chunks: Callable[[OutTensor], Iterable[np.ndarray | FileBytes]], progress=None,
-                     manifest_extra: dict | None = None, workers: int = 1, fsync: bool = False) -> dict:
+                     manifest_extra: dict | None = None, workers: int = 1) -> dict:
     """Write `tensors` (the bytes of each produced in order by `chunks(tensor)`: arrays or `FileBytes`) into
     `directory`, `workers` tensors at a time, each at its planned place in its shard; returns the manifest.
-    `fsync`: the shards are on disk when this returns.
 
     `directory` is expected to be a temporary directory (``fileio.atomic_directory``) renamed when complete.
     """
@@ -255,13 +265,6 @@ def write_checkpoint(directory: Path, tensors: list[OutTensor], layout: Layout, 
     for future in futures:
         if not future.cancelled() and not isinstance(future.exception(), (_Cancelled, type(None))):
             raise future.exception()
-    if fsync:
-        for file in files:
-            fd = os.open(directory / file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
     weight_map = {tensor.name: file for file, _, tensor in places}
     entries = {tensor.name: {"file": file, "shape": list(tensor.shape), "dtype": tensor.dtype,
                              "crc32": f"{future.result():08x}"} for (file, _, tensor), future in zip(places, futures)}
