@@ -7,9 +7,10 @@ rounds, alternating the commands within a round, in two modes:
   page cache  the command alone: its output may still be dirty in the page cache when it returns, as cp's is
   on disk     the command followed by `sync`, both timed
 Before every run its output is removed and the disk synced (untimed), except for `hf2ms --overwrite`, which
-replaces the output of the `hf2ms` run before it, as re-running a conversion does. Peak RSS is the process's
-largest resident set (wait4), also given above a process that only imports what the converter imports
-(MindSpore alone takes ~400 MB).
+replaces the output of the `hf2ms` run before it, as re-running a conversion does. A process that only imports
+what a conversion imports is timed in the same rounds: what every conversion pays before its first byte. Peak RSS
+is the process's largest resident set (wait4, started from a small launcher), also given above that import-only
+process (MindSpore alone takes ~400 MB).
 
     python bench/bench_convert.py [--size-gb 2.8] [--repeats 3] [--dtype bf16|fp32] [--workdir DIR] [--keep]
 """
@@ -35,14 +36,30 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 CONVERTER = [sys.executable, "-m", "ckpt_tools"]
 IMPORTS = "import ckpt_tools.cli, ckpt_tools.convert, mindspore_llm.models.auto"  # what a conversion imports
+# Starts each command from a small process and reports (seconds, peak RSS in KiB, exit code). A child's ru_maxrss
+# starts at the RSS of the process it was forked from (Linux carries it over exec), so forking straight from this
+# script would charge its own few hundred MB to every command, cp included.
+LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    try:
+        os.execvp(sys.argv[1], sys.argv[1:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
 
 
 def make_checkpoint(directory: Path, size_gb: float, dtype: str) -> dict:
     """Qwen2-1.5B-like shapes (hidden 1536, vocab 151936) in 1 GB shards; layers added until the size is reached."""
     from ckpt_tools.convert import LAYOUTS
-    from mindspore_llm.checkpoint_writer import OutTensor, write_checkpoint
     from mindspore_llm.checkpoint import float32_to_bf16_bits
-    from mindspore_llm.models.auto import config_from_hf
+    from mindspore_llm.checkpoint_writer import OutTensor, write_checkpoint
+    from mindspore_llm.models.config import config_from_hf
     from mindspore_llm.models.naming import OURS, tensor_layout
 
     def shapes_of(config):
@@ -76,23 +93,23 @@ def make_checkpoint(directory: Path, size_gb: float, dtype: str) -> dict:
 
 
 def weights_bytes(directory: Path) -> int:
+    if not directory.exists():
+        return 0
     return sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".ckpt", ".safetensors"))
 
 
 def run(command: list[str], sync: bool = False) -> tuple[float, int]:
     """(seconds, peak RSS in bytes) of `command` as a process, plus a `sync` after it when `sync`."""
-    with tempfile.TemporaryFile() as stderr:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
-        _, status, usage = os.wait4(process.pid, 0)
-        if sync:
-            os.sync()
-        seconds = time.perf_counter() - start
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode:
-            stderr.seek(0)
-            raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.read().decode()[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024
+    launched = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *command], env=ENV, capture_output=True,
+                              text=True)
+    start = time.perf_counter()
+    if sync:
+        os.sync()
+    synced = time.perf_counter() - start
+    seconds, peak_kib, code = launched.stdout.split()
+    if int(code) or launched.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{launched.stderr[-3000:]}")
+    return float(seconds) + synced, int(peak_kib) * 1024
 
 
 def settle(output: Path, remove: bool = True) -> None:
@@ -148,6 +165,7 @@ def main() -> None:
         hf2ms = CONVERTER + ["hf2ms", str(hf), str(out), "-q"]
         timed = {  # name -> (command, removes the output before it runs)
             "cp -r": (["cp", "-r", str(hf), str(out)], True),
+            "imports only (no conversion)": ([sys.executable, "-c", IMPORTS], True),
             "hf2ms": (hf2ms, True),
             "hf2ms --overwrite (replaces it)": (hf2ms + ["--overwrite"], False),
             "hf2ms --format safetensors": (hf2ms + ["--format", "safetensors"], True),
@@ -172,10 +190,14 @@ def main() -> None:
         for (name, mode), samples in results.items():
             peak = max(p for _, p, _ in samples)
             above = max(peak - baseline, 0) if name != "cp -r" else 0
-            print(f"{name:32s} {'page cache' if mode == 'cache' else 'on disk':10s} "
-                  f"{min(s for s, _, _ in samples):6.2f} {statistics.median(s for s, _, _ in samples):8.2f} "
-                  f"{rate(samples) / GB:5.2f} {rate(samples) / rate(results['cp -r', mode]):5.2f}x "
-                  f"{peak / MiB:5.0f} MiB {above / MiB:5.0f} MiB {above / info['largest_tensor']:8.2f}x")
+            line = (f"{name:32s} {'page cache' if mode == 'cache' else 'on disk':10s} "
+                    f"{min(s for s, _, _ in samples):6.2f} {statistics.median(s for s, _, _ in samples):8.2f} ")
+            if samples[0][2]:
+                line += (f"{rate(samples) / GB:5.2f} {rate(samples) / rate(results['cp -r', mode]):5.2f}x "
+                         f"{peak / MiB:5.0f} MiB {above / MiB:5.0f} MiB {above / info['largest_tensor']:8.2f}x")
+            else:  # what every conversion pays before its first byte
+                line += f"{'':5s} {'':6s} {peak / MiB:5.0f} MiB"
+            print(line)
         for mode, target in (("cache", 0.5), ("disk", 0.8)):
             ratio = rate(results["hf2ms", mode]) / rate(results["cp -r", mode])
             print(f"hf2ms vs cp, {'through the page cache' if mode == 'cache' else 'on disk (each + sync)'}: "

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ckpt_tools.convert import open_files, read_config, to_float32, view_of
-from mindspore_llm.models.auto import config_from_hf
+from mindspore_llm.models.config import config_from_hf
 from mindspore_llm.models.naming import LayoutOptions
 from mindspore_llm.checkpoint import SAFETENSORS_DTYPES, TensorFile
 

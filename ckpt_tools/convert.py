@@ -157,7 +157,7 @@ def tensor_data(source: Source) -> Iterable[np.ndarray | FileBytes]:
 
 
 def read_config(path: Path) -> dict:
-    from mindspore_llm.models.auto import read_hf_config
+    from mindspore_llm.models.config import read_hf_config
 
     return read_hf_config(path, hint="; pass --config with the model's config.json")[0]
 
@@ -232,7 +232,7 @@ def convert(src: Path, dst: Path, *, target_naming: str, layout: Layout, dtype: 
     the manifest written."""
     from tqdm import tqdm
 
-    from mindspore_llm.models.auto import config_from_hf
+    from mindspore_llm.models.config import config_from_hf
 
     config_path = config_path or (src if src.is_dir() else src.parent)
     hf_config = read_config(config_path)

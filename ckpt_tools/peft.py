@@ -16,7 +16,7 @@ from mindspore_llm.checkpoint_writer import write_checkpoint
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory, remove_in_background
 from mindspore_llm.lora import ADAPTER_SUFFIXES, LoraConfig
-from mindspore_llm.models.auto import config_from_hf
+from mindspore_llm.models.config import config_from_hf
 from mindspore_llm.models.naming import OURS, LayoutOptions, tensor_layout
 from mindspore_llm.peft import adapter_module, read_adapter, write_adapter
 
