@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the children run this checkout's code
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 CONVERTER = [sys.executable, "-m", "ckpt_tools"]
-IMPORTS = "import ckpt_tools.cli, ckpt_tools.convert, mindspore_llm.models.auto"  # what a conversion imports
+IMPORTS = "import ckpt_tools.cli, ckpt_tools.convert"  # what a conversion imports (not MindSpore)
 # Starts each command from a small process and reports (seconds, peak RSS in KiB, exit code). A child's ru_maxrss
 # starts at the RSS of the process it was forked from (Linux carries it over exec), so forking straight from this
 # script would charge its own few hundred MB to every command, cp included.
