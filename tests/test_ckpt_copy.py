@@ -134,3 +134,19 @@ def test_library_outputs_are_fsynced_before_the_rename(tmp_path, fsynced):
     with fileio.atomic_directory(tmp_path / "checkpoint") as tmp:
         (tmp / "weights.ckpt").write_bytes(b"x" * 100)
     assert [p.name for p in fsynced] == ["weights.ckpt", tmp.name, tmp_path.name]
+
+
+def test_a_conversion_does_not_start_mindspore(qwen2, tmp_path):
+    """Its import alone costs ~1 s and ~400 MB quiet, 17 s here under load (docs/checkpoints.md): needless work."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from ckpt_tools.cli import main\n"
+              "try:\n    main(['hf2ms', sys.argv[1], sys.argv[2], '-q'])\nexcept SystemExit as done:\n"
+              "    assert not done.code, done.code\n"
+              "assert 'mindspore' not in sys.modules, 'hf2ms imported mindspore'\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script, str(qwen2), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert raw_tensors(tmp_path / "out") == raw_tensors(qwen2)
