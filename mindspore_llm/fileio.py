@@ -63,8 +63,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def remove_in_background(path: str | os.PathLike) -> None:
-    """Delete `path` in a detached ``rm -rf``: on a file system that discards freed blocks, unlinking costs about
-    a second per GB (ext4 -o discard, measured in docs/checkpoints.md), which a caller need not wait for."""
+    """Delete `path` in a detached ``rm -rf``: on a file system that discards freed blocks, unlinking costs ~2 s per
+    GB (ext4 mounted with discard, measured in docs/checkpoints.md), which a caller need not wait for."""
     subprocess.Popen(["rm", "-rf", "--", str(path)], start_new_session=True, stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
