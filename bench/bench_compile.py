@@ -22,7 +22,8 @@ import json, sys, time
 import numpy as np
 import mindspore as ms
 ms.set_context(mode=ms.GRAPH_MODE); ms.set_device("CPU")
-from mindspore_llm.models.auto import build_model, config_from_yaml_section
+from mindspore_llm.models.auto import build_model
+from mindspore_llm.models.config import config_from_yaml_section
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.context import SEMI_AUTO, ParallelContext
 from mindspore_llm.parallel.plan import apply_plan

@@ -1,16 +1,18 @@
-"""Conversion throughput against a plain copy of the same bytes, and peak memory against the largest tensor.
+"""Checkpoint conversion against `cp` of the same files, as whole processes, through the page cache and on disk;
+then the other directions once each, for their peak memory.
 
-Makes a synthetic bf16 Qwen2-shaped Hugging Face checkpoint (~2 GB by default) in a temporary directory, then
-runs, each in a fresh child process whose peak RSS (VmHWM) is read from /proc:
-  copy            shutil.copyfile of the checkpoint's shard files (the disk's pace for the same bytes)
-  hf2ms ckpt      msllm-ckpt hf2ms (MindSpore .ckpt)
-  hf2ms st        msllm-ckpt hf2ms --format safetensors
-  ms2hf           msllm-ckpt ms2hf of the .ckpt output
-  hf2ms fp32      msllm-ckpt hf2ms --dtype fp32 (a cast on every element; writes twice the bytes)
-  save_checkpoint mindspore.save_checkpoint of one shard's tensors (how MindSpore's own writer uses memory)
-Peak RSS is reported above each child's baseline after its imports (MindSpore alone takes ~400 MB).
+Makes a synthetic Qwen2-1.5B-shaped Hugging Face checkpoint (bf16, --size-gb 2.8 in 1 GB shards) in a temporary
+directory, then runs each command as a whole process (`python -m ckpt_tools ...`, imports included) in --repeats
+rounds, alternating the commands within a round, in two modes:
+  page cache  the command alone: its output may still be dirty in the page cache when it returns, as cp's is
+  on disk     the command followed by `sync`, both timed
+Before every run its output is removed and the disk synced (untimed), except for `hf2ms --overwrite`, which
+replaces the output of the `hf2ms` run before it, as re-running a conversion does. A process that only imports
+what a conversion imports is timed in the same rounds: what every conversion pays before its first byte. Peak RSS
+is the process's largest resident set (wait4, started from a small launcher), also given above that import-only
+process (MindSpore alone takes ~400 MB).
 
-    python bench/bench_convert.py [--size-gb 2] [--workdir DIR] [--keep]
+    python bench/bench_convert.py [--size-gb 2.8] [--repeats 3] [--dtype bf16|fp32] [--workdir DIR] [--keep]
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,44 +30,52 @@ from pathlib import Path
 import numpy as np
 
 GB = 10 ** 9
+MiB = 2 ** 20
+ROOT = Path(__file__).resolve().parents[1]
+# the children run this checkout's code
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+CONVERTER = [sys.executable, "-m", "ckpt_tools"]
+IMPORTS = "import ckpt_tools.cli, ckpt_tools.convert"  # what a conversion imports (not MindSpore)
+# Starts each command from a small process and reports (seconds, peak RSS in KiB, exit code). A child's ru_maxrss
+# starts at the RSS of the process it was forked from (Linux carries it over exec), so forking straight from this
+# script would charge its own few hundred MB to every command, cp included.
+LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    try:
+        os.execvp(sys.argv[1], sys.argv[1:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def vm_hwm() -> int:
-    return _status("VmHWM")
-
-
-def vm_rss() -> int:
-    return _status("VmRSS")
-
-
-def make_checkpoint(directory: Path, size_gb: float) -> dict:
-    """Qwen2-1.5B-like shapes (hidden 1536, vocab 151936); layers added until the size is reached."""
-    from ckpt_tools.writer import OutTensor, write_checkpoint
+def make_checkpoint(directory: Path, size_gb: float, dtype: str) -> dict:
+    """Qwen2-1.5B-like shapes (hidden 1536, vocab 151936) in 1 GB shards; layers added until the size is reached."""
     from ckpt_tools.convert import LAYOUTS
     from mindspore_llm.checkpoint import float32_to_bf16_bits
-    from mindspore_llm.models.auto import config_from_hf
+    from mindspore_llm.checkpoint_writer import OutTensor, write_checkpoint
+    from mindspore_llm.models.config import config_from_hf
     from mindspore_llm.models.naming import OURS, tensor_layout
 
     def shapes_of(config):
         return tensor_layout(config_from_hf(config, "bench"), OURS).hf_shapes
 
+    itemsize, tag = {"bf16": (2, "BF16"), "fp32": (4, "F32")}[dtype]
     config = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidden_size": 1536,
               "intermediate_size": 8960, "num_attention_heads": 12, "num_key_value_heads": 2,
               "tie_word_embeddings": False, "max_position_embeddings": 4096, "num_hidden_layers": 1}
-    per_layer = 2 * sum(int(np.prod(s)) for n, s in shapes_of(config).items() if ".layers." in n)
-    fixed = 2 * 2 * 151936 * 1536 + 2 * 1536
+    per_layer = itemsize * sum(int(np.prod(s)) for n, s in shapes_of(config).items() if ".layers." in n)
+    fixed = itemsize * (2 * 151936 * 1536 + 1536)
     config["num_hidden_layers"] = max(1, round((size_gb * GB - fixed) / per_layer))
-    shapes = shapes_of(config)
-    tensors = [OutTensor(name, shape, "BF16") for name, shape in shapes.items()]
-    # One random block, repeated: random bytes defeat nothing here (no compression), and this is fast to make.
-    block = float32_to_bf16_bits(np.random.default_rng(0).standard_normal(16 << 20, np.float32) * 0.02)
+    tensors = [OutTensor(name, shape, tag) for name, shape in shapes_of(config).items()]
+    # One random block, repeated: nothing here compresses or deduplicates, and this is fast to make.
+    values = np.random.default_rng(0).standard_normal(16 << 20, np.float32) * 0.02
+    block = float32_to_bf16_bits(values) if dtype == "bf16" else values
 
     def chunks(tensor):
         left = int(np.prod(tensor.shape))
@@ -74,116 +85,152 @@ def make_checkpoint(directory: Path, size_gb: float) -> dict:
             left -= n
 
     directory.mkdir(parents=True)
-    write_checkpoint(directory, tensors, LAYOUTS[("safetensors", "hf")], GB, chunks)
+    write_checkpoint(directory, tensors, LAYOUTS[("safetensors", "hf")], GB, chunks, workers=2)
     (directory / "config.json").write_text(json.dumps(config))
     return {"bytes": sum(t.nbytes for t in tensors), "largest_tensor": max(t.nbytes for t in tensors),
-            "layers": config["num_hidden_layers"], "tensors": len(tensors)}
+            "layers": config["num_hidden_layers"], "tensors": len(tensors),
+            "shards": len(list(directory.glob("*.safetensors")))}
 
 
-def child(job: dict) -> dict:
-    """Runs in a fresh process: imports first (their memory is the baseline), then the job."""
+def weights_bytes(directory: Path) -> int:
+    if not directory.exists():
+        return 0
+    return sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".ckpt", ".safetensors"))
+
+
+def run(command: list[str], sync: bool = False) -> tuple[float, int]:
+    """(seconds, peak RSS in bytes) of `command` as a process, plus a `sync` after it when `sync`."""
+    launched = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *command], env=ENV, capture_output=True,
+                              text=True)
+    start = time.perf_counter()
+    if sync:
+        os.sync()
+    synced = time.perf_counter() - start
+    seconds, peak_kib, code = launched.stdout.split()
+    if int(code) or launched.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{launched.stderr[-3000:]}")
+    return float(seconds) + synced, int(peak_kib) * 1024
+
+
+def settle(output: Path, remove: bool = True) -> None:
+    """`output` removed (if `remove`), a replaced output that is deleted in the background gone, the disk synced."""
+    if remove:
+        shutil.rmtree(output, ignore_errors=True)
+    while any(output.parent.glob(f".{output.name}.*.old")):
+        time.sleep(0.05)
+    os.sync()
+
+
+def save_checkpoint_child(src: str, dst: str) -> None:
+    """mindspore.save_checkpoint of the first shard's tensors; prints seconds and peak RSS above the tensors."""
     import mindspore as ms
-    from ckpt_tools.convert import LAYOUTS, convert
+
     from mindspore_llm.checkpoint import iter_tensors, weight_files
 
-    baseline = vm_hwm()
-    src, dst = Path(job["src"]), Path(job["dst"])
+    shard = sorted(set(weight_files(src).values()))[0]
+    dtypes = {"BF16": ms.bfloat16, "F32": ms.float32}
+    params = [{"name": n, "data": ms.Tensor(f.float32(n), dtypes[f.dtype(n)])} for n, f in iter_tensors(src)
+              if f.path == shard]
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: measure the save itself
+    status = lambda field: next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text()
+                                .splitlines() if line.startswith(field + ":"))
+    before = status("VmRSS")
     start = time.perf_counter()
-    if job["kind"] == "copy":
-        dst.mkdir()
-        for file in sorted(set(weight_files(src).values())):
-            shutil.copyfile(file, dst / file.name)
-            with open(dst / file.name, "rb+") as f:
-                os.fsync(f.fileno())  # as the converter does before renaming its output into place
-    elif job["kind"] == "save_checkpoint":
-        shard = sorted(set(weight_files(src).values()))[0]
-        params = [{"name": n, "data": ms.Tensor(f.float32(n), ms.bfloat16)} for n, f in iter_tensors(src)
-                  if f.path == shard]
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: measure the save itself
-        before = vm_rss()
-        start = time.perf_counter()
-        dst.mkdir()
-        ms.save_checkpoint(params, str(dst / "shard.ckpt"))
-        return {"seconds": time.perf_counter() - start, "peak_above_baseline": vm_hwm() - before,
-                "bytes_written": (dst / "shard.ckpt").stat().st_size}
-    else:
-        from mindspore_llm.models.naming import LayoutOptions
-
-        convert(src, dst, target_naming=job["naming"], layout=LAYOUTS[tuple(job["layout"])], dtype=job.get("dtype"),
-                max_shard_bytes=job["max_shard"], quiet=True, options=LayoutOptions(**job.get("options", {})))
-    seconds = time.perf_counter() - start
-    written = sum(f.stat().st_size for f in dst.iterdir() if f.suffix in (".ckpt", ".safetensors"))
-    return {"seconds": seconds, "peak_above_baseline": vm_hwm() - baseline, "bytes_written": written}
-
-
-def run_child(job: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{job['kind']} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    ms.save_checkpoint(params, str(Path(dst) / "shard.ckpt"))
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_above": status("VmHWM") - before}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-gb", type=float, default=2.0, help="checkpoint size in GB (default 2)")
-    parser.add_argument("--max-shard-size-gb", type=float, default=1.0, help="output shard size (default 1 GB)")
+    parser.add_argument("--size-gb", type=float, default=2.8, help="checkpoint size in GB (default 2.8)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the checkpoint's dtype")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the timed commands (default 3)")
     parser.add_argument("--workdir", type=Path, help="where to make the temporary files (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary files")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--save-checkpoint-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    if args.save_checkpoint_child:
+        save_checkpoint_child(*args.save_checkpoint_child)
         return
     work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
     try:
-        hf = work / "hf"
+        hf, ms_ckpt, out = work / "hf", work / "ms_ckpt", work / "out"
         start = time.perf_counter()
-        info = make_checkpoint(hf, args.size_gb)
-        print(f"synthetic checkpoint: {info['bytes'] / GB:.2f} GB bf16, {info['layers']} layers, {info['tensors']} "
-              f"tensors, largest tensor {info['largest_tensor'] / 2 ** 20:.0f} MiB (made in "
-              f"{time.perf_counter() - start:.0f} s)")
-        shard = int(args.max_shard_size_gb * GB)
-        jobs = {
-            "copy": {"kind": "copy", "src": str(hf), "dst": str(work / "copy")},
-            "hf2ms ckpt": {"kind": "convert", "src": str(hf), "dst": str(work / "ms"), "naming": "mindspore_llm",
-                           "layout": ["ckpt", "ms"], "max_shard": shard},
-            "hf2ms safetensors": {"kind": "convert", "src": str(hf), "dst": str(work / "ms_st"),
-                                  "naming": "mindspore_llm", "layout": ["safetensors", "ms"], "max_shard": shard},
-            "ms2hf": {"kind": "convert", "src": str(work / "ms"), "dst": str(work / "back"),
-                      "naming": "mindspore_llm", "layout": ["safetensors", "hf"], "max_shard": shard},
-            # fused tensors: w_qkv per KV group, w_gate_hidden interleaved row by row, streamed in slabs
-            "hf2ms --naming mindformers --qkv-concat": {"kind": "convert", "src": str(hf), "dst": str(work / "mf"),
-                                                        "naming": "mindformers", "layout": ["ckpt", "ms"],
-                                                        "max_shard": shard, "options": {"qkv_concat": True}},
-            "ms2hf (of the qkv_concat output)": {"kind": "convert", "src": str(work / "mf"),
-                                                 "dst": str(work / "mf_back"), "naming": "mindspore_llm",
-                                                 "layout": ["safetensors", "hf"], "max_shard": shard},
-            "hf2ms ckpt --dtype fp32": {"kind": "convert", "src": str(hf), "dst": str(work / "ms32"),
-                                        "naming": "mindspore_llm", "layout": ["ckpt", "ms"], "max_shard": shard,
-                                        "dtype": "fp32"},
-            "mindspore.save_checkpoint (1 shard)": {"kind": "save_checkpoint", "src": str(hf),
-                                                    "dst": str(work / "ms_save")},
+        info = make_checkpoint(hf, args.size_gb, args.dtype)
+        print(f"synthetic checkpoint: {info['bytes'] / GB:.2f} GB {args.dtype}, {info['shards']} shards, "
+              f"{info['layers']} layers, {info['tensors']} tensors, largest tensor "
+              f"{info['largest_tensor'] / MiB:.0f} MiB (made in {time.perf_counter() - start:.0f} s)")
+        run(CONVERTER + ["hf2ms", str(hf), str(ms_ckpt), "-q"])  # ms2hf's source
+        _, baseline = run([sys.executable, "-c", IMPORTS])
+        hf2ms = CONVERTER + ["hf2ms", str(hf), str(out), "-q"]
+        timed = {  # name -> (command, removes the output before it runs)
+            "cp -r": (["cp", "-r", str(hf), str(out)], True),
+            "imports only (no conversion)": ([sys.executable, "-c", IMPORTS], True),
+            "hf2ms": (hf2ms, True),
+            "hf2ms --overwrite (replaces it)": (hf2ms + ["--overwrite"], False),
+            "hf2ms --format safetensors": (hf2ms + ["--format", "safetensors"], True),
+            "ms2hf": (CONVERTER + ["ms2hf", str(ms_ckpt), str(out), "-q"], True),
         }
-        results = {}
-        for name, job in jobs.items():
-            os.sync()  # start each job with no dirty pages left by the previous one
-            results[name] = run_child(job)
-            if name not in ("hf2ms ckpt", "hf2ms --naming mindformers --qkv-concat"):  # the next job's input
-                shutil.rmtree(job["dst"], ignore_errors=True)
-            if name == "ms2hf":
-                shutil.rmtree(work / "ms", ignore_errors=True)
-            if name == "ms2hf (of the qkv_concat output)":
-                shutil.rmtree(work / "mf", ignore_errors=True)
-        copy = results["copy"]
-        print(f"\n{'job':38s} {'seconds':>8s} {'GB/s':>6s} {'vs copy':>8s} {'peak RSS':>10s} {'/ largest':>10s}")
-        for name, r in results.items():
-            rate = r["bytes_written"] / r["seconds"] / GB
-            ratio = rate / (copy["bytes_written"] / copy["seconds"] / GB)
-            peak = r["peak_above_baseline"]
-            print(f"{name:38s} {r['seconds']:8.2f} {rate:6.2f} {ratio:7.2f}x {peak / 2 ** 20:7.0f} MiB "
-                  f"{peak / info['largest_tensor']:9.2f}x")
-        print("\nGB/s = output bytes written per second; 'vs copy' = that rate over shutil.copyfile's; peak RSS is "
-              "above each child's baseline after imports; '/ largest' divides it by the largest tensor's size.")
+        results = {(name, mode): [] for name in timed for mode in ("cache", "disk")}
+        for round_ in range(args.repeats):
+            for mode in ("cache", "disk"):
+                for name, (command, fresh) in timed.items():
+                    settle(out, remove=fresh)
+                    seconds, peak = run(command, sync=mode == "disk")
+                    results[name, mode].append((seconds, peak, weights_bytes(out)))
+            print(f"round {round_ + 1}/{args.repeats} done", file=sys.stderr)
+
+        def rate(samples):
+            return samples[0][2] / statistics.median(s for s, _, _ in samples)
+
+        print(f"\n{args.repeats} alternating rounds, whole processes; 'vs cp' = output bytes per median second over "
+              f"cp's (higher is faster); peak RSS above the import-only process ({baseline / MiB:.0f} MiB):")
+        print(f"{'command':32s} {'mode':10s} {'min s':>6s} {'median s':>8s} {'GB/s':>5s} {'vs cp':>6s} "
+              f"{'peak RSS':>9s} {'above':>9s} {'/ largest':>9s}")
+        for (name, mode), samples in results.items():
+            peak = max(p for _, p, _ in samples)
+            above = max(peak - baseline, 0) if name != "cp -r" else 0
+            line = (f"{name:32s} {'page cache' if mode == 'cache' else 'on disk':10s} "
+                    f"{min(s for s, _, _ in samples):6.2f} {statistics.median(s for s, _, _ in samples):8.2f} ")
+            if samples[0][2]:
+                line += (f"{rate(samples) / GB:5.2f} {rate(samples) / rate(results['cp -r', mode]):5.2f}x "
+                         f"{peak / MiB:5.0f} MiB {above / MiB:5.0f} MiB {above / info['largest_tensor']:8.2f}x")
+            else:  # what every conversion pays before its first byte
+                line += f"{'':5s} {'':6s} {peak / MiB:5.0f} MiB"
+            print(line)
+        for mode, target in (("cache", 0.5), ("disk", 0.8)):
+            ratio = rate(results["hf2ms", mode]) / rate(results["cp -r", mode])
+            print(f"hf2ms vs cp, {'through the page cache' if mode == 'cache' else 'on disk (each + sync)'}: "
+                  f"{ratio:.2f}x (target >= {target}x)")
+
+        once = {
+            # fused tensors: w_qkv per KV group, w_gate_hidden interleaved row by row, streamed in slabs
+            "hf2ms --naming mindformers --qkv-concat": hf2ms + ["--naming", "mindformers", "--qkv-concat"],
+            "ms2hf of that (splits them)": CONVERTER + ["ms2hf", str(work / "fused"), str(out), "-q"],
+            "hf2ms --dtype fp32 (casts)" if args.dtype == "bf16" else "hf2ms --dtype bf16 (casts)":
+                hf2ms + ["--dtype", "fp32" if args.dtype == "bf16" else "bf16"],
+        }
+        print("\nOnce each, page cache (disk synced before each):")
+        print(f"{'command':40s} {'s':>6s} {'GB/s':>5s} {'vs cp':>6s} {'peak RSS':>9s} {'above':>9s} {'/ largest':>9s}")
+        for name, command in once.items():
+            settle(out)
+            seconds, peak = run(command)
+            rate_once = weights_bytes(out) / seconds
+            if name.startswith("hf2ms --naming"):
+                shutil.rmtree(work / "fused", ignore_errors=True)
+                out.rename(work / "fused")
+            above = max(peak - baseline, 0)
+            print(f"{name:40s} {seconds:6.2f} {rate_once / GB:5.2f} {rate_once / rate(results['cp -r', 'cache']):5.2f}x "
+                  f"{peak / MiB:5.0f} MiB {above / MiB:5.0f} MiB {above / info['largest_tensor']:8.2f}x")
+        settle(out)
+        out.mkdir()
+        child = subprocess.run([sys.executable, __file__, "--save-checkpoint-child", str(hf), str(out)], env=ENV,
+                               capture_output=True, text=True, check=True)
+        saved = json.loads(child.stdout.strip().splitlines()[-1])
+        rate_once = weights_bytes(out) / saved["seconds"]
+        print(f"{'mindspore.save_checkpoint (1st shard)':40s} {saved['seconds']:6.2f} {rate_once / GB:5.2f} "
+              f"{rate_once / rate(results['cp -r', 'cache']):5.2f}x {'':9s} {saved['peak_above'] / MiB:5.0f} MiB "
+              f"{saved['peak_above'] / info['largest_tensor']:8.2f}x  (above its Tensors in memory)")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -39,9 +39,9 @@ BASES = {"fp32": None, "bf16": None, "int8": "int8", "nf4": "nf4", "nf4 + double
 def make_checkpoint(directory: Path) -> int:
     """The synthetic bf16 checkpoint, streamed to disk (one random block repeated); returns its bytes."""
     from ckpt_tools.convert import LAYOUTS
-    from ckpt_tools.writer import OutTensor, write_checkpoint
+    from mindspore_llm.checkpoint_writer import OutTensor, write_checkpoint
     from mindspore_llm.checkpoint import float32_to_bf16_bits
-    from mindspore_llm.models.auto import config_from_hf
+    from mindspore_llm.models.config import config_from_hf
     from mindspore_llm.models.naming import OURS, tensor_layout
 
     shapes = tensor_layout(config_from_hf(MEMORY_MODEL, "bench"), OURS).hf_shapes
@@ -74,7 +74,8 @@ def memory_child(job: dict) -> dict:
     from mindspore.nn.utils import no_init_parameters
 
     from mindspore_llm import AutoModelForCausalLM
-    from mindspore_llm.models.auto import build_model, load_config
+    from mindspore_llm.models.auto import build_model
+    from mindspore_llm.models.config import load_config
     from mindspore_llm.models.layers import Precision
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")

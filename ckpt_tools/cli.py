@@ -41,7 +41,18 @@ _common = [
                  help="Output dtype. Default: as stored (FP8 weights become bf16)."),
     click.option("--max-shard-size", type=ByteSize(), default="4GB", show_default=True,
                  help="Start a new output file when the next tensor would pass this size."),
-    click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete)."),
+    click.option("--overwrite", is_flag=True,
+                 help="Replace DST if it exists (only once the new one is complete; the old one is deleted in the "
+                      "background)."),
+    click.option("--jobs", "-j", type=click.IntRange(min=1), default=2, show_default=True,
+                 help="Tensors written at once, each by a thread, at its place in its shard (1 for a spinning "
+                      "disk)."),
+    click.option("--fsync", is_flag=True,
+                 help="fsync every output file and directory before DST is renamed into place (as cp followed by "
+                      "sync), so that DST never exists with short files, even after a power loss. Without it (the "
+                      "default, as cp) the data may still be in the page cache when the command returns and reaches "
+                      "the disk with the kernel's write-back; a crash before then can leave DST with short "
+                      "files, as after cp (manifest.json holds every tensor's CRC32 to check against)."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
 ]
 
@@ -133,7 +144,7 @@ def main():
                                       "param_name_map.json beside the index).")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept pytorch_model.bin (read with torch.load(weights_only=True)).")
-def hf2ms(src, dst, dtype, max_shard_size, overwrite, quiet, naming, qkv_concat, mla_qkv_concat,
+def hf2ms(src, dst, dtype, max_shard_size, overwrite, jobs, fsync, quiet, naming, qkv_concat, mla_qkv_concat,
           contiguous_attention, interleaved_mlp, file_format, allow_pickle):
     """Hugging Face model directory SRC -> MindSpore checkpoint directory DST, tensor by tensor.
 
@@ -155,7 +166,7 @@ def hf2ms(src, dst, dtype, max_shard_size, overwrite, quiet, naming, qkv_concat,
         raise UserError("--mla-qkv-concat is a mindformers-mcore layout: give --naming mindformers-mcore")
     _run(convert, src, dst, target_naming=naming, layout=LAYOUTS[(file_format, "ms")], dtype=dtype,
          max_shard_bytes=max_shard_size, overwrite=overwrite, allow_pickle=allow_pickle, quiet=quiet,
-         description="hf2ms",
+         description="hf2ms", workers=jobs, fsync=fsync,
          options=layout_options(contiguous_attention, interleaved_mlp, qkv_concat, mla_qkv_concat))
 
 
@@ -168,7 +179,7 @@ def hf2ms(src, dst, dtype, max_shard_size, overwrite, quiet, naming, qkv_concat,
               help="SRC holds per-rank slices (rank_0/, rank_1/, ...) saved with this strategy file: merge first.")
 @common_options
 @mcore_layout_options
-def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, quiet, contiguous_attention,
+def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, jobs, fsync, quiet, contiguous_attention,
           interleaved_mlp):
     """MindSpore checkpoint SRC (directory or one .ckpt/.safetensors file) -> Hugging Face directory DST, tensor by
     tensor (with --strategy: the slices are merged in memory first, see merge-slices).
@@ -195,7 +206,7 @@ def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, qui
     def run(source):
         return convert(source, dst, target_naming="mindspore_llm", layout=LAYOUTS[("safetensors", "hf")], dtype=dtype,
                        max_shard_bytes=max_shard_size, config_path=config_path or (src if strategy else None),
-                       overwrite=overwrite, quiet=quiet, description="ms2hf",
+                       overwrite=overwrite, quiet=quiet, description="ms2hf", workers=jobs, fsync=fsync,
                        options=layout_options(contiguous_attention, interleaved_mlp))
 
     def convert_source():  # all inside _run: bad slices are one clear line, as in merge-slices
@@ -364,7 +375,7 @@ def export_peft(src, dst, alpha, train_config, dropout, base_model, overwrite):
 @click.argument("adapter", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @common_options
-def merge_lora(base, adapter, dst, dtype, max_shard_size, overwrite, quiet):
+def merge_lora(base, adapter, dst, dtype, max_shard_size, overwrite, jobs, fsync, quiet):
     """Base model BASE + PEFT LoRA adapter ADAPTER -> Hugging Face model directory DST with merged weights.
 
     Each adapted weight becomes W + (B @ A) * lora_alpha / r (computed in float32, stored in the base's dtype or
@@ -379,7 +390,7 @@ def merge_lora(base, adapter, dst, dtype, max_shard_size, overwrite, quiet):
     from ckpt_tools.peft import merge_adapter
 
     _run(merge_adapter, base, adapter, dst, dtype=dtype, max_shard_bytes=max_shard_size, overwrite=overwrite,
-         quiet=quiet)
+         quiet=quiet, workers=jobs, fsync=fsync)
 
 
 if __name__ == "__main__":

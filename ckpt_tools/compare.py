@@ -8,7 +8,7 @@ from typing import Iterator
 import numpy as np
 
 from ckpt_tools.convert import cast, open_files, read_config, to_float32, view_of
-from mindspore_llm.models.auto import config_from_hf
+from mindspore_llm.models.config import config_from_hf
 from mindspore_llm.models.naming import HFTensors, LayoutOptions
 from mindspore_llm.checkpoint import SAFETENSORS_DTYPES, TensorFile
 

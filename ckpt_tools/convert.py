@@ -1,5 +1,7 @@
 """One conversion pipeline for every direction: read a checkpoint tensor by tensor in any format and naming,
 check it against config.json, rename, cast (dequantizing FP8 block-scaled weights), and stream it to the writer.
+A tensor stored as the output stores it (same dtype, not fused or split) is handed over as its byte ranges, which
+the writer copies unchanged.
 """
 from __future__ import annotations
 
@@ -8,15 +10,15 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from ckpt_tools.writer import Layout, OutTensor, write_checkpoint
-from mindspore_llm.checkpoint import (HF_INDEX, MS_INDEX, SAFETENSORS_DTYPES, TensorFile, float32_to_bf16_bits,
+from mindspore_llm.checkpoint import (MS_INDEX, SAFETENSORS_DTYPES, TensorFile, float32_to_bf16_bits,
                                       open_tensor_file, weight_files)
+from mindspore_llm.checkpoint_writer import HF_SAFETENSORS, FileBytes, Layout, OutTensor, write_checkpoint
 from mindspore_llm.common import CheckpointError
-from mindspore_llm.fileio import atomic_directory
+from mindspore_llm.fileio import atomic_directory, remove_in_background
 from mindspore_llm.models.naming import (CheckpointView, HFTensors, LayoutOptions, StoredRows, StoredTensor,
                                          TensorLayout, tensor_layout)
 from mindspore_llm.models.naming import to_float32 as naming_float32
@@ -31,7 +33,7 @@ LAYOUTS = {
     ("ckpt", "ms"): Layout("mindspore_model", "ckpt", MS_INDEX, {}),
     # MindSpore's safetensors flavour: its save_checkpoint(format="safetensors") marks files {"format": "ms"}.
     ("safetensors", "ms"): Layout("mindspore_model", "safetensors", MS_INDEX, {"format": "ms"}, PARAM_NAME_MAP),
-    ("safetensors", "hf"): Layout("model", "safetensors", HF_INDEX, {"format": "pt"}),
+    ("safetensors", "hf"): HF_SAFETENSORS,
 }
 
 
@@ -139,8 +141,32 @@ def read_float32(source: Source) -> np.ndarray:
     return values.reshape(source.out.shape)
 
 
+def stored_bytes(source: Source) -> list[FileBytes] | None:
+    """Where `source`'s output bytes already lie, when a source file stores the tensor exactly so: one stored
+    tensor, neither fused nor split on either side, read as stored (not dequantized) in the output dtype."""
+    stored, view = source.stored, source.view
+    if len(stored.parts) != 1 or stored.experts:
+        return None
+    stored_name = view.layout.where[stored.parts[0]][0]
+    reader = view.readers[stored_name]
+    if len(view.layout.tensors[stored_name].parts) != 1 or view.layout.tensors[stored_name].experts \
+            or type(reader) is not StoredRows or reader.dtype != source.out.dtype:
+        return None
+    segments = reader.file.tensors[reader.name]["segments"]
+    if not segments:  # a pickle: its tensors are torch's to read
+        return None
+    return [FileBytes(reader.file.path, offset, n) for offset, n in segments if n]
+
+
+def tensor_data(source: Source) -> Iterable[np.ndarray | FileBytes]:
+    """What the writer takes for `source`: the byte ranges holding it when they are copied as they are, otherwise
+    its slabs as arrays."""
+    copied = stored_bytes(source)
+    return source_chunks(source) if copied is None else copied
+
+
 def read_config(path: Path) -> dict:
-    from mindspore_llm.models.auto import read_hf_config
+    from mindspore_llm.models.config import read_hf_config
     from mindspore_llm.quant import read_hf_quantization
 
     hf, file = read_hf_config(path, hint="; pass --config with the model's config.json")
@@ -213,12 +239,15 @@ def write_side_files(hf_config: dict, directories: list[Path], out: Path, dequan
 
 def convert(src: Path, dst: Path, *, target_naming: str, layout: Layout, dtype: str | None, max_shard_bytes: int,
             config_path: Path | None = None, overwrite: bool = False, allow_pickle: bool = False,
-            quiet: bool = False, description: str = "convert", options: LayoutOptions = LayoutOptions()) -> dict:
+            quiet: bool = False, description: str = "convert", options: LayoutOptions = LayoutOptions(),
+            workers: int = 2, fsync: bool = False) -> dict:
     """Convert checkpoint `src` (any naming, detected) into directory `dst` in `target_naming` with `options`
-    (the mcore switches also tell how `src` is laid out when it is mcore); returns the manifest written."""
+    (the mcore switches also tell how `src` is laid out when it is mcore), `workers` tensors at a time; `fsync`:
+    every file on disk before `dst` appears (otherwise left to the kernel's write-back, as after ``cp``); returns
+    the manifest written."""
     from tqdm import tqdm
 
-    from mindspore_llm.models.auto import config_from_hf
+    from mindspore_llm.models.config import config_from_hf
 
     config_path = config_path or (src if src.is_dir() else src.parent)
     hf_config = read_config(config_path)
@@ -230,12 +259,12 @@ def convert(src: Path, dst: Path, *, target_naming: str, layout: Layout, dtype: 
     sources = plan(view, target, DTYPES.get(dtype))
     by_name = {s.out.name: s for s in sources}
     total = sum(s.out.nbytes for s in sources)
-    with atomic_directory(dst, overwrite=overwrite) as tmp, \
+    with atomic_directory(dst, overwrite=overwrite, fsync=fsync, remove=remove_in_background) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, disable=quiet) as bar:
         manifest = write_checkpoint(
-            tmp, [s.out for s in sources], layout, max_shard_bytes, lambda t: source_chunks(by_name[t.name]), bar,
+            tmp, [s.out for s in sources], layout, max_shard_bytes, lambda t: tensor_data(by_name[t.name]), bar,
             {"format": layout.extension, "naming": target.describe(), "source_naming": view.layout.describe(),
-             "architecture": hf_config["architectures"][0], "source": str(src)})
+             "architecture": hf_config["architectures"][0], "source": str(src)}, workers)
         side = [config_path if config_path.is_dir() else config_path.parent, src if src.is_dir() else src.parent]
         write_side_files(hf_config, side, tmp, any(s.dequantized for s in sources))
     return manifest

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ckpt_tools.convert import (DTYPES, LAYOUTS, cast, open_files, plan, read_config, read_float32, source_chunks,
-                                view_of, write_side_files)
-from ckpt_tools.writer import write_checkpoint
+from ckpt_tools.convert import (DTYPES, LAYOUTS, cast, open_files, plan, read_config, read_float32,
+                                tensor_data, view_of, write_side_files)
 from mindspore_llm.checkpoint import iter_tensors
+from mindspore_llm.checkpoint_writer import write_checkpoint
 from mindspore_llm.common import CheckpointError
-from mindspore_llm.fileio import atomic_directory
+from mindspore_llm.fileio import atomic_directory, remove_in_background
 from mindspore_llm.lora import ADAPTER_SUFFIXES, LoraConfig
-from mindspore_llm.models.auto import config_from_hf
+from mindspore_llm.models.config import config_from_hf
 from mindspore_llm.models.naming import OURS, LayoutOptions, tensor_layout
 from mindspore_llm.peft import adapter_module, read_adapter, write_adapter
 
@@ -42,10 +42,11 @@ def export_peft_from_checkpoint(src: str | Path, dst: str | Path, alpha: float, 
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, dst: str | Path, *, dtype: str | None = None,
-                  max_shard_bytes: int = 4 << 30, overwrite: bool = False, quiet: bool = False) -> dict:
+                  max_shard_bytes: int = 4 << 30, overwrite: bool = False, quiet: bool = False, workers: int = 2,
+                  fsync: bool = False) -> dict:
     """Base checkpoint (Hugging Face or `msllm-ckpt hf2ms` output, any naming) + PEFT adapter -> Hugging Face
     model directory whose adapted weights are W + (B @ A) * alpha / r, computed in float32 and stored in the
-    base's dtype (or `dtype`). Returns the manifest written."""
+    base's dtype (or `dtype`); `workers` and `fsync` as for ``convert``. Returns the manifest written."""
     from tqdm import tqdm
 
     base, adapter = Path(base), Path(adapter)
@@ -68,7 +69,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, dst: str | Path, *, dty
     def chunks(tensor):
         source = by_name[tensor.name]
         if not tensor.name.endswith(".weight") or tensor.name[:-len(".weight")] not in adapted:
-            yield from source_chunks(source)
+            yield from tensor_data(source)
             return
         path = tensor.name[:-len(".weight")]
         merged = read_float32(source)
@@ -76,10 +77,11 @@ def merge_adapter(base: str | Path, adapter: str | Path, dst: str | Path, *, dty
         yield cast(merged, "F32", tensor.dtype)
 
     total = sum(s.out.nbytes for s in sources)
-    with atomic_directory(dst, overwrite=overwrite) as tmp, \
+    with atomic_directory(dst, overwrite=overwrite, fsync=fsync, remove=remove_in_background) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge-lora", disable=quiet) as bar:
         manifest = write_checkpoint(tmp, [s.out for s in sources], LAYOUTS[("safetensors", "hf")], max_shard_bytes,
                                     chunks, bar, {"format": "safetensors", "naming": OURS, "source": str(base),
-                                                  "adapter": str(adapter), "merged_modules": len(adapted)})
+                                                  "adapter": str(adapter), "merged_modules": len(adapted)},
+                                    workers)
         write_side_files(hf_config, [base], tmp, any(s.dequantized for s in sources))
     return manifest

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from ckpt_tools.convert import (DTYPES, LAYOUTS, open_files, plan, read_config, read_float32, source_chunks,
                                 view_of, write_side_files)
-from ckpt_tools.writer import OutTensor, write_checkpoint
+from mindspore_llm.checkpoint_writer import OutTensor, write_checkpoint
 from mindspore_llm.fileio import atomic_directory
-from mindspore_llm.models.auto import config_from_hf
+from mindspore_llm.models.config import config_from_hf
 from mindspore_llm.models.naming import OURS, LayoutOptions, tensor_layout
 from mindspore_llm.models.quantized import quantized_weight_shapes
 from mindspore_llm.quant import (QuantizationConfig, bnb_shapes, bnb_tensors, check_shape, hf_quantization_config,

@@ -178,7 +178,8 @@ def check_same_tokenizer(student: str | Path, teacher: str | Path) -> None:
 def load_teacher(cfg: DistillConfig, student_config, student_tokenizer: str | Path, param_dtype: str = "fp32",
                  compute_dtype: str = "fp32") -> nn.Cell:
     """The frozen teacher of an online run, after checking it shares the student's tokenizer and vocabulary."""
-    from mindspore_llm.models.auto import AutoModelForCausalLM, load_config
+    from mindspore_llm.models.auto import AutoModelForCausalLM
+    from mindspore_llm.models.config import load_config
 
     teacher_config = load_config(cfg.teacher)
     if teacher_config.vocab_size != student_config.vocab_size:

@@ -12,7 +12,8 @@ import pytest
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 
 from mindspore_llm.common import ConfigError
-from mindspore_llm.models.auto import build_model, config_from_yaml_section
+from mindspore_llm.models.auto import build_model
+from mindspore_llm.models.config import config_from_yaml_section
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.context import SEMI_AUTO, ParallelContext, PipelineGradReducer
 from mindspore_llm.parallel.plan import OpStrategy, apply_plan, check_strategies, trace_input_shapes

@@ -14,8 +14,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from ckpt_tools import writer
 from mindspore_llm import AutoModelForCausalLM
+from mindspore_llm import checkpoint_writer as writer
 from mindspore_llm.checkpoint import CkptFile, bf16_bits_to_float32
 from tests import reference
 from tests.ckpt_helpers import raw_tensors, run

@@ -10,7 +10,8 @@ from ckpt_tools.cli import main as ckpt_main
 from mindspore_llm.cli import main
 from mindspore_llm.data import TINY_ASSETS
 from mindspore_llm.data.chat import render_generation_prompt
-from mindspore_llm.models.auto import build_model, config_from_yaml_section
+from mindspore_llm.models.auto import build_model
+from mindspore_llm.models.config import config_from_yaml_section
 from mindspore_llm.tokenizer import load_tokenizer
 from mindspore_llm.train import checkpointing
 from mindspore_llm.train.config import load_train_config

@@ -21,7 +21,7 @@ from mindspore_llm import AutoModelForCausalLM
 from mindspore_llm.checkpoint import load_weights
 from mindspore_llm.cli import main as cli
 from mindspore_llm.common import ConfigError
-from mindspore_llm.models.auto import config_from_hf, config_from_yaml_section, load_config
+from mindspore_llm.models.config import config_from_hf, config_from_yaml_section, load_config
 from mindspore_llm.models.deepseek_v3 import checkpoint_names, softmax_scale
 from mindspore_llm.models.layers import Precision
 from mindspore_llm.models.moe import (DeepSeekMoE, GroupLimitedTopKRouter, expert_load_stats, moe_blocks,

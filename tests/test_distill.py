@@ -17,7 +17,8 @@ from mindspore_llm.config_utils import from_dict
 from mindspore_llm.data import TINY_ASSETS, build_sequences, load_data_config
 from mindspore_llm.distill import (DistillationLoss, DistillationModel, DistillConfig, TeacherTopK,
                                    check_same_tokenizer, load_teacher, write_teacher_topk)
-from mindspore_llm.models.auto import build_model, config_from_yaml_section
+from mindspore_llm.models.auto import build_model
+from mindspore_llm.models.config import config_from_yaml_section
 from mindspore_llm.models.layers import CausalLMLoss
 from mindspore_llm.train.optim import AdamW, OptimizerConfig
 from mindspore_llm.train.schedule import ScheduleConfig

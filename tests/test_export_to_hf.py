@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers
 
-from mindspore_llm.models.auto import build_model, config_from_yaml_section
+from mindspore_llm.models.auto import build_model
+from mindspore_llm.models.config import config_from_yaml_section
 from mindspore_llm.train.checkpointing import save_model_directory
 from tests.ckpt_helpers import run
 

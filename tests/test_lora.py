@@ -19,7 +19,8 @@ from mindspore_llm import AutoModelForCausalLM
 from mindspore_llm.common import ConfigError
 from mindspore_llm.config_utils import from_dict
 from mindspore_llm.lora import LoraConfig, LoraLinear, apply_lora, lora_layers
-from mindspore_llm.models.auto import build_model, load_config
+from mindspore_llm.models.auto import build_model
+from mindspore_llm.models.config import load_config
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.plan import apply_plan
 from mindspore_llm.peft import ADAPTER_CONFIG, export_peft, load_peft_adapter, read_adapter

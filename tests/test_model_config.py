@@ -6,7 +6,7 @@ import pytest
 import transformers
 
 from mindspore_llm.common import ConfigError
-from mindspore_llm.models.auto import config_from_hf, config_from_yaml_section, load_config
+from mindspore_llm.models.config import config_from_hf, config_from_yaml_section, load_config
 from tests import reference
 
 

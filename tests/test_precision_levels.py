@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mindspore_llm.checkpoint import load_weights
-from mindspore_llm.models.auto import build_model, load_config
+from mindspore_llm.models.auto import build_model
+from mindspore_llm.models.config import load_config
 from mindspore_llm.train.step import PrecisionConfig
 from tests import reference
 

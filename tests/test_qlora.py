@@ -25,7 +25,8 @@ from mindspore_llm.common import ConfigError
 from mindspore_llm.config_utils import from_dict
 from mindspore_llm.generation import greedy_generate
 from mindspore_llm.lora import LoraConfig, apply_lora, lora_layers
-from mindspore_llm.models.auto import build_model, config_from_hf, load_config
+from mindspore_llm.models.auto import build_model
+from mindspore_llm.models.config import config_from_hf, load_config
 from mindspore_llm.models.quantized import (Int8Weight, NF4Weight, model_quantization, quantize_model,
                                             quantized_weight_shapes)
 from mindspore_llm.parallel.config import ParallelConfig

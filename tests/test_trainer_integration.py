@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from mindspore_llm.cli import main as cli_main
 from mindspore_llm.common import ConfigError
-from mindspore_llm.models.auto import AutoModelForCausalLM, build_model, config_from_yaml_section
+from mindspore_llm.models.auto import AutoModelForCausalLM, build_model
+from mindspore_llm.models.config import config_from_yaml_section
 from mindspore_llm.models.moe import moe_blocks
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.context import SEMI_AUTO, ParallelContext

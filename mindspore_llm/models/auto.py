@@ -1,64 +1,29 @@
-"""Hugging Face ``architectures`` names -> (config class, builder), and ``AutoModelForCausalLM``."""
+"""Hugging Face ``architectures`` names -> model builders, and ``AutoModelForCausalLM``."""
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 from mindspore_llm.checkpoint import load_weights
 from mindspore_llm.common import ConfigError
-from mindspore_llm.config_utils import from_dict, read_text
 from mindspore_llm.models import deepseek_v3, qwen
+from mindspore_llm.models.config import load_config, read_hf_config
 from mindspore_llm.models.layers import CausalLM, Precision
 from mindspore_llm.models.naming import LayoutOptions, checkpoint_tensors
 from mindspore_llm.models.quantized import quantize_model, quantizing_tensors
 from mindspore_llm.quant import QuantizationConfig, read_hf_quantization
 
-# architecture name -> (config class with from_hf, builder(config, precision) -> CausalLM)
-REGISTRY: dict[str, tuple[type, Callable[..., CausalLM]]] = {
-    **{name: (qwen.QwenConfig, qwen.build_qwen) for name in qwen.ARCHITECTURES},
-    **{name: (deepseek_v3.DeepseekV3Config, deepseek_v3.build_deepseek_v3) for name in deepseek_v3.ARCHITECTURES},
+# architecture name -> builder(config, precision) -> CausalLM (config classes: config.CONFIGS)
+BUILDERS: dict[str, Callable[..., CausalLM]] = {
+    **{name: qwen.build_qwen for name in qwen.QwenConfig.HF_MODEL_TYPES},
+    **{name: deepseek_v3.build_deepseek_v3 for name in deepseek_v3.DeepseekV3Config.HF_MODEL_TYPES},
 }
-
-
-def config_from_hf(hf: Mapping[str, Any], source: str = "config.json"):
-    architecture = (hf.get("architectures") or [None])[0]
-    if architecture not in REGISTRY:
-        raise ConfigError(f"{source}: architectures {hf.get('architectures')!r} is not supported; "
-                          f"supported: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[architecture][0].from_hf(hf, source)
-
-
-def config_from_yaml_section(section: Mapping[str, Any], source: str):
-    """A YAML ``model:`` section with inline dimensions; ``architecture`` picks the family."""
-    architecture = section.get("architecture")
-    if architecture not in REGISTRY:
-        raise ConfigError(f"{source}.architecture: {architecture!r} is not one of {', '.join(sorted(REGISTRY))}")
-    return from_dict(REGISTRY[architecture][0], section, source)
-
-
-def read_hf_config(path: str | os.PathLike, hint: str = "") -> tuple[dict[str, Any], Path]:
-    """(the ``config.json`` dict, its file) of a model directory or a ``config.json`` path."""
-    path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
-    text = read_text(file, hint=hint)
-    try:
-        return json.loads(text), file
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{file}: invalid JSON ({err})") from None
-
-
-def load_config(path: str | os.PathLike):
-    """Config from a model directory or a ``config.json`` path."""
-    hf, file = read_hf_config(path)
-    return config_from_hf(hf, str(file))
 
 
 def build_model(config, precision: Precision = Precision()) -> CausalLM:
     """Randomly initialised model for `config`. How it is split is not its business: a parallel job's caller
     applies ``mindspore_llm.parallel.plan.apply_plan`` to it."""
-    return REGISTRY[config.architecture][1](config, precision)
+    return BUILDERS[config.architecture](config, precision)
 
 
 class AutoModelForCausalLM:

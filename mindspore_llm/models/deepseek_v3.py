@@ -22,122 +22,20 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import mindspore as ms
 import numpy as np
 from mindspore import ops
 
 from mindspore_llm.checkpoint import ArrayTensor, layer_index
-from mindspore_llm.common import ConfigError
-from mindspore_llm.config_utils import from_dict, require
-from mindspore_llm.models.config import DecoderConfig, RopeConfig, hf_fields
+from mindspore_llm.models.config import DeepseekV3Config
 from mindspore_llm.models.layers import CausalLM, DecoderLayer, DecoderModel, Precision, RotaryEmbedding, SwiGLU
 from mindspore_llm.models.mla import MultiHeadLatentAttention
-from mindspore_llm.models.moe import (DISPATCHES, DROP_POLICIES, DeepSeekMoE, GroupLimitedTopKRouter,
-                                     aux_loss_multipliers, moe_blocks, set_aux_loss_multiplier)
+from mindspore_llm.models.moe import (DeepSeekMoE, GroupLimitedTopKRouter, aux_loss_multipliers, moe_blocks,
+                                     set_aux_loss_multiplier)
 
-ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 log = logging.getLogger("mindspore_llm")
-
-
-@dataclass(kw_only=True)
-class DeepseekV3Config(DecoderConfig):
-    architecture: str = "DeepseekV3ForCausalLM"
-    HF_MODEL_TYPES = {"DeepseekV3ForCausalLM": "deepseek_v3"}
-    intermediate_size: int  # dense layers
-    # multi-head latent attention
-    q_lora_rank: int | None = 1536  # None: plain q_proj
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    attention_bias: bool = False
-    rope_interleave: bool = True  # checkpoints store rotary pairs interleaved
-    # DeepSeekMoE
-    first_k_dense_replace: int = 3
-    moe_intermediate_size: int = 2048
-    n_routed_experts: int = 256
-    n_shared_experts: int = 1
-    num_experts_per_tok: int = 8
-    n_group: int = 8
-    topk_group: int = 4
-    norm_topk_prob: bool = True
-    routed_scaling_factor: float = 2.5
-    # fields of the original (remote-code) config.json; only the V3 choices are implemented
-    scoring_func: str = "sigmoid"
-    topk_method: str = "noaux_tc"
-    moe_layer_freq: int = 1
-    hidden_act: str = "silu"
-    num_nextn_predict_layers: int = 0  # MTP modules in the checkpoint (skipped when loading)
-    # training-time balancing (ours; not in Hugging Face configs): γ of the bias update, α of the sequence-wise loss
-    bias_update_speed: float = 0.001
-    seq_aux_loss_alpha: float = 0.0
-    # how training sends tokens to the routed experts (ours; models/moe.py): "capacity" keeps at most
-    # C = ceil(moe_capacity_factor * S * k / E) token-slots per expert and sequence, dropping the rest by
-    # moe_drop_policy; "dense" runs every expert on every token; "grouped" is Ascend's dropless sorted path.
-    # Evaluation and generation are dropless whatever this says ("grouped" stays grouped, the others run dense).
-    moe_dispatch: Literal["capacity", "dense", "grouped"] = "capacity"
-    moe_capacity_factor: float = 1.25  # Switch Transformer's training value; >= E / k drops nothing
-    moe_drop_policy: Literal["probability", "position"] = "probability"
-
-    def _hf_overrides(self) -> dict[str, Any]:
-        # MLA has no separate kv heads; transformers' config defaults them to 128, which would break a small model
-        return {"num_key_value_heads": self.num_attention_heads}
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.architecture in ARCHITECTURES,
-                f"architecture {self.architecture!r} is not a DeepSeek-V3 architecture ({', '.join(ARCHITECTURES)})")
-        for name in ("intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                     "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"):
-            value = getattr(self, name)
-            require(value > 0, f"{name} must be positive, got {value}")
-        require(self.q_lora_rank is None or self.q_lora_rank > 0,
-                f"q_lora_rank must be positive or null, got {self.q_lora_rank}")
-        require(self.qk_rope_head_dim % 2 == 0,
-                f"qk_rope_head_dim must be even (rotary pairs), got {self.qk_rope_head_dim}")
-        require(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
-                f"first_k_dense_replace must be in [0, num_hidden_layers={self.num_hidden_layers}], "
-                f"got {self.first_k_dense_replace}")
-        require(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
-        require(self.n_routed_experts % self.n_group == 0,
-                f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
-        per_group = self.n_routed_experts // self.n_group
-        require(self.n_group == 1 or per_group >= 2,
-                f"each of the n_group={self.n_group} groups needs >= 2 experts (groups are ranked by their top-2)")
-        require(self.topk_group <= self.n_group, f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
-        require(self.num_experts_per_tok <= self.topk_group * per_group,
-                f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= topk_group * experts per group "
-                f"({self.topk_group * per_group})")
-        require(self.scoring_func == "sigmoid", f"scoring_func {self.scoring_func!r} is not supported (only 'sigmoid')")
-        require(self.topk_method == "noaux_tc",
-                f"topk_method {self.topk_method!r} is not supported (only 'noaux_tc', DeepSeek-V3's)")
-        require(self.moe_layer_freq == 1, f"moe_layer_freq {self.moe_layer_freq} is not supported (only 1)")
-        require(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
-        require(self.bias_update_speed >= 0, f"bias_update_speed must be >= 0, got {self.bias_update_speed}")
-        require(self.seq_aux_loss_alpha >= 0, f"seq_aux_loss_alpha must be >= 0, got {self.seq_aux_loss_alpha}")
-        require(self.moe_dispatch in DISPATCHES,
-                f"moe_dispatch must be one of {', '.join(DISPATCHES)}, got {self.moe_dispatch!r}")
-        require(self.moe_capacity_factor > 0, f"moe_capacity_factor must be positive, got {self.moe_capacity_factor}")
-        require(self.moe_drop_policy in DROP_POLICIES,
-                f"moe_drop_policy must be one of {', '.join(DROP_POLICIES)}, got {self.moe_drop_policy!r}")
-
-    @classmethod
-    def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> "DeepseekV3Config":
-        architecture = (hf.get("architectures") or [""])[0]
-        if architecture not in ARCHITECTURES:
-            raise ConfigError(f"{source}: architectures {hf.get('architectures')!r} is not one of {ARCHITECTURES}")
-        heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
-        if kv_heads is not None and kv_heads != heads:
-            raise ConfigError(f"{source}: num_key_value_heads ({kv_heads}) must equal num_attention_heads ({heads}): "
-                              f"MLA expands every head from the latent")
-        fields = hf_fields(hf, cls)
-        fields["architecture"] = architecture
-        fields = {key: value for key, value in fields.items() if value is not None or key == "q_lora_rank"}
-        fields["rope"] = RopeConfig.from_hf(hf, source)
-        return from_dict(cls, fields, source)
 
 
 def softmax_scale(config: DeepseekV3Config) -> float:

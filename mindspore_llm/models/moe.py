@@ -31,9 +31,6 @@ from mindspore_llm.checkpoint import layer_index
 from mindspore_llm.models.layers import Precision, SwiGLU
 from mindspore_llm.models.shapes import expert_capacity
 
-DISPATCHES = ("capacity", "dense", "grouped")
-DROP_POLICIES = ("probability", "position")
-
 
 class GroupLimitedTopKRouter(nn.Cell):
     """DeepSeek-V3 routing ("gate"): sigmoid affinities; the correction bias shifts them for *selection only*;

@@ -132,7 +132,7 @@ def load_checkpoint(path: str | Path, train_cell, rank: int = 0,
 
 def hf_config(model_config) -> dict[str, Any]:
     """A Hugging Face ``config.json`` for a family config; checked to read back into the same config."""
-    from mindspore_llm.models.auto import config_from_hf
+    from mindspore_llm.models.config import config_from_hf
 
     hf = model_config.to_hf()
     back = config_from_hf(hf, "config.json")

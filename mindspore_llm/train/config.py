@@ -169,7 +169,7 @@ class TrainConfig:
     def model_config(self, source: str = "model"):
         """The family config: from the config.json of ``model.config`` or else ``model.path``, or from the inline
         dimensions."""
-        from mindspore_llm.models.auto import config_from_yaml_section, load_config
+        from mindspore_llm.models.config import config_from_yaml_section, load_config
 
         if "path" in self.model:
             extra = sorted(set(self.model) - MODEL_PATH_KEYS)
@@ -257,7 +257,7 @@ def plan_inputs(config: TrainConfig, source: str) -> PlanInputs:
     work = Workload(config.data.seq_length, run.micro_batch_size, DTYPE_BYTES[precision.compute_dtype],
                     DTYPE_BYTES["fp32"] if precision.level == "O1" else None)
     distill = config.distill
-    from mindspore_llm.models.auto import load_config
+    from mindspore_llm.models.config import load_config
 
     teacher = load_config(distill.teacher) if distill is not None and distill.mode == "online" else None
     return PlanInputs(source, config.model_config(f"{source}: model"), config.parallel, work,

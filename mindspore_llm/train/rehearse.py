@@ -287,7 +287,8 @@ def _with_distillation(config, toy, toy_plan, precision, model, reference, rows,
     if distill is None:
         return model, reference, no_arrays
     from mindspore_llm.distill import DistillationModel
-    from mindspore_llm.models.auto import build_model, load_config
+    from mindspore_llm.models.auto import build_model
+    from mindspore_llm.models.config import load_config
     from mindspore_llm.parallel.plan import apply_plan
 
     if distill.mode == "offline":
