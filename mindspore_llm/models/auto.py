@@ -53,10 +53,10 @@ def load_config(path: str | os.PathLike):
     return config_from_hf(hf, str(file))
 
 
-def build_model(config, precision: Precision = Precision()) -> CausalLM:
-    """Randomly initialised model for `config`. How it is split is not its business: a parallel job's caller
-    applies ``mindspore_llm.parallel.plan.apply_plan`` to it."""
-    return REGISTRY[config.architecture][1](config, precision)
+def build_model(config, precision: Precision | None = None) -> CausalLM:
+    """Randomly initialised model for `config` (default precision: fp32, the device target's kernels). How it is
+    split is not its business: a parallel job's caller applies ``mindspore_llm.parallel.plan.apply_plan`` to it."""
+    return REGISTRY[config.architecture][1](config, Precision() if precision is None else precision)
 
 
 class AutoModelForCausalLM:
