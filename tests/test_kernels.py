@@ -24,8 +24,13 @@ from mindspore_llm.models.layers import AttentionMask, Precision, flash_segments
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.memory import Workload, attention_mask_bytes, layer_activation_bytes
 from mindspore_llm.parallel.plan import apply_plan
-from mindspore_llm.train.rehearse import fused_graph_ops
+from mindspore_llm.train.config import load_train_config
+from mindspore_llm.train.rehearse import fused_graph_ops, rehearse
 from tests import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_FUSED_OPS = ["FlashAttentionScore", "FlashAttentionScoreGrad", "RmsNorm", "RmsNormGrad", "RotaryPositionEmbedding",
+                 "RotaryPositionEmbeddingGrad", "Swiglu", "SwigluGrad"]
 
 FUSED_16BIT = Precision(ms.float32, ms.float16, kernels=Kernels.all_fused())
 
@@ -222,8 +227,23 @@ def test_the_fused_training_graph_is_constructed(architecture, overrides, tmp_pa
     apply_plan(model, ParallelConfig())
     ids, documents, positions = (ms.Tensor(x) for x in packed_batch(model.config.vocab_size))
     found = fused_graph_ops(model, (ids, ids, documents, positions), tmp_path)
-    assert found == ["FlashAttentionScore", "FlashAttentionScoreGrad", "RmsNorm", "RmsNormGrad",
-                     "RotaryPositionEmbedding", "RotaryPositionEmbeddingGrad", "Swiglu", "SwigluGrad"]
+    assert found == ALL_FUSED_OPS
+
+
+def test_rehearse_reports_the_kernels_a_cluster_run_uses(monkeypatch):
+    """The tiny SFT job with the Ascend kernels forced (and 16-bit compute, which flash attention needs): the
+    rehearsal names every kernel, constructs the toy's fused training graph, and runs its steps decomposed."""
+    monkeypatch.setenv(ENV, "ascend")
+    config = load_train_config(ROOT / "configs" / "tiny_qwen_sft.yaml",
+                               ["precision.level=O2", "precision.compute_dtype=fp16"])
+    result = rehearse(config, "tiny_qwen_sft.yaml", steps=1, echo=lambda line: None)
+    report = "\n".join(result.lines)
+    assert result.ok, report
+    for line in Kernels.all_fused().describe():
+        assert f"    {line}\n" in report
+    assert "fused graph: the toy's training graph with these kernels constructed here" in report
+    assert ", ".join(ALL_FUSED_OPS) + "; it cannot execute on this CPU" in report
+    assert sum(line.startswith("  step ") for line in result.lines) == 1, report
 
 
 # ---------------------------------------------------------------------------------------------------------------

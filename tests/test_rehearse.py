@@ -35,6 +35,10 @@ def test_every_shipped_config_rehearses(path):
         assert "compiled as AutoParallel" in report
     if config.lora is not None and config.lora.dropout > 0:
         assert "LoRA dropout" in report
+    if config.device_target == "Ascend":  # the kernels a cluster run uses, their training graph constructed here
+        assert "    flash_attention: FlashAttentionScore" in report and "FlashAttentionScoreGrad" in report
+    else:
+        assert "    flash_attention: decomposed" in report and "fused graph" not in report
 
 
 def test_rehearsal_fails_on_the_pipeline_arity_error(monkeypatch):
