@@ -241,7 +241,7 @@ def test_rehearse_reports_the_kernels_a_cluster_run_uses(monkeypatch):
     assert result.ok, report
     for line in Kernels.all_fused().describe():
         assert f"    {line}\n" in report
-    assert "fused graph: the toy's training graph with these kernels constructed here" in report
+    assert "fused graph: a one-layer toy's training graph with these kernels constructed here" in report
     assert ", ".join(ALL_FUSED_OPS) + "; it cannot execute on this CPU" in report
     assert sum(line.startswith("  step ") for line in result.lines) == 1, report
 

@@ -272,8 +272,9 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
 
 
 def _rehearse_kernels(config, toy, toy_plan, lora, sample, say, result) -> None:
-    """Which kernels the job's device target selects; with fused ones, the toy's training graph built with them and
-    constructed as far as this CPU can (``fused_graph_ops``): every fused primitive and its gradient must be in it."""
+    """Which kernels the job's device target selects; with fused ones, a one-layer toy's training graph built with
+    them and constructed as far as this CPU can (``fused_graph_ops``): every fused primitive and its gradient must be
+    in it."""
     cluster = select_kernels(config.device_target)
     say(f"  kernels on {config.device_target}:")
     for line in cluster.describe():
@@ -281,14 +282,20 @@ def _rehearse_kernels(config, toy, toy_plan, lora, sample, say, result) -> None:
     if not cluster.fused:
         return
     tick = time.perf_counter()
-    fused, _ = build_toy_model(toy, toy_plan, dataclasses.replace(config.precision.model_precision(), kernels=cluster),
-                               lora)
+    # one layer holds every fused op (the export's cost grows with the layers), planned as one stage
+    layer = {"num_hidden_layers": 1}
+    if hasattr(toy, "first_k_dense_replace"):
+        layer["first_k_dense_replace"] = min(toy.first_k_dense_replace, 1)
+    one_stage = dataclasses.replace(toy_plan, pipeline_stages=1, stage_layers=None, micro_batch_num=1,
+                                    recompute="none")
+    fused, _ = build_toy_model(dataclasses.replace(toy, **layer), one_stage,
+                               dataclasses.replace(config.precision.model_precision(), kernels=cluster), lora)
     with tempfile.TemporaryDirectory(prefix="msllm_kernels_") as directory:
         found = fused_graph_ops(fused, sample, Path(directory))
     expected = [name for switch in cluster.fused for name in (PRIMITIVES[switch], PRIMITIVES[switch] + "Grad")]
     missing = [name for name in expected if name not in found]
-    say(f"  fused graph: the toy's training graph with these kernels constructed here (MindIR export: shapes and "
-        f"types inferred, gradients built) in {time.perf_counter() - tick:.1f} s, holding {', '.join(found)}; it "
+    say(f"  fused graph: a one-layer toy's training graph with these kernels constructed here (MindIR export: shapes "
+        f"and types inferred, gradients built) in {time.perf_counter() - tick:.1f} s, holding {', '.join(found)}; it "
         f"cannot execute on this CPU (MindSpore 2.10 has no CPU kernel for them), so the steps below run the "
         f"decomposition")
     if missing:
