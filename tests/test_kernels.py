@@ -105,6 +105,10 @@ def test_flash_segments_stay_within_the_kernels_2048_lengths():
     assert flash_segments(1, 8192) == 2048
     assert flash_segments(4, 8192) == 512
     assert flash_segments(4096, 16) == 1
+    assert flash_segments(128, 4096, batch_split=128) == 2048  # data parallel 128: one row per device
+    model = build_model(tiny("Qwen2ForCausalLM"))
+    apply_plan(model, ParallelConfig(data_parallel=4))
+    assert model.model.attention_mask.batch_split == 4
 
 
 # ---------------------------------------------------------------------------------------------------------------

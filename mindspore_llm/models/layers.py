@@ -225,10 +225,11 @@ MAX_FLASH_SEGMENTS = 2048
 FLASH_CAUSAL_MASK_SIZE = 2048
 
 
-def flash_segments(batch: int, seq_len: int) -> int:
+def flash_segments(batch: int, seq_len: int, batch_split: int = 1) -> int:
     """Segments per row the flash attention mask reserves: every token its own document when the batch allows,
-    else the kernel's limit shared by the rows (2048 // batch; more documents in a row merge its last ones)."""
-    return max(1, min(seq_len, MAX_FLASH_SEGMENTS // batch))
+    else the kernel's limit shared by the rows one device holds (2048 // (batch / batch_split); more documents in
+    a row merge its last ones)."""
+    return max(1, min(seq_len, MAX_FLASH_SEGMENTS // max(1, batch // batch_split)))
 
 
 class AttentionMask(nn.Cell):
@@ -237,15 +238,17 @@ class AttentionMask(nn.Cell):
 
     Decomposed: an additive fp32 bias (B, 1, S, S), 0 where query i may see key j (j <= i, j not padding, same
     document), the float32 minimum elsewhere. Flash attention: the (B * K,) cumulative end positions of the runs of
-    equal ids over the flattened batch, K = ``flash_segments(B, S)`` per row, unused entries repeating the row's end
-    (zero-length segments, as mindformers pads its compressed EOD lengths). A padding run is a segment of its own:
-    real tokens never see it, and its queries' outputs are not trained on.
+    equal ids over the flattened batch, K = ``flash_segments(B, S, batch_split)`` per row (``batch_split``: how
+    many ways the plan splits the rows, as the kernel's limit counts one device's), unused entries repeating the
+    row's end (zero-length segments, as mindformers pads its compressed EOD lengths). A padding run is a segment of
+    its own: real tokens never see it, and its queries' outputs are not trained on.
     """
 
     def __init__(self, precision: Precision):
         super().__init__()
         self.min_value = float(np.finfo(np.float32).min)
         self.flash = precision.kernels.flash_attention
+        self.batch_split = 1
         self.smallest = P.TopK(sorted=True)
         self.concat = P.Concat(1)
 
@@ -264,7 +267,7 @@ class AttentionMask(nn.Cell):
                           ops.full(allowed.shape, self.min_value, dtype=ms.float32))
 
     def _document_ends(self, attention_mask, batch: int, seq_len: int):
-        segments = flash_segments(batch, seq_len)
+        segments = flash_segments(batch, seq_len, self.batch_split)
         row_end = ops.full((batch, 1), seq_len, dtype=ms.float32)
         ends = row_end
         if attention_mask is not None and segments > 1:

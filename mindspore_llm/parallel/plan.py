@@ -96,14 +96,16 @@ def _rms_norm(rank_mp: tuple[int, ...], dp: int, fused: bool) -> dict:
             "mul": (x, x[:-1] + (1,)), "mul_weight": (x, (1,))}
 
 
-def _attention_core(dp: int, mp: int, flash: bool) -> dict:
+def _attention_core(dp: int, mp: int, flash: bool, latent: bool) -> dict:
     """Heads split by mp. Flash (TND): the flattened tokens by dp (whole rows, as the batch), heads by mp; the
-    compressed causal mask whole; the documents' cumulative ends by dp (each row's K entries with its tokens)."""
+    compressed causal mask whole; the documents' cumulative ends by dp (each row's K entries with its tokens);
+    MLA (`latent`) pads V to the q/k head_dim."""
     heads = (dp, mp, 1, 1)  # (B, heads, S, head_dim)
     if flash:
         tokens = (dp, mp, 1)
-        return {"q_transpose": (heads,), "k_transpose": (heads,), "v_transpose": (heads,),
-                "pad_value": (heads, heads), "flash_attention": (tokens, tokens, tokens, (1, 1), (dp,), (dp,))}
+        strategies = {"q_transpose": (heads,), "k_transpose": (heads,), "v_transpose": (heads,),
+                      "flash_attention": (tokens, tokens, tokens, (1, 1), (dp,), (dp,))}
+        return {**strategies, "pad_value": (heads, heads)} if latent else strategies
     return {"repeat_kv": ((dp, mp, 1, 1, 1),), "qk_matmul": (heads, heads), "scale": (heads, ()),
             "add_bias": (heads, (dp, 1, 1, 1)), "softmax": (heads,), "pv_matmul": (heads, heads),
             "merge_transpose": (heads,)}
@@ -161,7 +163,7 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: n
     if isinstance(cell, layers.LMHead):
         return {"matmul": ((dp, 1), (vp, 1))}
     if isinstance(cell, layers.DotProductAttention):
-        return _attention_core(dp, mp, cell.flash)
+        return _attention_core(dp, mp, cell.flash, isinstance(parent, mla.MultiHeadLatentAttention))
     if isinstance(cell, layers.ApplyRotary):
         if isinstance(parent, mla.MultiHeadLatentAttention):
             heads = (dp, 1, 1, 1)  # the same rotary serves the queries and the one shared rotary key head
@@ -240,6 +242,8 @@ def apply_plan(model: nn.Cell, parallel: ParallelConfig) -> list[OpStrategy]:
                                       shard.out_strategy, primitive))
     decoder = getattr(model, "model", None)
     if isinstance(decoder, layers.DecoderModel):
+        # flash attention's document ends are split with the rows: its per-call limit counts one device's rows
+        decoder.attention_mask.batch_split = parallel.data_parallel
         _assign_stages_and_recompute(model, decoder, parallel)
     return applied
 
