@@ -264,7 +264,7 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
                 result.mismatches.append(f"step {i + 1}: {name} differs by {error:.2e} (tolerance {tolerance[name]})")
     if lora is not None and lora.dropout > 0:
         _check_dropout(config, compiled_toy, compiled_plan, precision, model, batches[0], say, result)
-    # after the steps: a MindIR export in the same process was seen to change a later DeepSeek step's moments
+    # after the steps: the comparison is reported first, the export is the slowest part
     _rehearse_kernels(config, toy, toy_plan, compared_lora, sample, say, result)
     shutil.rmtree(scratch, ignore_errors=True)
     say("  result: " + ("OK, the job's step computes what the plain step computes" if result.ok else
