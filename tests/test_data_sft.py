@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from mindspore_llm.common import IGNORE_INDEX
 from mindspore_llm.data import TINY_ASSETS, DataConfig, build_sequences, encode_conversation
-from mindspore_llm.models.layers import AttentionMask, CausalLMLoss
+from mindspore_llm.models.layers import AttentionMask, CausalLMLoss, Precision
 from mindspore_llm.tokenizer import load_tokenizer
 
 SFT = TINY_ASSETS / "sft.jsonl"
@@ -170,7 +170,7 @@ def test_packed_samples_do_not_attend_to_each_other():
     """The model's attention bias (AttentionMask, graph mode) on a packed batch: query i sees key j exactly when
     j <= i and both are tokens of the same sample."""
     mask = build_sequences(sft_config(seq_length=256, packing=True))["attention_mask"][:4]
-    bias = AttentionMask()(ms.Tensor(mask), 256).asnumpy()[:, 0]
+    bias = AttentionMask(Precision())(ms.Tensor(mask), len(mask), 256).asnumpy()[:, 0]
     causal = np.tril(np.ones((256, 256), bool))
     same_doc = (mask[:, :, None] == mask[:, None, :]) & (mask[:, None, :] > 0)
     np.testing.assert_array_equal(bias == 0, causal & same_doc)

@@ -20,10 +20,10 @@ BUILDERS: dict[str, Callable[..., CausalLM]] = {
 }
 
 
-def build_model(config, precision: Precision = Precision()) -> CausalLM:
-    """Randomly initialised model for `config`. How it is split is not its business: a parallel job's caller
-    applies ``mindspore_llm.parallel.plan.apply_plan`` to it."""
-    return BUILDERS[config.architecture](config, precision)
+def build_model(config, precision: Precision | None = None) -> CausalLM:
+    """Randomly initialised model for `config` (default precision: fp32, the device target's kernels). How it is
+    split is not its business: a parallel job's caller applies ``mindspore_llm.parallel.plan.apply_plan`` to it."""
+    return BUILDERS[config.architecture](config, Precision() if precision is None else precision)
 
 
 class AutoModelForCausalLM:
@@ -59,7 +59,7 @@ def _saved_quantization(config_file: str | os.PathLike) -> QuantizationConfig | 
     return read_hf_quantization(hf, str(file))
 
 
-def load_quantized(path: str | os.PathLike, precision: Precision = Precision(),
+def load_quantized(path: str | os.PathLike, precision: Precision | None = None,
                    quantization: str | QuantizationConfig | None = None, config: str | os.PathLike | None = None,
                    layout: LayoutOptions = LayoutOptions()) -> CausalLM:
     """The model of checkpoint `path` (any naming; `config` its config.json when none is beside it) with its linear

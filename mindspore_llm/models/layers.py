@@ -1,6 +1,9 @@
 """Layers every family shares: linear, RMSNorm, rotary embeddings (default/linear/dynamic/yarn), the attention
 mask, dot-product attention, grouped-query attention, the SwiGLU MLP, the decoder skeleton and the LM loss.
 
+Kernels: RMSNorm, the rotary product, the attention core and SwiGLU each run either as the decomposition written
+here (CPU, and the numerical reference) or as Ascend's fused kernel, by ``Precision.kernels`` (models/kernels.py).
+
 Precision policy: parameters live in ``param_dtype``; matmuls run in ``compute_dtype``; the activations between
 them (residual stream, MLP and rope products) are kept in ``activation_dtype`` (the compute dtype for O2, fp32
 for O1); norms, rotary tables, softmax and the loss run in fp32. Ops that a parallel plan may split are primitive instances (``P.MatMul()``...) so
@@ -9,17 +12,19 @@ that ``mindspore_llm.parallel.plan`` can give each its strategy; the model code 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 from mindspore.ops import operations as P
-from mindspore.ops.auto_generate.gen_ops_prim import SiLU
+from mindspore.ops.auto_generate.gen_ops_prim import (FlashAttentionScore, RmsNorm, RotaryPositionEmbedding, SiLU,
+                                                      Swiglu)
 
-from mindspore_llm.common import IGNORE_INDEX
+from mindspore_llm.common import IGNORE_INDEX, ConfigError
 from mindspore_llm.models.config import RopeConfig
+from mindspore_llm.models.kernels import Kernels, select_kernels
 
 DTYPES = {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float16": ms.float16,
           "bf16": ms.bfloat16, "bfloat16": ms.bfloat16}
@@ -41,6 +46,7 @@ class Precision:
     param_dtype: ms.dtype = ms.float32
     compute_dtype: ms.dtype = ms.float32
     activation_dtype: ms.dtype | None = None  # None: the compute dtype
+    kernels: Kernels = field(default_factory=select_kernels)  # fused or decomposed, per op
 
     @property
     def activations(self) -> ms.dtype:
@@ -105,6 +111,8 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.eps = eps
         self.weight = Parameter(initializer("ones", (dim,), precision.param_dtype), name="weight")
+        self.fused = precision.kernels.rms_norm
+        self.rms_norm = RmsNorm(eps)
         self.square = P.Square()
         self.mean = P.ReduceMean(keep_dims=True)
         self.rsqrt = P.Rsqrt()
@@ -116,6 +124,10 @@ class RMSNorm(nn.Cell):
 
     def construct(self, x):
         dtype = x.dtype
+        if self.fused:
+            # RmsNorm(x, gamma) -> (x * rsqrt(mean(x^2, -1) + epsilon) * gamma, rstd): x and gamma of one dtype,
+            # gamma over the last axis; the decomposition rounds the normalised x to x's dtype before gamma.
+            return self.rms_norm(x, self.cast(self.weight, dtype))[0]
         x32 = self.cast(x, ms.float32)
         variance = self.mean(self.square(x32), -1)
         inverse_rms = self.rsqrt(self.add_eps(variance, self.eps))
@@ -201,9 +213,11 @@ class RotaryEmbedding(nn.Cell):
 class ApplyRotary(nn.Cell):
     """x * cos + rotate_half(x) * sin for x (B, heads, S, dim) and tables (B, S, dim)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, precision: Precision):
         super().__init__()
         self.half = dim // 2
+        self.fused = precision.kernels.rotary
+        self.rope = RotaryPositionEmbedding()
         self.mul_cos = P.Mul()
         self.mul_sin = P.Mul()
         self.add = P.Add()
@@ -215,6 +229,10 @@ class ApplyRotary(nn.Cell):
     def construct(self, x, cos, sin):
         dtype = x.dtype
         x = self.cast(x, ms.float32)
+        if self.fused:
+            # RotaryPositionEmbedding(x, cos, sin, mode): x BNSD, cos/sin B1SD of x's dtype (fp32 here, as the
+            # decomposition); mode 0 is rotate_half, x * cos + concat(-x2, x1) * sin, the convention below.
+            return self.cast(self.rope(x, cos.expand_dims(1), sin.expand_dims(1), 0), dtype)
         x1 = x[..., :self.half]
         x2 = x[..., self.half:]
         rotated = self.concat((self.neg(x2), x1))
@@ -225,18 +243,42 @@ class ApplyRotary(nn.Cell):
         return self.cast(out, dtype)
 
 
-class AttentionMask(nn.Cell):
-    """Additive fp32 bias (B, 1, S, S): 0 where query i may see key j, the float32 minimum elsewhere.
+# FlashAttentionScore takes at most this many actual sequence lengths per call (CANN's aclnn documentation: 1..2K).
+MAX_FLASH_SEGMENTS = 2048
+# The compressed causal mask sparse_mode 3 (rightDownCausal) reads: (2048, 2048), 1 = masked out, above the diagonal.
+FLASH_CAUSAL_MASK_SIZE = 2048
 
-    ``attention_mask`` is Hugging Face's 0/1 padding mask or, for packed sequences, document ids (0 = padding):
-    key j is visible to query i when j <= i, j is not padding, and both belong to the same document.
+
+def flash_segments(batch: int, seq_len: int, batch_split: int = 1) -> int:
+    """Segments per row the flash attention mask reserves: every token its own document when the batch allows,
+    else the kernel's limit shared by the rows one device holds (2048 // (batch / batch_split); more documents in
+    a row merge its last ones)."""
+    return max(1, min(seq_len, MAX_FLASH_SEGMENTS // max(1, batch // batch_split)))
+
+
+class AttentionMask(nn.Cell):
+    """What the attention core needs to keep each query to its own document's past: ``attention_mask`` is Hugging
+    Face's 0/1 padding mask or, for packed sequences, document ids (0 = padding), each document a contiguous run.
+
+    Decomposed: an additive fp32 bias (B, 1, S, S), 0 where query i may see key j (j <= i, j not padding, same
+    document), the float32 minimum elsewhere. Flash attention: the (B * K,) cumulative end positions of the runs of
+    equal ids over the flattened batch, K = ``flash_segments(B, S, batch_split)`` per row (``batch_split``: how
+    many ways the plan splits the rows, as the kernel's limit counts one device's), unused entries repeating the
+    row's end (zero-length segments, as mindformers pads its compressed EOD lengths). A padding run is a segment of
+    its own: real tokens never see it, and its queries' outputs are not trained on.
     """
 
-    def __init__(self):
+    def __init__(self, precision: Precision):
         super().__init__()
         self.min_value = float(np.finfo(np.float32).min)
+        self.flash = precision.kernels.flash_attention
+        self.batch_split = 1
+        self.smallest = P.TopK(sorted=True)
+        self.concat = P.Concat(1)
 
-    def construct(self, attention_mask, seq_len: int):
+    def construct(self, attention_mask, batch: int, seq_len: int):
+        if self.flash:
+            return self._document_ends(attention_mask, batch, seq_len)
         rows = ops.arange(seq_len).reshape(seq_len, 1)
         cols = ops.arange(seq_len).reshape(1, seq_len)
         allowed = (cols <= rows).reshape(1, 1, seq_len, seq_len)
@@ -248,31 +290,101 @@ class AttentionMask(nn.Cell):
         return ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
                           ops.full(allowed.shape, self.min_value, dtype=ms.float32))
 
+    def _document_ends(self, attention_mask, batch: int, seq_len: int):
+        segments = flash_segments(batch, seq_len, self.batch_split)
+        row_end = ops.full((batch, 1), seq_len, dtype=ms.float32)
+        ends = row_end
+        if attention_mask is not None and segments > 1:
+            doc = attention_mask.astype(ms.int32)
+            changes = doc[:, 1:] != doc[:, :-1]  # a run ends after position t
+            positions = ops.arange(1, seq_len, dtype=ms.float32).reshape(1, seq_len - 1)
+            candidates = ops.select(changes, positions.broadcast_to(changes.shape),
+                                    row_end.broadcast_to(changes.shape))
+            # the segments - 1 smallest, ascending (TopK of the negated values; positions are exact in fp32)
+            inner = -self.smallest(-candidates, segments - 1)[0]
+            ends = self.concat((inner, row_end))
+        offsets = (ops.arange(batch, dtype=ms.float32) * seq_len).reshape(batch, 1)
+        return (ends + offsets).reshape(-1).astype(ms.int64)
+
+
+def repeat_kv(tile, x, heads: int):
+    """(B, kv_heads, S, D) -> (B, heads, S, D), each key/value head serving heads / kv_heads query heads in turn."""
+    batch, kv_heads, seq_len, dim = x.shape
+    if kv_heads == heads:
+        return x
+    x = tile(x.expand_dims(2), (1, 1, heads // kv_heads, 1, 1))
+    return x.reshape(batch, heads, seq_len, dim)
+
 
 class DotProductAttention(nn.Cell):
-    """softmax(q k^T * scaling + bias) v over (B, heads, S, dim); scores and softmax in fp32."""
+    """The attention core: queries (B, heads, S, D), keys (B, kv_heads, S, D) and values (B, kv_heads, S, Dv) ->
+    (B, S, heads * Dv), softmax(q k^T * scaling, masked) v; ``mask`` is what ``AttentionMask`` returns for the same
+    kernel choice. Decomposed: K/V repeated per group, scores and softmax in fp32. Flash: ``FlashAttentionScore``
+    on the compute dtype (16-bit only), no S x S tensor stored, K/V not repeated."""
 
-    def __init__(self, scaling: float, precision: Precision):
+    def __init__(self, num_heads: int, scaling: float, precision: Precision):
         super().__init__()
         self.scaling = scaling
         self.compute_dtype = precision.compute_dtype
         self.activation_dtype = precision.activations
+        self.flash = precision.kernels.flash_attention
+        self.cast = P.Cast()
+        self.merge_transpose = P.Transpose()
+        self.repeat_kv = P.Tile()
         self.qk_matmul = P.BatchMatMul(transpose_b=True)
         self.scale = P.Mul()
         self.add_bias = P.Add()
         self.softmax = P.Softmax(-1)
         self.pv_matmul = P.BatchMatMul()
-        self.cast = P.Cast()
         self.explicit_broadcast = broadcast_explicitly()
+        if self.flash and self.compute_dtype not in (ms.float16, ms.bfloat16):
+            raise ConfigError(f"flash attention (FlashAttentionScore) takes float16 or bfloat16, but the model "
+                              f"computes in {self.compute_dtype}: set precision.compute_dtype to bf16, or leave "
+                              f"flash_attention out of MSLLM_KERNELS")
+        # FlashAttentionScore(head_num, keep_prob, scale_value, pre_tokens, next_tokens, inner_precise,
+        # input_layout, sparse_mode): head_num = N1 of the query (N2 of K/V divides it: GQA without repeating);
+        # scale_value multiplies q k^T before the mask (our scaling, yarn's mscale^2 included for MLA); TND = tokens
+        # of the flattened batch x heads x head_dim, cut into documents by actual_seq_qlen/kvlen (cumulative ends);
+        # sparse_mode 3 = rightDownCausal inside each document, reading the compressed (2048, 2048) mask whose 1s
+        # (above the diagonal) are the discarded positions. pre/next_tokens are ignored in mode 3.
+        self.flash_attention = FlashAttentionScore(num_heads, 1.0, scaling, 2147483647, 0, 0, "TND", 3)
+        self.causal_mask = (Tensor(np.triu(np.ones((FLASH_CAUSAL_MASK_SIZE,) * 2, np.uint8), 1)) if self.flash
+                            else None)
+        self.q_transpose = P.Transpose()
+        self.k_transpose = P.Transpose()
+        self.v_transpose = P.Transpose()
+        self.pad_value = P.Concat(-1)
 
-    def construct(self, query, key, value, bias):
+    def construct(self, query, key, value, mask):
+        if self.flash:
+            return self._flash(query, key, value, mask)
+        batch, heads, seq_len, _ = query.shape
+        key = repeat_kv(self.repeat_kv, key, heads)
+        value = repeat_kv(self.repeat_kv, value, heads)
         scores = self.qk_matmul(self.cast(query, self.compute_dtype), self.cast(key, self.compute_dtype))
         scores = self.cast(scores, ms.float32)
         if self.explicit_broadcast:
-            bias = ops.broadcast_to(bias, scores.shape)
-        scores = self.add_bias(self.scale(scores, self.scaling), bias)
+            mask = ops.broadcast_to(mask, scores.shape)
+        scores = self.add_bias(self.scale(scores, self.scaling), mask)
         probs = self.cast(self.softmax(scores), self.compute_dtype)
-        return self.cast(self.pv_matmul(probs, self.cast(value, self.compute_dtype)), self.activation_dtype)
+        out = self.cast(self.pv_matmul(probs, self.cast(value, self.compute_dtype)), self.activation_dtype)
+        return self.merge_transpose(out, (0, 2, 1, 3)).reshape(batch, seq_len, -1)
+
+    def _tnd(self, transpose, x):
+        batch, heads, seq_len, dim = x.shape
+        return transpose(self.cast(x, self.compute_dtype), (0, 2, 1, 3)).reshape(batch * seq_len, heads, dim)
+
+    def _flash(self, query, key, value, document_ends):
+        batch, heads, seq_len, dim = query.shape
+        value_dim = value.shape[-1]
+        if value_dim < dim:  # MLA: one head_dim for q, k and v (2.10's docs); zero columns give zero outputs
+            value = self.pad_value((value, ops.zeros(value.shape[:-1] + (dim - value_dim,), value.dtype)))
+        out = self.flash_attention(self._tnd(self.q_transpose, query), self._tnd(self.k_transpose, key),
+                                   self._tnd(self.v_transpose, value), None, None, None, self.causal_mask, None,
+                                   document_ends, document_ends)[3]
+        if value_dim < dim:
+            out = out[..., :value_dim]
+        return self.cast(out.reshape(batch, seq_len, heads * value_dim), self.activation_dtype)
 
 
 class GroupedQueryAttention(nn.Cell):
@@ -291,11 +403,9 @@ class GroupedQueryAttention(nn.Cell):
         self.o_proj = Linear(num_attention_heads * head_dim, hidden_size, o_bias, precision, init_std)
         self.q_norm = RMSNorm(head_dim, rms_norm_eps, precision) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, rms_norm_eps, precision) if qk_norm else None
-        self.rotary = ApplyRotary(head_dim)
-        self.attention = DotProductAttention(head_dim ** -0.5, precision)
+        self.rotary = ApplyRotary(head_dim, precision)
+        self.attention = DotProductAttention(num_attention_heads, head_dim ** -0.5, precision)
         self.transpose = P.Transpose()
-        self.merge_transpose = P.Transpose()
-        self.repeat_kv = P.Tile()
 
     def _heads(self, x, num_heads, norm):
         batch, seq_len, _ = x.shape
@@ -304,22 +414,11 @@ class GroupedQueryAttention(nn.Cell):
             x = norm(x)
         return self.transpose(x, (0, 2, 1, 3))
 
-    def _expand_kv(self, x):
-        groups = self.num_heads // self.num_kv_heads
-        if groups == 1:
-            return x
-        batch, _, seq_len, dim = x.shape
-        x = self.repeat_kv(x.expand_dims(2), (1, 1, groups, 1, 1))
-        return x.reshape(batch, self.num_heads, seq_len, dim)
-
-    def construct(self, hidden, cos, sin, bias):
-        batch, seq_len, _ = hidden.shape
+    def construct(self, hidden, cos, sin, mask):
         query = self.rotary(self._heads(self.q_proj(hidden), self.num_heads, self.q_norm), cos, sin)
         key = self.rotary(self._heads(self.k_proj(hidden), self.num_kv_heads, self.k_norm), cos, sin)
         value = self._heads(self.v_proj(hidden), self.num_kv_heads, None)
-        out = self.attention(query, self._expand_kv(key), self._expand_kv(value), bias)
-        out = self.merge_transpose(out, (0, 2, 1, 3)).reshape(batch, seq_len, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        return self.o_proj(self.attention(query, key, value, mask))
 
 
 class SwiGLU(nn.Cell):
@@ -332,9 +431,19 @@ class SwiGLU(nn.Cell):
         self.down_proj = Linear(intermediate_size, hidden_size, False, precision, init_std)
         self.silu = SiLU()
         self.mul = P.Mul()
+        self.fused = precision.kernels.swiglu
+        self.stack = P.Stack(-2)
+        self.swiglu = Swiglu()
 
     def construct(self, x):
-        return self.down_proj(self.mul(self.silu(self.gate_proj(x)), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.fused:
+            # Swiglu(input, dim): silu(first half of dim) * second half. Gate and up stacked on a new axis -2 are
+            # the halves, and tensor parallel's split of the intermediate (last) axis leaves each half whole.
+            hidden = self.swiglu(self.stack((gate, up)), -2).reshape(gate.shape)
+        else:
+            hidden = self.mul(self.silu(gate), up)
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(nn.Cell):
@@ -350,8 +459,8 @@ class DecoderLayer(nn.Cell):
         self.attn_residual = P.Add()
         self.mlp_residual = P.Add()
 
-    def construct(self, x, cos, sin, bias):
-        h = self.attn_residual(x, self.self_attn(self.input_layernorm(x), cos, sin, bias))
+    def construct(self, x, cos, sin, mask):
+        h = self.attn_residual(x, self.self_attn(self.input_layernorm(x), cos, sin, mask))
         return self.mlp_residual(h, self.mlp(self.post_attention_layernorm(h)))
 
 
@@ -365,17 +474,17 @@ class DecoderModel(nn.Cell):
         self.layers = nn.CellList(layers)
         self.norm = RMSNorm(hidden_size, rms_norm_eps, precision)
         self.rotary_emb = rotary_emb
-        self.attention_mask = AttentionMask()
+        self.attention_mask = AttentionMask(precision)
 
     def construct(self, input_ids, attention_mask=None, position_ids=None):
         batch, seq_len = input_ids.shape
         if position_ids is None:
             position_ids = ops.arange(seq_len).reshape(1, seq_len).broadcast_to((batch, seq_len))
         cos, sin = self.rotary_emb(position_ids)
-        bias = self.attention_mask(attention_mask, seq_len)
+        mask = self.attention_mask(attention_mask, batch, seq_len)
         hidden = self.embed_tokens(input_ids)
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, bias)
+            hidden = layer(hidden, cos, sin, mask)
         return self.norm(hidden)
 
 

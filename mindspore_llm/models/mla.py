@@ -45,11 +45,10 @@ class MultiHeadLatentAttention(nn.Cell):
         self.kv_b_proj = Linear(kv_lora_rank, num_attention_heads * (qk_nope_head_dim + v_head_dim), False,
                                 precision, init_std)
         self.o_proj = Linear(num_attention_heads * v_head_dim, hidden_size, attention_bias, precision, init_std)
-        self.rotary = ApplyRotary(qk_rope_head_dim)
-        self.attention = DotProductAttention(scaling, precision)
+        self.rotary = ApplyRotary(qk_rope_head_dim, precision)
+        self.attention = DotProductAttention(num_attention_heads, scaling, precision)
         self.q_transpose = P.Transpose()
         self.kv_transpose = P.Transpose()
-        self.merge_transpose = P.Transpose()
         self.q_concat = P.Concat(-1)
         self.k_concat = P.Concat(-1)
         self.broadcast_k_rope = P.Tile()
@@ -60,7 +59,7 @@ class MultiHeadLatentAttention(nn.Cell):
             return x
         return self.deinterleave_concat((x[..., 0::2], x[..., 1::2]))
 
-    def construct(self, hidden, cos, sin, bias):
+    def construct(self, hidden, cos, sin, mask):
         batch, seq_len, _ = hidden.shape
         if self.q_proj is not None:
             q = self.q_proj(hidden)
@@ -81,6 +80,4 @@ class MultiHeadLatentAttention(nn.Cell):
                              self.broadcast_k_rope(k_rope, (1, self.num_heads, 1, 1))))
         value = kv[..., self.qk_nope_head_dim:]
         query = self.q_concat((q_nope, q_rope))
-        out = self.attention(query, key, value, bias)
-        out = self.merge_transpose(out, (0, 2, 1, 3)).reshape(batch, seq_len, self.num_heads * self.v_head_dim)
-        return self.o_proj(out)
+        return self.o_proj(self.attention(query, key, value, mask))

@@ -13,6 +13,7 @@ from typing import Any
 
 from mindspore_llm.distill import DistillConfig
 from mindspore_llm.lora import LoraConfig, lora_parameter_shapes
+from mindspore_llm.models.kernels import Kernels
 from mindspore_llm.models.quantized import quantized_weight_shapes
 from mindspore_llm.models.shapes import (count_parameters, expert_capacity, is_moe, layer_parameter_shapes,
                                          moe_layer, parameter_shapes, routed_slots_per_token)
@@ -67,6 +68,7 @@ class Workload:
     micro_batch_size: int
     compute_bytes: int  # 2 for bf16/fp16 compute, 4 for fp32
     activation_bytes: int | None = None  # between matmuls: fp32 under O1; None: compute_bytes
+    flash_attention: bool = False  # FlashAttentionScore: no S x S scores or mask stored (models/kernels.py)
 
     @property
     def stored_bytes(self) -> int:
@@ -98,7 +100,10 @@ def layer_activation_bytes(config, index: int, work: Workload, parallel: Paralle
     else:
         q, kv = a * config.head_dim, config.num_key_value_heads * config.head_dim
         attention = e * tokens * (2 * q + 2 * kv) / t  # Q, K, V, o_proj input
-    core = 0.0 if mode == "selective" else (4 + e) * a * s * s * b / t  # fp32 softmax + 16-bit probabilities
+    if work.flash_attention:  # the kernel keeps its fp32 softmax max and sum, (heads, T, 8) each, for backward
+        core = 2 * 8 * 4 * a * tokens / t
+    else:
+        core = 0.0 if mode == "selective" else (4 + e) * a * s * s * b / t  # fp32 softmax + 16-bit probabilities
     if moe_layer(config, index):
         mlp = moe_layer_activation_bytes(config, s, b, e, t)
     else:
@@ -125,6 +130,14 @@ def moe_layer_activation_bytes(config, seq_length: int, micro_batch_size: int, e
     router = 4 * tokens * experts * (3 + top_k + (3 if config.moe_dispatch == "capacity" else 0))
     shared = 4 * e * tokens * i * config.n_shared_experts / t
     return rows * e * (config.hidden_size + 4 * i / t) + combined * e * config.hidden_size + router + shared
+
+
+def attention_mask_bytes(work: Workload) -> float:
+    """What the layers of one micro-batch share to mask attention: the fp32 (B, 1, S, S) bias; with flash attention
+    the documents' int64 cumulative ends, (B * K,), K <= S (the kernel's constant (2048, 2048) uint8 causal mask is
+    a constant of the graph, not per micro-batch: 4 MB, left to the margin)."""
+    b, s = work.micro_batch_size, work.seq_length
+    return 8 * b * s if work.flash_attention else 4 * b * s * s
 
 
 def logits_bytes(config, work: Workload, parallel: ParallelConfig) -> float:
@@ -218,7 +231,7 @@ def estimate_memory(config, parallel: ParallelConfig, work: Workload,
     for stage in stages:
         flights = in_flight_micro_batches(parallel, stage.stage)
         stored = [layer_activation_bytes(config, i, work, parallel, modes[i], lora) for i in stage.layers]
-        stage.terms["activations"] = flights * (sum(stored) + 4 * work.micro_batch_size * work.seq_length ** 2)
+        stage.terms["activations"] = flights * (sum(stored) + attention_mask_bytes(work))
         swapped = sum(layer_activation_bytes(config, i, work, parallel, "none", lora) - stored[j]
                       for j, i in enumerate(stage.layers) if modes[i] == "swap")
         if swapped:
@@ -333,18 +346,23 @@ class PlanInputs:
     lora: LoraConfig | None = None
     distill: DistillConfig | None = None
     teacher: Any = None  # the online teacher's family config
+    kernels: Kernels = Kernels()  # the job's device target's (the op strategies depend on them)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The printed plan
 
 
-def _representative_model(config):
-    """The same family at tiny dimensions (one dense and, for MoE, one MoE layer): op strategies depend on the
-    cell types only, so its strategies are the real model's."""
+def _representative_model(config, kernels: Kernels):
+    """The same family at tiny dimensions (one dense and, for MoE, one MoE layer) with the job's kernels (built in
+    bf16 compute, never run): op strategies depend on the cell types and kernels only, so its strategies are the
+    real model's."""
     import dataclasses
 
+    import mindspore as ms
+
     from mindspore_llm.models.auto import build_model
+    from mindspore_llm.models.layers import Precision
 
     # every linear layer's in_features a multiple of 64, so that a quantized base can be shown too
     small = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4,
@@ -360,15 +378,17 @@ def _representative_model(config):
     if is_moe(config):
         small["first_k_dense_replace"] = dense
     fields = {f.name for f in dataclasses.fields(config)}
-    return build_model(dataclasses.replace(config, **{k: v for k, v in small.items() if k in fields}))
+    return build_model(dataclasses.replace(config, **{k: v for k, v in small.items() if k in fields}),
+                       Precision(ms.float32, ms.bfloat16, kernels=kernels))
 
 
-def representative_strategies(config, parallel: ParallelConfig, lora: LoraConfig | None = None):
+def representative_strategies(config, parallel: ParallelConfig, lora: LoraConfig | None = None,
+                              kernels: Kernels = Kernels()):
     """Op strategies of one layer of each kind (and the ops outside the layers), checked against the mesh."""
     from mindspore_llm.lora import apply_lora
     from mindspore_llm.parallel.plan import apply_plan, check_strategies
 
-    model = _representative_model(config)
+    model = _representative_model(config, kernels)
     if lora is not None:
         apply_lora(model, lora)
     one_stage = ParallelConfig(**{**vars(parallel), "pipeline_stages": 1, "stage_layers": None,
@@ -460,6 +480,9 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float,
              f"batch: seq_length {work.seq_length}, micro_batch_size {inputs.micro_batch_size}, global batch "
              f"{parallel.data_parallel * inputs.micro_batch_size * parallel.micro_batch_num * inputs.gradient_accumulation_steps}"
              f", compute {'fp32' if work.compute_bytes == 4 else '16-bit (O2)'}"]
+    lines.append("kernels: " + (", ".join(f"fused {name}" for name in inputs.kernels.fused) or "all decomposed")
+                 + ("; flash attention stores no S x S scores" if work.flash_attention else
+                    "; the attention scores (S x S per head) are stored unless recomputed"))
     if is_moe(config):
         lines.append(_moe_line(config, work.seq_length))
     if inputs.lora:
@@ -481,7 +504,7 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float,
         lines.append(f"  stage {stage.stage}: layers {ids[0]}-{ids[-1]} ({len(ids)}), recompute "
                      f"{'/'.join(sorted({modes[i] for i in ids}))}, {_count(stage.parameters)} parameters per device")
     lines.append("op strategies (one layer of each kind shown; every layer of that kind is the same):")
-    for op in representative_strategies(config, parallel, inputs.lora):
+    for op in representative_strategies(config, parallel, inputs.lora, inputs.kernels):
         out = f" -> {_fmt(op.out_strategy)}" if op.out_strategy else ""
         lines.append(f"  {op.path:58s} {_fmt(op.strategy)}{out}")
     hbm = hbm_gb * GB

@@ -106,10 +106,27 @@ def _quantized_weight(cell, kind: str, mp: int) -> dict:
     return strategies
 
 
-def _rms_norm(rank_mp: tuple[int, ...], dp: int) -> dict:
+def _rms_norm(rank_mp: tuple[int, ...], dp: int, fused: bool) -> dict:
     x = (dp,) + rank_mp
+    if fused:  # RmsNorm(x, gamma): the normalised (last) axis whole
+        return {"rms_norm": (x, (1,))}
     return {"square": (x,), "mean": (x,), "rsqrt": (x[:-1] + (1,),), "add_eps": (x[:-1] + (1,), ()),
             "mul": (x, x[:-1] + (1,)), "mul_weight": (x, (1,))}
+
+
+def _attention_core(dp: int, mp: int, flash: bool, latent: bool) -> dict:
+    """Heads split by mp. Flash (TND): the flattened tokens by dp (whole rows, as the batch), heads by mp; the
+    compressed causal mask whole; the documents' cumulative ends by dp (each row's K entries with its tokens);
+    MLA (`latent`) pads V to the q/k head_dim."""
+    heads = (dp, mp, 1, 1)  # (B, heads, S, head_dim)
+    if flash:
+        tokens = (dp, mp, 1)
+        strategies = {"q_transpose": (heads,), "k_transpose": (heads,), "v_transpose": (heads,),
+                      "flash_attention": (tokens, tokens, tokens, (1, 1), (dp,), (dp,))}
+        return {**strategies, "pad_value": (heads, heads)} if latent else strategies
+    return {"repeat_kv": ((dp, mp, 1, 1, 1),), "qk_matmul": (heads, heads), "scale": (heads, ()),
+            "add_bias": (heads, (dp, 1, 1, 1)), "softmax": (heads,), "pv_matmul": (heads, heads),
+            "merge_transpose": (heads,)}
 
 
 def _stacked_experts(dp: int, ep: int, mp: int) -> dict:
@@ -158,26 +175,27 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: n
         return _quantized_weight(cell, linear_kind(name.rsplit(".", 2)[-2]), mp)
     if isinstance(cell, layers.RMSNorm):
         if leaf in HEAD_NORMS:
-            return _rms_norm((1, mp, 1), dp)
+            return _rms_norm((1, mp, 1), dp, cell.fused)
         # the model's hidden-size norms follow sequence parallel; MLA's latent norms see replicated latents
-        return _rms_norm((1, 1) if leaf.endswith("a_layernorm") else (sp, 1), dp)
+        return _rms_norm((1, 1) if leaf.endswith("a_layernorm") else (sp, 1), dp, cell.fused)
     if isinstance(cell, layers.Embedding):
         return {"gather": ((vp, 1), (dp, 1))}
     if isinstance(cell, layers.LMHead):
         return {"matmul": ((dp, 1), (vp, 1))}
     if isinstance(cell, layers.DotProductAttention):
-        return {"qk_matmul": (heads, heads), "scale": (heads, ()), "add_bias": (heads, (dp, 1, 1, 1)),
-                "softmax": (heads,), "pv_matmul": (heads, heads)}
+        return _attention_core(dp, mp, cell.flash, isinstance(parent, mla.MultiHeadLatentAttention))
     if isinstance(cell, layers.ApplyRotary):
         if isinstance(parent, mla.MultiHeadLatentAttention):
             heads = (dp, 1, 1, 1)  # the same rotary serves the queries and the one shared rotary key head
+        if cell.fused:  # RotaryPositionEmbedding(x BNSD, cos B1SD, sin B1SD)
+            return {"rope": (heads, (dp, 1, 1, 1), (dp, 1, 1, 1))}
         return {"mul_cos": (heads, (dp, 1, 1, 1)), "mul_sin": (heads, (dp, 1, 1, 1)), "add": (heads, heads),
                 "neg": (heads,), "concat": (heads, heads)}
     if isinstance(cell, layers.GroupedQueryAttention):
-        return {"transpose": ((dp, 1, mp, 1),), "merge_transpose": (heads,), "repeat_kv": ((dp, mp, 1, 1, 1),)}
+        return {"transpose": ((dp, 1, mp, 1),)}
     if isinstance(cell, mla.MultiHeadLatentAttention):
-        return {"q_transpose": ((dp, 1, mp, 1),), "kv_transpose": ((dp, 1, mp, 1),), "merge_transpose": (heads,),
-                "q_concat": (heads, heads), "k_concat": (heads, heads), "broadcast_k_rope": ((dp, 1, 1, 1),)}
+        return {"q_transpose": ((dp, 1, mp, 1),), "kv_transpose": ((dp, 1, mp, 1),), "q_concat": (heads, heads),
+                "k_concat": (heads, heads), "broadcast_k_rope": ((dp, 1, 1, 1),)}
     if isinstance(cell, moe.StackedExperts):
         return _stacked_experts(dp, ep, mp)
     if isinstance(cell, moe.DenseDispatch):
@@ -189,6 +207,8 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: n
     if isinstance(cell, moe.DeepSeekMoE):
         return {"add_shared": (hidden, hidden)}
     if isinstance(cell, layers.SwiGLU):
+        if cell.fused:  # Swiglu over (B, S, 2, I): the stacked axis whole, the intermediate split like gate and up
+            return {"stack": ((dp, 1, mp), (dp, 1, mp)), "swiglu": ((dp, 1, 1, mp),)}
         return {"silu": ((dp, 1, mp),), "mul": ((dp, 1, mp), (dp, 1, mp))}
     if isinstance(cell, layers.DecoderLayer):
         return {"attn_residual": (hidden, hidden), "mlp_residual": (hidden, hidden)}
@@ -248,6 +268,8 @@ def apply_plan(model: nn.Cell, parallel: ParallelConfig) -> list[OpStrategy]:
                                       shard.out_strategy, primitive))
     decoder = getattr(model, "model", None)
     if isinstance(decoder, layers.DecoderModel):
+        # flash attention's document ends are split with the rows: its per-call limit counts one device's rows
+        decoder.attention_mask.batch_split = parallel.data_parallel
         _assign_stages_and_recompute(model, decoder, parallel)
     return applied
 
@@ -265,7 +287,8 @@ def _assign_stages_and_recompute(model: nn.Cell, decoder: layers.DecoderModel, p
             layer.recompute()
         elif mode == "selective":  # the core attention: scores and softmax, the s^2 activations
             for _, cell in layer.cells_and_names():
-                if isinstance(cell, layers.DotProductAttention):
+                # flash attention stores no S x S tensor (its backward recomputes the scores by design)
+                if isinstance(cell, layers.DotProductAttention) and not cell.flash:
                     cell.recompute()
         elif mode == "swap":  # activations to host memory in forward, back before backward (Ascend; unproven)
             layer.offload()

@@ -19,6 +19,7 @@ from mindspore_llm.config_utils import from_dict, load_yaml, require
 from mindspore_llm.data.config import DataConfig
 from mindspore_llm.distill import DistillConfig
 from mindspore_llm.lora import LoraConfig
+from mindspore_llm.models.kernels import select_kernels
 from mindspore_llm.models.naming import LayoutOptions
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.memory import DTYPE_BYTES, PlanInputs, Workload
@@ -254,15 +255,16 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 def plan_inputs(config: TrainConfig, source: str) -> PlanInputs:
     """What the memory planner needs from a training config: plain numbers and the family configs."""
     precision, run = config.precision, config.train
+    kernels = select_kernels(config.device_target)
     work = Workload(config.data.seq_length, run.micro_batch_size, DTYPE_BYTES[precision.compute_dtype],
-                    DTYPE_BYTES["fp32"] if precision.level == "O1" else None)
+                    DTYPE_BYTES["fp32"] if precision.level == "O1" else None, kernels.flash_attention)
     distill = config.distill
     from mindspore_llm.models.config import load_config
 
     teacher = load_config(distill.teacher) if distill is not None and distill.mode == "online" else None
     return PlanInputs(source, config.model_config(f"{source}: model"), config.parallel, work,
                       run.global_batch_size, run.micro_batch_size, run.gradient_accumulation_steps, config.lora,
-                      distill, teacher)
+                      distill, teacher, kernels)
 
 
 def load_plan_inputs(path: str | Path, overrides: list[str] = ()) -> PlanInputs:

@@ -31,6 +31,8 @@ from typing import Callable
 import numpy as np
 
 from mindspore_llm.common import IGNORE_INDEX
+from mindspore_llm.models.kernels import PRIMITIVES, Kernels, select_kernels
+from mindspore_llm.models.layers import Precision
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.context import SEMI_AUTO, STANDALONE, ParallelContext
 from mindspore_llm.parallel.zero import describe
@@ -59,6 +61,45 @@ class Rehearsal:
 
 def _relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _here(precision) -> Precision:
+    """The model precision of what runs on this machine: the decomposed kernels whatever MSLLM_KERNELS says (the
+    CPU has no fused ones); the cluster's kernels are constructed, not run (``fused_graph_ops``)."""
+    return dataclasses.replace(precision.model_precision(), kernels=Kernels())
+
+
+def fused_graph_ops(model, inputs, directory: Path) -> list[str]:
+    """Construct `model`'s training graph (the token-loss sum and its gradients by every trainable weight) as far as
+    this CPU can, by exporting it to MindIR: parsing, shape and type inference, automatic differentiation. Returns
+    the fused primitives (and their gradients) the graph holds. Executing it needs the Ascend kernels."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    class TokenLoss(nn.Cell):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def construct(self, input_ids, labels, attention_mask, position_ids):
+            return self.net.loss_sum(input_ids, labels, attention_mask, position_ids)[0]
+
+    class Gradients(nn.Cell):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self.weights = ms.ParameterTuple(net.trainable_params())
+            self.grad = ops.GradOperation(get_by_list=True)
+
+        def construct(self, *batch):
+            return self.grad(self.net, self.weights)(*batch)
+
+    file = directory / "fused_training_graph"
+    ms.export(Gradients(TokenLoss(model)), *inputs, file_name=str(file), file_format="MINDIR")
+    graph = file.with_suffix(".mindir").read_bytes()
+    # a primitive appears as a node's op_type (protobuf field 2, length-prefixed) or as a reference "REF::Name:id"
+    return [name for op in PRIMITIVES.values() for name in (op, op + "Grad")
+            if bytes((0x12, len(name))) + name.encode() + b'"' in graph or f"REF::{name}:".encode() in graph]
 
 
 def _job_context(config: TrainConfig, parallel: ParallelConfig) -> ParallelContext:
@@ -151,7 +192,7 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
     # -- the plan on the toy twin: every stage, every op strategy against the shapes its op sees -----------------
     tick = time.perf_counter()
     ms.set_seed(run.seed)
-    twin, applied = build_toy_model(toy, toy_plan, precision.model_precision(), compared_lora)
+    twin, applied = build_toy_model(toy, toy_plan, _here(precision), compared_lora)
     stages = [layer.pipeline_stage for layer in twin.model.layers] if pipelined else [0] * toy.num_hidden_layers
     rng = np.random.default_rng(run.seed + 1)
     batches = [toy_batch(rng, rows, seq, toy.vocab_size, config.data) for _ in range(steps)]
@@ -166,8 +207,8 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
     # stand-alone the stage numbers are inert, so past two stages the first and the last stand for all of them
     compiled_toy, compiled_plan = _first_and_last_stage(toy, toy_plan, micro)
     ms.set_seed(run.seed)
-    model, _ = build_toy_model(compiled_toy, compiled_plan, precision.model_precision(), compared_lora)
-    reference = build_model(compiled_toy, precision.model_precision())
+    model, _ = build_toy_model(compiled_toy, compiled_plan, _here(precision), compared_lora)
+    reference = build_model(compiled_toy, _here(precision))
     if compared_lora is not None:
         from mindspore_llm.lora import apply_lora
 
@@ -242,10 +283,43 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
                 result.mismatches.append(f"step {i + 1}: {name} differs by {error:.2e} (tolerance {tolerance[name]})")
     if lora is not None and lora.dropout > 0:
         _check_dropout(config, compiled_toy, compiled_plan, precision, model, batches[0], say, result)
+    # after the steps: the comparison is reported first, the export is the slowest part
+    _rehearse_kernels(config, toy, toy_plan, compared_lora, sample, say, result)
     shutil.rmtree(scratch, ignore_errors=True)
     say("  result: " + ("OK, the job's step computes what the plain step computes" if result.ok else
                         "MISMATCH: " + "; ".join(result.mismatches)))
     return result
+
+
+def _rehearse_kernels(config, toy, toy_plan, lora, sample, say, result) -> None:
+    """Which kernels the job's device target selects; with fused ones, a one-layer toy's training graph built with
+    them and constructed as far as this CPU can (``fused_graph_ops``): every fused primitive and its gradient must be
+    in it."""
+    cluster = select_kernels(config.device_target)
+    say(f"  kernels on {config.device_target}:")
+    for line in cluster.describe():
+        say(f"    {line}")
+    if not cluster.fused:
+        return
+    tick = time.perf_counter()
+    # one layer holds every fused op (the export's cost grows with the layers), planned as one stage
+    layer = {"num_hidden_layers": 1}
+    if hasattr(toy, "first_k_dense_replace"):
+        layer["first_k_dense_replace"] = min(toy.first_k_dense_replace, 1)
+    one_stage = dataclasses.replace(toy_plan, pipeline_stages=1, stage_layers=None, micro_batch_num=1,
+                                    recompute="none")
+    fused, _ = build_toy_model(dataclasses.replace(toy, **layer), one_stage,
+                               dataclasses.replace(config.precision.model_precision(), kernels=cluster), lora)
+    with tempfile.TemporaryDirectory(prefix="msllm_kernels_") as directory:
+        found = fused_graph_ops(fused, sample, Path(directory))
+    expected = [name for switch in cluster.fused for name in (PRIMITIVES[switch], PRIMITIVES[switch] + "Grad")]
+    missing = [name for name in expected if name not in found]
+    say(f"  fused graph: a one-layer toy's training graph with these kernels constructed here (MindIR export: shapes "
+        f"and types inferred, gradients built) in {time.perf_counter() - tick:.1f} s, holding {', '.join(found)}; it "
+        f"cannot execute on this CPU (MindSpore 2.10 has no CPU kernel for them), so the steps below run the "
+        f"decomposition")
+    if missing:
+        result.mismatches.append(f"the fused training graph lacks {', '.join(missing)}")
 
 
 def _first_and_last_stage(toy, toy_plan: ParallelConfig, micro: int):
@@ -305,7 +379,7 @@ def _with_distillation(config, toy, toy_plan, precision, model, reference, rows,
     teacher_dir = Path(distill.teacher)
     real_teacher = load_config(teacher_dir) if (teacher_dir / "config.json").is_file() else None
     teacher_config = toy_model_config(real_teacher or toy, config.parallel, vocab_size=toy.vocab_size)
-    teachers = [build_model(teacher_config, precision.model_precision()) for _ in range(2)]
+    teachers = [build_model(teacher_config, _here(precision)) for _ in range(2)]
     apply_plan(teachers[0], toy_plan)
     _copy_weights(teachers[0], teachers[1])
     say(f"  distillation: online, toy teacher {teacher_config.architecture} "
@@ -345,7 +419,7 @@ def _check_dropout(config, toy, toy_plan, precision, model, batch, say, result):
     without a compile; the step's own mode switch is tests/test_ascend_step.py's)."""
     import mindspore as ms
 
-    with_dropout, _ = build_toy_model(toy, toy_plan, precision.model_precision(), config.lora)
+    with_dropout, _ = build_toy_model(toy, toy_plan, _here(precision), config.lora)
     _copy_weights(model, with_dropout)
     inputs = [ms.Tensor(batch[key]) for key in BATCH_KEYS]
     losses = {}
