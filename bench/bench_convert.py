@@ -46,10 +46,10 @@ def vm_rss() -> int:
 
 def make_checkpoint(directory: Path, size_gb: float) -> dict:
     """Qwen2-1.5B-like shapes (hidden 1536, vocab 151936); layers added until the size is reached."""
-    from ckpt_tools.naming import name_map
-    from ckpt_tools.writer import OutTensor, write_checkpoint
     from ckpt_tools.convert import LAYOUTS
+    from ckpt_tools.naming import name_map
     from mindspore_llm.checkpoint import float32_to_bf16_bits
+    from mindspore_llm.checkpoint_writer import OutTensor, write_checkpoint
 
     config = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidden_size": 1536,
               "intermediate_size": 8960, "num_attention_heads": 12, "num_key_value_heads": 2,

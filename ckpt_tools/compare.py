@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ckpt_tools.convert import open_files, read_config, to_float32
+from ckpt_tools.convert import open_files, read_config
 from ckpt_tools.naming import name_map
-from mindspore_llm.checkpoint import SAFETENSORS_DTYPES, TensorFile
+from mindspore_llm.checkpoint import SAFETENSORS_DTYPES, TensorFile, to_float32
 
 COMPARE_ELEMENTS = 16 << 20
 

@@ -13,10 +13,10 @@ from typing import Iterator
 import numpy as np
 
 from ckpt_tools.naming import NameMap, name_map
-from ckpt_tools.writer import Layout, OutTensor, write_checkpoint
-from mindspore_llm.checkpoint import (HF_INDEX, MS_INDEX, NON_PARAMETER_SUFFIXES, SAFETENSORS_DTYPES,
-                                      TRAINING_STATE_PREFIXES, TensorFile, bf16_bits_to_float32, float32_to_bf16_bits,
+from mindspore_llm.checkpoint import (FP8_BLOCK, MS_INDEX, NON_PARAMETER_SUFFIXES, SAFETENSORS_DTYPES,
+                                      SCALE_SUFFIX, TRAINING_STATE_PREFIXES, TensorFile, cast, dequantize_fp8,
                                       open_tensor_file, weight_files)
+from mindspore_llm.checkpoint_writer import HF_SAFETENSORS, Layout, OutTensor, write_checkpoint
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory
 
@@ -28,58 +28,13 @@ FLOAT_TAGS = ("F64", "F32", "F16", "BF16", "F8_E4M3")
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
               "merges.txt", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
               "chat_template.json")
-FP8_BLOCK = 128  # DeepSeek-V3's weight_scale_inv covers 128 x 128 blocks (config quantization_config.weight_block_size)
-SCALE_SUFFIX = "_scale_inv"
 
 LAYOUTS = {
     ("ckpt", "ms"): Layout("mindspore_model", "ckpt", MS_INDEX, {}),
     # MindSpore's safetensors flavour: its save_checkpoint(format="safetensors") marks files {"format": "ms"}.
     ("safetensors", "ms"): Layout("mindspore_model", "safetensors", MS_INDEX, {"format": "ms"}),
-    ("safetensors", "hf"): Layout("model", "safetensors", HF_INDEX, {"format": "pt"}),
+    ("safetensors", "hf"): HF_SAFETENSORS,
 }
-
-
-def e4m3fn_table() -> np.ndarray:
-    """float32 value of each of the 256 float8_e4m3fn bit patterns (1 sign, 4 exponent bits with bias 7, 3 mantissa
-    bits; no infinities, S.1111.111 is NaN)."""
-    bits = np.arange(256)
-    sign = np.where(bits & 0x80, -1.0, 1.0)
-    exponent, mantissa = (bits >> 3) & 0xF, bits & 0x7
-    value = np.where(exponent == 0, mantissa / 8 * 2.0 ** -6, (1 + mantissa / 8) * 2.0 ** (exponent - 7.0))
-    value = np.where((exponent == 15) & (mantissa == 7), np.nan, value)
-    return (sign * value).astype(np.float32)
-
-
-E4M3FN = e4m3fn_table()
-
-
-def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return bf16_bits_to_float32(raw)
-    if dtype == "F8_E4M3":
-        return E4M3FN[raw]
-    return raw.astype(np.float32, copy=False)
-
-
-def cast(raw: np.ndarray, source: str, target: str) -> np.ndarray:
-    """Stored elements of dtype `source` as stored elements of dtype `target` (safetensors tags), through float32
-    with round-to-nearest-even, as torch's casts do."""
-    if source == target:
-        return raw
-    values = to_float32(raw, source)
-    if target == "BF16":
-        return float32_to_bf16_bits(values)
-    return values.astype(SAFETENSORS_DTYPES[target], copy=False)
-
-
-def dequantize_fp8(rows: np.ndarray, scale: np.ndarray, first_row: int, columns: int) -> np.ndarray:
-    """float32 of e4m3fn `rows` (starting at row `first_row` of the weight) times their 128 x 128 block scales:
-    DeepSeek's reference ``weight_dequant`` (fp32 multiply; edge blocks are partial)."""
-    values = E4M3FN[rows.reshape(-1, columns)]
-    column_scale = np.repeat(scale, FP8_BLOCK, axis=1)[:, :columns]
-    for start in range(0, len(values), FP8_BLOCK):
-        values[start:start + FP8_BLOCK] *= column_scale[(first_row + start) // FP8_BLOCK]
-    return values
 
 
 @dataclass
@@ -112,7 +67,7 @@ def source_chunks(source: Source) -> Iterator[np.ndarray]:
     block_rows = max(CHUNK_BYTES // (4 * columns) // FP8_BLOCK, 1) * FP8_BLOCK
     first_row = 0
     for raw in file.chunks(name, block_rows * columns):
-        values = dequantize_fp8(raw, scale, first_row, columns)
+        values = dequantize_fp8(raw.reshape(-1, columns), scale[first_row // FP8_BLOCK:], first_row)
         first_row += len(values)
         yield values if target == "F32" else cast(values, "F32", target)
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from ckpt_tools.convert import DTYPES, LAYOUTS, cast, open_files, plan, read_config, source_chunks, write_side_files
 from ckpt_tools.naming import name_map
-from ckpt_tools.writer import write_checkpoint
 from mindspore_llm.checkpoint import iter_tensors
+from mindspore_llm.checkpoint_writer import write_checkpoint
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory
 from mindspore_llm.lora import ADAPTER_SUFFIXES, LoraConfig

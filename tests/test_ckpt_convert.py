@@ -14,7 +14,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from ckpt_tools import writer
+from mindspore_llm import checkpoint_writer as writer
 from mindspore_llm import AutoModelForCausalLM
 from mindspore_llm.checkpoint import CkptFile, bf16_bits_to_float32
 from tests import reference

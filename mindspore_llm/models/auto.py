@@ -52,10 +52,18 @@ def load_config(path: str | os.PathLike):
     return config_from_hf(hf, str(file))
 
 
-def build_model(config, precision: Precision = Precision()) -> CausalLM:
-    """Randomly initialised model for `config`. How it is split is not its business: a parallel job's caller
-    applies ``mindspore_llm.parallel.plan.apply_plan`` to it."""
-    return REGISTRY[config.architecture][1](config, precision)
+def build_model(config, precision: Precision = Precision(), materialize: bool = True) -> CausalLM:
+    """The model for `config`, randomly initialised; with ``materialize=False`` its parameters are declared
+    (name, shape, dtype, initializer) but hold no memory until loaded (``checkpoint.load_weights`` gives each its
+    full tensor or this rank's slice) or initialised (``init_parameters_data``, or the first compile).
+
+    How it is split is not its business: a parallel job's caller applies ``parallel.plan.apply_plan`` to it."""
+    from mindspore.nn.utils import no_init_parameters
+
+    if materialize:
+        return REGISTRY[config.architecture][1](config, precision)
+    with no_init_parameters():
+        return REGISTRY[config.architecture][1](config, precision)
 
 
 class AutoModelForCausalLM:
@@ -63,12 +71,14 @@ class AutoModelForCausalLM:
     or a directory written by ``msllm-ckpt hf2ms``."""
 
     @staticmethod
-    def from_config(config, param_dtype: str = "fp32", compute_dtype: str = "fp32") -> CausalLM:
-        return build_model(config, Precision.from_names(param_dtype, compute_dtype))
+    def from_config(config, param_dtype: str = "fp32", compute_dtype: str = "fp32",
+                    materialize: bool = True) -> CausalLM:
+        return build_model(config, Precision.from_names(param_dtype, compute_dtype), materialize)
 
     @staticmethod
     def from_pretrained(path: str | os.PathLike, param_dtype: str = "fp32", compute_dtype: str = "fp32") -> CausalLM:
-        model = AutoModelForCausalLM.from_config(load_config(path), param_dtype, compute_dtype)
+        """Built without allocating random weights, then filled from `path`: the model is in memory once."""
+        model = AutoModelForCausalLM.from_config(load_config(path), param_dtype, compute_dtype, materialize=False)
         load_weights(model, path)
         model.name_or_path = str(path)
         return model

@@ -15,7 +15,7 @@ from mindspore_llm.distill import DistillConfig
 from mindspore_llm.lora import LoraConfig, lora_parameter_shapes
 from mindspore_llm.models.shapes import count_parameters, is_moe, layer_parameter_shapes, moe_layer, parameter_shapes
 from mindspore_llm.parallel.config import ParallelConfig
-from mindspore_llm.parallel.plan import parameter_split
+from mindspore_llm.parallel.plan import parameter_split, parameter_stages
 
 GB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -23,23 +23,6 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parameters
-
-
-def _layer_index(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else None
-
-
-def _stage_of_parameter(name: str, layer_stages: list[int], tied: bool) -> list[int]:
-    """Stages holding parameter `name`: its layer's; the embedding on the first stage (and, tied, the last);
-    the final norm and LM head on the last."""
-    index = _layer_index(name)
-    last = max(layer_stages)
-    if index is not None:
-        return [layer_stages[index]]
-    if name.startswith("model.embed_tokens"):
-        return sorted({0, last}) if tied else [0]
-    return [last]
 
 
 def _device_elements(name: str, shape: tuple[int, ...], parallel: ParallelConfig) -> float:
@@ -159,7 +142,7 @@ def estimate_memory(config, parallel: ParallelConfig, work: Workload,
     for name, shape, is_trainable in [(n, s, not frozen_base) for n, s in parameter_shapes(config)] + trainable:
         elements = _device_elements(name, shape, parallel)
         shard = expert_dp_shard if ".experts." in name else dp_shard
-        for k in _stage_of_parameter(name, layer_stages, config.tie_word_embeddings):
+        for k in parameter_stages(name, layer_stages, config.tie_word_embeddings):
             terms = stages[k].terms
             stages[k].parameters += elements
             terms["compute weights"] += copy_bytes * elements
@@ -200,7 +183,7 @@ def _add_teacher(stages: list[StageMemory], distill: DistillConfig, teacher, par
                           micro_batch_num=parallel.micro_batch_num, vocab_parallel=parallel.vocab_parallel)
     layer_stages = mesh.stage_of_layers(teacher.num_hidden_layers)
     for name, shape in parameter_shapes(teacher):
-        for k in _stage_of_parameter(name, layer_stages, teacher.tie_word_embeddings):
+        for k in parameter_stages(name, layer_stages, teacher.tie_word_embeddings):
             stages[k].terms["teacher"] += (4 + copy_bytes) * _device_elements(name, shape, mesh)
     for stage in stages:
         stage.terms["teacher"] += max(layer_activation_bytes(teacher, i, work, mesh, "none")

@@ -1,5 +1,6 @@
-"""The one checkpoint writer: tensors streamed chunk by chunk into shards of Hugging Face safetensors, MindSpore
-safetensors or MindSpore .ckpt, with an index and a manifest (shape, dtype, CRC32 of each tensor's bytes).
+"""The one checkpoint writer (every `msllm-ckpt` command, and the trainer's export from per-rank slices): tensors
+streamed chunk by chunk into shards of Hugging Face safetensors, MindSpore safetensors or MindSpore .ckpt, with an
+index and a manifest (shape, dtype, CRC32 of each tensor's bytes).
 
 Shards are planned up front from the tensors' shapes and dtypes, so a safetensors header is written first and
 each tensor's bytes follow as they are produced: memory stays at one chunk, whatever the shard size.
@@ -15,7 +16,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from mindspore_llm.checkpoint import MINDSPORE_DTYPES, SAFETENSORS_DTYPES
+from mindspore_llm.checkpoint import HF_INDEX, MINDSPORE_DTYPES, SAFETENSORS_DTYPES
 
 # MindSpore's save_checkpoint splits a tensor's bytes into Values of at most SLICE_SIZE KB (512 MB);
 # mindspore.load_checkpoint joins consecutive Values of one tag. Done the same way here.
@@ -41,6 +42,10 @@ class Layout:
     extension: str  # "safetensors" or "ckpt"
     index: str
     metadata: dict
+
+
+# A Hugging Face model directory's weights (transformers' file names; safetensors metadata {"format": "pt"}).
+HF_SAFETENSORS = Layout("model", "safetensors", HF_INDEX, {"format": "pt"})
 
 
 def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
