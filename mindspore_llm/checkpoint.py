@@ -602,12 +602,6 @@ def read_slices_manifest(directory: str | os.PathLike) -> dict | None:
     return manifest
 
 
-def parameter_sources(model) -> dict[str, tuple[tuple[int, ...], list[str]]]:
-    """Parameter name -> (full shape, the checkpoint tensors it is read from) for every weight of `model`: the
-    tensor of the same name, or (DeepSeek's stacked experts) one per index of its first dimension."""
-    return {p.name: (tuple(p.shape), model.checkpoint_sources(p.name)) for p in model.weights()}
-
-
 def read_parameter(reader: WeightReader, name: str, shape: tuple[int, ...], sources: list[str],
                    block: tuple[slice, ...]) -> np.ndarray:
     """float32 `block` of parameter `name` of `shape`, read from its checkpoint `sources`."""
@@ -632,42 +626,40 @@ def _listing(kind: str, names) -> str:
 
 
 def load_weights(model, directory: str | os.PathLike, layouts: Mapping[str, TensorLayout] | None = None,
-                 rank: int = 0) -> None:
-    """Fill the weights of `model` from a checkpoint directory: Hugging Face, `msllm-ckpt hf2ms` output in either
+                 rank: int = 0, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Fill the parameters of `model` from a checkpoint directory: Hugging Face, `msllm-ckpt hf2ms` output in either
     format, or `msllm-ckpt shard` output (``rank_N/`` slices, read by rank). Names must match the model's.
 
-    With `layouts` (parameter name -> ``TensorLayout``; parameters absent from it are not on this rank), every
-    parameter on rank `rank`'s stage gets only its slice (``Parameter.sliced``), read as byte ranges of the
-    source, and the others stay unallocated (build the model under ``models.auto.build_model(...,
-    materialize=False)``). Without, every parameter gets its full tensor. Missing or unexpected tensors and
-    shape mismatches are errors naming the tensor and file.
+    `shapes`: the full shapes of the parameters to fill (default: every parameter, as it is now). With `layouts`
+    (parameter name -> ``TensorLayout``; parameters absent from it are not on this rank), every parameter on rank
+    `rank`'s stage gets only its slice (``Parameter.sliced``), read as byte ranges of the source, and the others
+    stay unallocated (build the model with ``models.auto.build_model(..., materialize=False)``). Without, every
+    parameter gets its full tensor. Statistics buffers start at zero. Missing or unexpected tensors and shape
+    mismatches are errors naming the tensor and file.
     """
     import mindspore as ms
 
     directory = Path(directory)
-    sources = parameter_sources(model)
-    statistics = {p.name: tuple(p.shape) for p in model.get_parameters()
-                  if p.name.endswith(model.STATISTICS_SUFFIXES)}
     params = model.parameters_dict()
+    shapes = dict(shapes) if shapes is not None else {name: tuple(p.shape) for name, p in params.items()}
+    statistics = {name for name in shapes if name.endswith(model.STATISTICS_SUFFIXES)}
+    sources = {name: model.checkpoint_sources(name) for name in shapes if name not in statistics}
     presliced = read_slices_manifest(directory)
     reader = WeightReader(directory / f"rank_{rank}" if presliced else directory)
-
-    def on_rank(name):
-        return layouts is None or (name in layouts and layouts[name].on_rank(rank))
-
     if presliced:
         if set(presliced["shapes"]) != set(sources):
             raise CheckpointError(f"{directory}: sliced for other parameters than this model's ("
                                   f"{_listing('missing', set(sources) - set(presliced['shapes']))}; "
                                   f"{_listing('unexpected', set(presliced['shapes']) - set(sources))})")
-        sources = {name: (shape, [name]) for name, (shape, _) in sources.items()}
-    wanted = sorted(name for name in sources if on_rank(name))
-    missing = {src for name in wanted for src in sources[name][1] if src not in reader}
+        sources = {name: [name] for name in sources}
+    wanted = sorted(name for name in shapes
+                    if layouts is None or (name in layouts and layouts[name].on_rank(rank)))
+    missing = {src for name in wanted if name not in statistics for src in sources[name] if src not in reader}
     if missing:
         raise CheckpointError(f"{reader.path}: {_listing('missing', missing)}")
     loaded = 0
-    for name in wanted + sorted(name for name in statistics if on_rank(name)):
-        shape = statistics[name] if name in statistics else sources[name][0]
+    for name in wanted:
+        shape = shapes[name]
         block = whole(shape) if layouts is None else layouts[name].block(shape, rank)
         if name in statistics:  # per-step statistics: zero at the start
             values = np.zeros(block_shape(block), np.float32)
@@ -679,13 +671,13 @@ def load_weights(model, directory: str | os.PathLike, layouts: Mapping[str, Tens
                                       f"{_ranges(block)} of {list(shape)}: shard the model again for this job")
             values = reader.read(name)
         else:
-            values = read_parameter(reader, name, shape, sources[name][1], block)
+            values = read_parameter(reader, name, shape, sources[name], block)
         param = params[name]
         tensor = ms.Tensor.from_numpy(values) if param.dtype == ms.float32 else ms.Tensor(values, dtype=param.dtype)
         param.set_data(tensor, slice_shape=block_shape(block) != shape)
         loaded += values.nbytes
     if not presliced:
-        used = {src for _, names in sources.values() for src in names}
+        used = {src for names in sources.values() for src in names}
         used |= {reader.scale_of(src) for src in used if src in reader and reader.scale_of(src)}
         unexpected = model.ignored_checkpoint_tensors(set(reader.where) - used)
         if unexpected:
