@@ -15,6 +15,7 @@ per-expert tensors straight into this rank's slice of a stacked expert parameter
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -111,6 +112,7 @@ def dequantize_fp8(bits: np.ndarray, scale: np.ndarray, first_row: int = 0, firs
 
 
 WINDOW_BYTES = 64 << 20  # the most of a file mapped at once while reading a block of a tensor
+PREAD_BYTES = 1 << 20  # windows smaller than this are read with one pread instead of being mapped
 
 
 def whole(shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -147,7 +149,7 @@ class TensorFile:
         if end > size:
             raise CheckpointError(f"{self.path}: tensor {name} ends at byte {end} but the file has {size} bytes "
                                   f"(truncated?)")
-        expected = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize
+        expected = math.prod(info["shape"]) * np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize
         if self.nbytes(name) != expected:
             raise CheckpointError(f"{self.path}: tensor {name} holds {self.nbytes(name)} bytes, its shape "
                                   f"{list(info['shape'])} and dtype {info['dtype']} need {expected} (truncated?)")
@@ -212,7 +214,8 @@ class TensorFile:
 
         Only the rows of the first dimension that the block spans are touched, through a memory map of at most
         ``WINDOW_BYTES`` at a time that is closed before the next: the pages of a column slice's rows are read,
-        the rest of the file is not, and the process holds the block plus one window at most.
+        the rest of the file is not, and the process holds the block plus one window at most. (Windows under
+        ``PREAD_BYTES`` are read with one ``pread``: cheaper than mapping them.)
         """
         shape = self.shape(name)
         block = whole(shape) if block is None else block
@@ -226,13 +229,14 @@ class TensorFile:
         row_bytes = math.prod(shape[1:]) * storage.itemsize
         step = max(1, WINDOW_BYTES // max(row_bytes, 1))
         first, last = block[0].start, block[0].stop
-        for start in range(first, last, step):
-            stop = min(start + step, last)
-            out[start - first:stop - first] = self._rows(name, start, stop, block[1:])
+        with open(self.path, "rb", buffering=0) as f:
+            for start in range(first, last, step):
+                stop = min(start + step, last)
+                self._rows(f, name, start, stop, block[1:], out[start - first:stop - first])
         return out
 
-    def _rows(self, name: str, start: int, stop: int, inner: tuple[slice, ...]) -> np.ndarray:
-        """Rows start..stop of the first dimension, cut to `inner` in the other dimensions (a copy)."""
+    def _rows(self, f, name: str, start: int, stop: int, inner: tuple[slice, ...], out: np.ndarray) -> None:
+        """Rows start..stop of the first dimension, cut to `inner` in the other dimensions, into `out`."""
         info = self.tensors[name]
         storage = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
         rows_shape = (stop - start,) + tuple(info["shape"][1:])
@@ -242,30 +246,33 @@ class TensorFile:
         for offset, n in info["segments"]:
             if segment_start <= begin and begin + length <= segment_start + n:
                 position = offset + begin - segment_start
+                if length < PREAD_BYTES:
+                    data = np.frombuffer(os.pread(f.fileno(), length, position), storage)
+                    if data.nbytes != length:
+                        raise CheckpointError(f"{self.path}: tensor {name} is cut short (truncated file)")
+                    out[...] = data.reshape(rows_shape)[(slice(None),) + inner]
+                    return
                 aligned = position - position % mmap.ALLOCATIONGRANULARITY
-                with open(self.path, "rb") as f:
-                    mapped = mmap.mmap(f.fileno(), position - aligned + length, offset=aligned,
-                                       access=mmap.ACCESS_READ)
+                mapped = mmap.mmap(f.fileno(), position - aligned + length, offset=aligned, access=mmap.ACCESS_READ)
                 try:
                     rows = np.frombuffer(mapped, storage, length // storage.itemsize, position - aligned)
-                    part = rows.reshape(rows_shape)[(slice(None),) + inner].copy()
+                    out[...] = rows.reshape(rows_shape)[(slice(None),) + inner]
                     del rows  # releases the map's buffer so that it can close
                 finally:
                     mapped.close()
-                return part
+                return
             segment_start += n
         # the rows straddle two .ckpt Values (a tensor over 512 MB is split into several): read them
         data = np.empty(length, np.uint8)
-        with open(self.path, "rb", buffering=0) as f:
-            segment_start, filled = 0, 0
-            for offset, n in info["segments"]:
-                lo, hi = max(begin, segment_start), min(begin + length, segment_start + n)
-                if lo < hi:
-                    f.seek(offset + lo - segment_start)
-                    self._read_into(f, memoryview(data)[filled:filled + hi - lo], name)
-                    filled += hi - lo
-                segment_start += n
-        return data.view(storage).reshape(rows_shape)[(slice(None),) + inner].copy()
+        segment_start, filled = 0, 0
+        for offset, n in info["segments"]:
+            lo, hi = max(begin, segment_start), min(begin + length, segment_start + n)
+            if lo < hi:
+                f.seek(offset + lo - segment_start)
+                self._read_into(f, memoryview(data)[filled:filled + hi - lo], name)
+                filled += hi - lo
+            segment_start += n
+        out[...] = data.view(storage).reshape(rows_shape)[(slice(None),) + inner]
 
 
 class SafetensorsFile(TensorFile):
@@ -402,12 +409,19 @@ def open_tensor_file(path: str | os.PathLike) -> TensorFile:
     raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors or .ckpt)")
 
 
-def weight_files(path: str | os.PathLike) -> dict[str, Path]:
+def weight_files(path: str | os.PathLike, opened: dict[Path, TensorFile] | None = None) -> dict[str, Path]:
     """tensor name -> file for a checkpoint: one file, or a directory (Hugging Face or `msllm-ckpt hf2ms` output,
-    with an index or without: then every *.safetensors or *.ckpt file in it)."""
+    with an index or without: then every *.safetensors or *.ckpt file in it). Files opened to list their tensors
+    are kept in `opened` (by path) when given."""
     path = Path(path)
+    opened = {} if opened is None else opened
+
+    def names(file: Path) -> list[str]:
+        opened[file] = open_tensor_file(file)
+        return opened[file].names()
+
     if path.is_file():
-        return {name: path for name in open_tensor_file(path).names()}
+        return {name: path for name in names(path)}
     for index in (path / HF_INDEX, path / MS_INDEX):
         if index.exists():
             try:
@@ -420,10 +434,10 @@ def weight_files(path: str | os.PathLike) -> dict[str, Path]:
                     raise CheckpointError(f"{index}: tensor {name} is listed in {file.name}, which is missing")
             return files
     if (path / HF_SINGLE).exists():
-        return weight_files(path / HF_SINGLE)
+        return weight_files(path / HF_SINGLE, opened)
     shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.ckpt"))
     if shards:
-        return {name: shard for shard in shards for name in open_tensor_file(shard).names()}
+        return {name: shard for shard in shards for name in names(shard)}
     if (path / "pytorch_model.bin").exists():
         open_tensor_file(path / "pytorch_model.bin")
     raise CheckpointError(f"{path}: no *.safetensors or *.ckpt weights found")
@@ -474,7 +488,7 @@ class TensorLayout:
     stages: tuple[int, ...] = (0,)
     opt_shard_size: int = 0
 
-    @property
+    @functools.cached_property
     def stage_devices(self) -> int:
         return math.prod(self.dev_matrix)
 
@@ -527,8 +541,8 @@ class WeightReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.where = weight_files(path)
         self._files: dict[Path, TensorFile] = {}
+        self.where = weight_files(path, self._files)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -625,64 +639,92 @@ def _listing(kind: str, names) -> str:
     return f"{kind} {len(names)} tensor(s): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
 
 
-def load_weights(model, directory: str | os.PathLike, layouts: Mapping[str, TensorLayout] | None = None,
-                 rank: int = 0, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
-    """Fill the parameters of `model` from a checkpoint directory: Hugging Face, `msllm-ckpt hf2ms` output in either
-    format, or `msllm-ckpt shard` output (``rank_N/`` slices, read by rank). Names must match the model's.
+def rank_weights(model, directory: str | os.PathLike | WeightReader, layouts: Mapping[str, TensorLayout] | None = None,
+                 rank: int = 0, shapes: Mapping[str, tuple[int, ...]] | None = None
+                 ) -> Iterator[tuple[str, tuple[slice, ...], np.ndarray]]:
+    """(parameter name, its block on rank `rank`, the float32 values of the block) for every parameter of `model`
+    that rank holds, read from a checkpoint directory: what ``load_weights`` puts into the model.
 
-    `shapes`: the full shapes of the parameters to fill (default: every parameter, as it is now). With `layouts`
-    (parameter name -> ``TensorLayout``; parameters absent from it are not on this rank), every parameter on rank
-    `rank`'s stage gets only its slice (``Parameter.sliced``), read as byte ranges of the source, and the others
-    stay unallocated (build the model with ``models.auto.build_model(..., materialize=False)``). Without, every
-    parameter gets its full tensor. Statistics buffers start at zero. Missing or unexpected tensors and shape
-    mismatches are errors naming the tensor and file.
+    `shapes`: the full shapes of the parameters to read (default: every parameter, as it is now). With `layouts`
+    (parameter name -> ``TensorLayout``; parameters absent from it are not on this rank) only each parameter's
+    slice is read, as byte ranges of the source: a Hugging Face checkpoint (fp32, bf16, FP8 with its block
+    scales; per-expert tensors straight into this rank's rows of a stacked parameter) or `msllm-ckpt shard`
+    output (``rank_N/`` holds the slices, checked against the layout); or a ``WeightReader`` of a full checkpoint
+    opened once by a caller reading for several ranks (which calls ``check_tensor_names`` once). Statistics
+    buffers are zeros. Missing or
+    unexpected tensors and shape mismatches are errors naming the tensor and file, raised before anything is read.
     """
-    import mindspore as ms
-
-    directory = Path(directory)
-    params = model.parameters_dict()
-    shapes = dict(shapes) if shapes is not None else {name: tuple(p.shape) for name, p in params.items()}
+    if shapes is None:
+        shapes = {p.name: tuple(p.shape) for p in model.get_parameters()}
     statistics = {name for name in shapes if name.endswith(model.STATISTICS_SUFFIXES)}
-    sources = {name: model.checkpoint_sources(name) for name in shapes if name not in statistics}
-    presliced = read_slices_manifest(directory)
-    reader = WeightReader(directory / f"rank_{rank}" if presliced else directory)
-    if presliced:
-        if set(presliced["shapes"]) != set(sources):
-            raise CheckpointError(f"{directory}: sliced for other parameters than this model's ("
-                                  f"{_listing('missing', set(sources) - set(presliced['shapes']))}; "
-                                  f"{_listing('unexpected', set(presliced['shapes']) - set(sources))})")
-        sources = {name: [name] for name in sources}
+    presliced = None
+    if isinstance(directory, WeightReader):  # opened (and its names checked) once by the caller
+        reader, directory = directory, directory.path
+    else:
+        directory = Path(directory)
+        presliced = read_slices_manifest(directory)
+        reader = WeightReader(directory / f"rank_{rank}" if presliced else directory)
+        if presliced:
+            expected = set(shapes) - statistics
+            if set(presliced["shapes"]) != expected:
+                raise CheckpointError(f"{directory}: sliced for other parameters than this model's ("
+                                      f"{_listing('missing', expected - set(presliced['shapes']))}; "
+                                      f"{_listing('unexpected', set(presliced['shapes']) - expected)})")
+        else:
+            check_tensor_names(model, reader, shapes)
     wanted = sorted(name for name in shapes
                     if layouts is None or (name in layouts and layouts[name].on_rank(rank)))
-    missing = {src for name in wanted if name not in statistics for src in sources[name] if src not in reader}
+    sources = {name: [name] if presliced else model.checkpoint_sources(name)
+               for name in wanted if name not in statistics}
+    missing = {src for names in sources.values() for src in names if src not in reader}
     if missing:
         raise CheckpointError(f"{reader.path}: {_listing('missing', missing)}")
-    loaded = 0
     for name in wanted:
-        shape = shapes[name]
+        shape = tuple(shapes[name])
         block = whole(shape) if layouts is None else layouts[name].block(shape, rank)
         if name in statistics:  # per-step statistics: zero at the start
-            values = np.zeros(block_shape(block), np.float32)
+            yield name, block, np.zeros(block_shape(block), np.float32)
         elif presliced:
             stored = presliced["layouts"][name].block(presliced["shapes"][name], rank)
             if stored != block or presliced["shapes"][name] != shape:
                 raise CheckpointError(f"{directory}: {name} was sliced as {_ranges(stored)} of "
                                       f"{list(presliced['shapes'][name])} for rank {rank}; this job's layout needs "
                                       f"{_ranges(block)} of {list(shape)}: shard the model again for this job")
-            values = reader.read(name)
+            yield name, block, reader.read(name)
         else:
-            values = read_parameter(reader, name, shape, sources[name], block)
+            yield name, block, read_parameter(reader, name, shape, sources[name], block)
+
+
+def check_tensor_names(model, reader: WeightReader, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every tensor of the checkpoint is read by some parameter of `shapes` (or its FP8 scale), or is one the model
+    skips on purpose; the missing ones are named when a rank reads them."""
+    used = {src for name in shapes if not name.endswith(model.STATISTICS_SUFFIXES)
+            for src in model.checkpoint_sources(name)}
+    used |= {src + SCALE_SUFFIX for src in used}  # FP8 block scales
+    unexpected = model.ignored_checkpoint_tensors(set(reader.where) - used)
+    if unexpected:
+        raise CheckpointError(f"{reader.path}: {_listing('unexpected', unexpected)}")
+
+
+def load_weights(model, directory: str | os.PathLike, layouts: Mapping[str, TensorLayout] | None = None,
+                 rank: int = 0, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Fill the parameters of `model` from a checkpoint directory: Hugging Face, `msllm-ckpt hf2ms` output in either
+    format, or `msllm-ckpt shard` output; names must match the model's. Arguments as ``rank_weights``: with
+    `layouts`, every parameter on rank `rank`'s stage gets only its slice (``Parameter.sliced``) and the others
+    stay unallocated (build the model with ``models.auto.build_model(..., materialize=False)``); without, every
+    parameter gets its full tensor."""
+    import mindspore as ms
+
+    params = model.parameters_dict()
+    loaded = 0
+    for name, block, values in rank_weights(model, directory, layouts, rank, shapes):
         param = params[name]
+        full = tuple(shapes[name]) if shapes is not None else tuple(param.shape)
+        # float32 arrays become the parameter's memory as they are (no copy)
         tensor = ms.Tensor.from_numpy(values) if param.dtype == ms.float32 else ms.Tensor(values, dtype=param.dtype)
-        param.set_data(tensor, slice_shape=block_shape(block) != shape)
+        param.set_data(tensor, slice_shape=block_shape(block) != full)
         loaded += values.nbytes
-    if not presliced:
-        used = {src for names in sources.values() for src in names}
-        used |= {reader.scale_of(src) for src in used if src in reader and reader.scale_of(src)}
-        unexpected = model.ignored_checkpoint_tensors(set(reader.where) - used)
-        if unexpected:
-            raise CheckpointError(f"{directory}: {_listing('unexpected', unexpected)}")
-    log.debug("rank %d: loaded %d tensors (%.1f MB) from %s", rank, len(wanted), loaded / 2 ** 20, directory)
+    log.debug("rank %d: loaded %.1f MB from %s", rank, loaded / 2 ** 20, directory)
 
 
 def _ranges(block: tuple[slice, ...]) -> str:

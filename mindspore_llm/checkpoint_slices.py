@@ -153,6 +153,17 @@ def _ranges(block) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Writing each rank's slices of a full checkpoint
 
+def stored_dtype(reader: WeightReader, name: str, dtype: str | None = None) -> str:
+    """The dtype a copy of tensor `name` is written in: `dtype`, or as stored (FP8 becomes bf16 once its block
+    scales are applied, as `msllm-ckpt hf2ms` writes it)."""
+    source = reader.file(name).dtype(name)
+    return dtype or ("BF16" if source == "F8_E4M3" else source)
+
+
+def itemsize(dtype: str) -> int:
+    return np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+
+
 def block_chunks(reader: WeightReader, shape: tuple[int, ...], sources: list[str], block: tuple[slice, ...],
                  dtype: str) -> Iterator[np.ndarray]:
     """The elements of a parameter's `block` in C order as dtype `dtype` (a safetensors tag), a window of rows at
@@ -173,19 +184,17 @@ def block_chunks(reader: WeightReader, shape: tuple[int, ...], sources: list[str
 
 def write_rank_slices(reader: WeightReader, sources: Mapping[str, tuple[tuple[int, ...], list[str]]],
                       layouts: Mapping[str, TensorLayout], world_size: int, dst: Path, overwrite: bool = False,
-                      dtype: str | None = None, progress=None, side_files: Callable[[Path], None] | None = None) -> Path:
+                      dtype: str | None = None, progress=None,
+                      side_files: Callable[[Path], None] | None = None) -> Path:
     """DST/rank_N/ holding exactly rank N's slices of every parameter (``sources``: name -> (full shape, its
     checkpoint tensors)), DST/slices.json (each parameter's shape and layout) and DST/strategy.ckpt (the layouts,
     all stages merged), read from `reader` a window at a time. `dtype`: the stored one (FP8: bf16) if None."""
-    def stored(name):
-        source = reader.file(sources[name][1][0]).dtype(sources[name][1][0])
-        return dtype or ("BF16" if source == "F8_E4M3" else source)
-
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         for rank in range(world_size):
             held = {name: layouts[name].block(shape, rank) for name, (shape, _) in sources.items()
                     if layouts[name].on_rank(rank)}
-            tensors = [OutTensor(name, block_shape(block), stored(name)) for name, block in held.items()]
+            tensors = [OutTensor(name, block_shape(block), stored_dtype(reader, sources[name][1][0], dtype))
+                       for name, block in held.items()]
             (tmp / f"rank_{rank}").mkdir()
             write_checkpoint(tmp / f"rank_{rank}", tensors, Layout(RANK_SLICES, "ckpt", "slices.index.json", {}),
                              2 ** 62, lambda t: block_chunks(reader, sources[t.name][0], sources[t.name][1],

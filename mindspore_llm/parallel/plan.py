@@ -363,9 +363,13 @@ def parameter_layouts(shapes: Iterable[tuple[str, tuple[int, ...]]], parallel: P
 
 
 def model_layouts(model_config, parallel: ParallelConfig) -> dict[str, TensorLayout]:
-    """``parameter_layouts`` of every weight of a family config (``parameter_shapes``)."""
-    return parameter_layouts(parameter_shapes(model_config), parallel, model_config.num_hidden_layers,
-                             model_config.tie_word_embeddings)
+    """``parameter_layouts`` of every weight of the model of a family config (buffers such as the router's
+    correction bias included), from the model built without allocating its parameters."""
+    from mindspore_llm.models.auto import build_model
+
+    model = build_model(model_config, materialize=False)
+    return parameter_layouts(((p.name, tuple(p.shape)) for p in model.weights()), parallel,
+                             model_config.num_hidden_layers, model_config.tie_word_embeddings)
 
 
 def write_strategy_file(model_config, parallel: ParallelConfig, path) -> None:

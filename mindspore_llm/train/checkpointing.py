@@ -240,10 +240,11 @@ def check_shared_storage(directory: Path, rank: int, world_size: int) -> None:
         marker.unlink()
     count = int(blind.asnumpy()[0])
     if count:
+        this_one = "" if seen == expected else ", this one included"
         raise ConfigError(f"output_dir: {directory} is not one filesystem shared by all ranks ({count} of "
-                          f"{world_size} do not see the file rank 0 wrote there{'' if seen == expected else ', this one included'}); "
-                          f"checkpoints need every rank's part in one place: put output_dir (or checkpoint.dir) on "
-                          f"storage every server mounts")
+                          f"{world_size} do not see the file rank 0 wrote there{this_one}); checkpoints need every "
+                          f"rank's part in one place: put output_dir (or checkpoint.dir) on storage every server "
+                          f"mounts")
 
 
 def hf_config(model_config) -> dict[str, Any]:
