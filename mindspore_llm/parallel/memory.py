@@ -167,6 +167,22 @@ def estimate_memory(config, parallel: ParallelConfig, work: Workload,
     return stages
 
 
+def host_load_bytes(config, parallel: ParallelConfig, stages: list[StageMemory],
+                    lora: LoraConfig | None = None) -> tuple[float, float]:
+    """Host RAM of one process while it loads its weights: (with per-rank loading: this rank's slices in fp32,
+    the largest slice once more while it is converted from the source's dtype, one read window; loading every full
+    tensor first, as the job did before: the whole model in fp32, and for stacked experts all experts of one
+    projection buffered and then stacked)."""
+    from mindspore_llm.checkpoint import WINDOW_BYTES
+
+    shapes = parameter_shapes(config) + (lora_parameter_shapes(config, lora) if lora else [])
+    largest_slice = max(_device_elements(name, shape, parallel) for name, shape in shapes)
+    after = 4 * max(stage.parameters for stage in stages) + 4 * largest_slice + WINDOW_BYTES
+    total, _ = count_parameters(config)
+    stacked = max((math.prod(shape) for name, shape in shapes if ".experts." in name), default=0)
+    return after, 4 * total + 2 * 4 * stacked
+
+
 def _add_teacher(stages: list[StageMemory], distill: DistillConfig, teacher, parallel: ParallelConfig,
                  work: Workload, copy_bytes: int) -> None:
     """Online: a frozen teacher split over the same tensor-parallel x pipeline mesh (fp32 parameters as
@@ -313,5 +329,9 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float) -> tuple[str
     lines.append(f"peak: stage {worst.stage}, {worst.total / GB:.2f} GB of {hbm_gb:g} GB -> "
                  f"{'fits' if fits else 'DOES NOT FIT'}; dominant term: {worst.dominant} "
                  f"({worst.terms[worst.dominant] / GB:.2f} GB)")
+    after, before = host_load_bytes(config, parallel, stages, inputs.lora)
+    lines.append(f"host memory per process while loading weights: {after / GB:.2f} GB (this rank's slices in fp32, "
+                 f"one more for the conversion, a read window); every full tensor on every process would take "
+                 f"{before / GB:.2f} GB")
     return "\n".join(lines), fits
 
