@@ -24,10 +24,11 @@ from safetensors.torch import save_file as save_torch_file
 from mindspore_llm.checkpoint import (WeightReader, bf16_bits_to_float32, block_shape, check_tensor_names,
                                       dequantize_fp8, float32_to_bf16_bits, load_weights, rank_weights)
 from mindspore_llm.common import CheckpointError
-from mindspore_llm.checkpoint_slices import differing_layouts, read_strategy
+from mindspore_llm.checkpoint_slices import differing_layouts, read_strategy, write_strategy_files
 from mindspore_llm.models.auto import build_model
 from mindspore_llm.models.deepseek_v3 import DeepseekV3Config
 from mindspore_llm.models.qwen import QwenConfig
+from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.plan import parameter_layouts, validate_plan, write_strategy_file
 from mindspore_llm.train.config import load_plan_inputs
 from tests.ckpt_helpers import raw_tensors, run
@@ -184,6 +185,27 @@ def test_mindspore_cuts_the_same_32b_slices_from_the_same_strategy(qwen, tmp_pat
         assert set(ours) == set(theirs[rank]), rank
         for name, values in ours.items():
             np.testing.assert_array_equal(values, theirs[rank][name], err_msg=f"{name} on rank {rank}")
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_optimizer_sharded_slices_agree_with_mindspore(qwen, tmp_path, group):
+    """The parallel optimizer splits a weight's first dimension again over `group` of its replicas (dp 4 x mp 2):
+    the blocks MindSpore's transform cuts by a strategy with opt_weight_shard_size."""
+    model, shapes, source, full = qwen
+    parallel = ParallelConfig(data_parallel=4, model_parallel=2)
+    planned = parameter_layouts(shapes.items(), parallel, QWEN.num_hidden_layers, QWEN.tie_word_embeddings)
+    layouts = {name: dataclasses.replace(layout, opt_shard_size=group) if len(shapes[name]) == 2 else layout
+               for name, layout in planned.items()}
+    (file,) = write_strategy_files(layouts, tmp_path)
+    assert read_strategy(file) == layouts
+    theirs = mindspore_slices(tmp_path, full, file, range(8))
+    for rank in range(8):
+        ours = {name: values for name, _, values in rank_weights(model, source, layouts, rank, shapes)}
+        for name, values in ours.items():
+            np.testing.assert_array_equal(values, theirs[rank][name], err_msg=f"{name} on rank {rank}")
+    # q_proj (64, 64): rows by mp 2, then by the group; rank 5 = grid (dp 2, mp 1): piece 2 % group of rows 32..63
+    rows = {2: slice(32, 48), 4: slice(48, 56)}[group]
+    assert layouts["model.layers.0.self_attn.q_proj.weight"].block((64, 64), 5) == (rows, slice(0, 64))
 
 
 def test_a_rank_loads_its_slices_into_the_model(qwen, tmp_path):

@@ -254,10 +254,11 @@ class Trainer:
         setting = "auto" if resume_flag else self.config.checkpoint.resume
         directory = self.config.checkpoint_dir
         if setting == "never":
-            existing = checkpointing.latest_checkpoint(directory)
-            if existing is not None:
-                raise ConfigError(f"checkpoint.resume: {directory} already holds checkpoints (latest {existing.name});"
-                                  f" continue with --resume, or set output_dir / checkpoint.dir to a new directory")
+            existing = checkpointing.list_checkpoints(directory)
+            if existing:
+                raise ConfigError(f"checkpoint.resume: {directory} already holds checkpoints (latest "
+                                  f"{existing[-1].name}); continue with --resume, or set output_dir / checkpoint.dir "
+                                  f"to a new directory")
             return None
         path = (checkpointing.latest_checkpoint(directory, self.context.rank) if setting == "auto"
                 else Path(setting))
