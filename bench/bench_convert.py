@@ -110,10 +110,14 @@ def child(job: dict) -> dict:
     return {"seconds": seconds, "peak_above_baseline": vm_hwm() - baseline, "bytes_written": written}
 
 
-def run_child(job: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
+def run_child(job: dict, script: str = __file__) -> dict:
+    """`script --child JOB` in a fresh process (this checkout's package first on its path); its last stdout line."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, script, "--child", json.dumps(job)], capture_output=True, text=True,
+                         env=env)
     if out.returncode:
-        raise RuntimeError(f"{job['kind']} failed:\n{out.stderr}")
+        raise RuntimeError(f"{job['kind']} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -20,15 +20,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench_convert import vm_hwm
+from bench_convert import run_child, vm_hwm
 
 GB = 10 ** 9
 BOUND_MARGIN = 0.7 * GB
@@ -100,16 +98,6 @@ def child(job: dict) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_above_baseline": vm_hwm() - baseline, "held": held}
 
 
-def run_child(job: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                         env=env)
-    if out.returncode:
-        raise RuntimeError(f"{job['kind']} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=2.0, help="checkpoint size in GB, fp32 (default 2)")
@@ -154,7 +142,7 @@ def main() -> None:
         results = {}
         for name, job in jobs.items():
             os.sync()
-            results[name] = run_child(job)
+            results[name] = run_child(job, __file__)
         bound = model_bytes / args.tp + BOUND_MARGIN
         print(f"\nmodel {model_bytes / GB:.2f} GB; claim for one rank: peak <= model / {args.tp} + 0.7 GB = "
               f"{bound / GB:.2f} GB")

@@ -25,11 +25,12 @@ from mindspore_llm.checkpoint import (WeightReader, bf16_bits_to_float32, block_
                                       dequantize_fp8, float32_to_bf16_bits, load_weights, rank_weights)
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.checkpoint_slices import differing_layouts, read_strategy, write_strategy_files
-from mindspore_llm.models.auto import build_model
+from mindspore_llm.models.auto import AutoModelForCausalLM, build_model
 from mindspore_llm.models.deepseek_v3 import DeepseekV3Config
 from mindspore_llm.models.qwen import QwenConfig
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.plan import parameter_layouts, validate_plan, write_strategy_file
+from mindspore_llm.train import checkpointing
 from mindspore_llm.train.config import load_plan_inputs
 from tests.ckpt_helpers import raw_tensors, run
 from tests.test_trainer import REPO
@@ -303,3 +304,48 @@ def test_mindspore_cuts_the_same_deepseek_v3_slices(deepseek, deepseek_strategy,
         assert set(ours) == set(theirs[rank]), rank
         for name, values in ours.items():
             np.testing.assert_array_equal(values, theirs[rank][name], err_msg=f"{name} on rank {rank}")
+
+
+# -- the trainer's final export of a sliced run --------------------------------------------------------------------
+
+def save_rank_slices(directory, arrays, layouts, world_size):
+    """rank_N/train_state.ckpt as every rank of a semi-auto run saves its slices (with an optimizer entry)."""
+    for rank in range(world_size):
+        params = [{"name": name, "data": ms.Tensor(array[layouts[name].block(array.shape, rank)])}
+                  for name, array in arrays.items() if layouts[name].on_rank(rank)]
+        params.append({"name": "optimizer.step", "data": ms.Tensor(np.array(3, np.int32))})
+        (directory / f"rank_{rank}").mkdir(parents=True)
+        ms.save_checkpoint(params, str(directory / f"rank_{rank}" / checkpointing.TRAIN_STATE))
+
+
+def test_final_export_of_a_sliced_run_joins_every_rank(qwen, tmp_path):
+    """tp 8 x pp 2: the final model directory holds the full tensors, never one rank's slice; a LoRA run's adapters
+    are joined across the tensor-parallel slices (B split with its column-parallel base, A with a row-parallel)."""
+    from mindspore_llm.lora import LoraConfig, apply_lora
+
+    model, shapes, _, full = qwen
+    parallel = shipped_parallel(QWEN_32B_PLAN, QWEN)
+    layouts = parameter_layouts(shapes.items(), parallel, QWEN.num_hidden_layers, QWEN.tie_word_embeddings)
+    save_rank_slices(tmp_path / "step", full, layouts, 16)
+    (tmp_path / "strategy").mkdir()
+    write_strategy_files(layouts, tmp_path / "strategy")
+    checkpointing.export_from_slices(tmp_path / "step", tmp_path / "strategy", model, QWEN, shapes, tmp_path / "final")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    for name, array in full.items():
+        np.testing.assert_array_equal(exported.parameters_dict()[name].asnumpy(), array, err_msg=name)
+
+    lora_model = build_model(QWEN, materialize=False)
+    apply_lora(lora_model, LoraConfig(rank=4, target_modules=["q_proj", "o_proj"]))
+    rng = np.random.default_rng(2)
+    adapters = {p.name: rng.standard_normal(p.shape).astype(np.float32) for p in lora_model.trainable_params()}
+    adapter_layouts = parameter_layouts(((n, a.shape) for n, a in adapters.items()), parallel,
+                                        QWEN.num_hidden_layers, False)
+    assert adapter_layouts["model.layers.0.self_attn.q_proj.lora_B.weight"].tensor_map == (0, -1)
+    assert adapter_layouts["model.layers.0.self_attn.o_proj.lora_A.weight"].tensor_map == (-1, 0)
+    save_rank_slices(tmp_path / "lora_step", adapters, adapter_layouts, 16)
+    (tmp_path / "lora_strategy").mkdir()
+    write_strategy_files(adapter_layouts, tmp_path / "lora_strategy")
+    joined = checkpointing.adapters_from_slices(tmp_path / "lora_step", tmp_path / "lora_strategy",
+                                                {n: a.shape for n, a in adapters.items()})
+    for name, array in adapters.items():
+        np.testing.assert_array_equal(joined[name], array, err_msg=name)
