@@ -19,6 +19,7 @@ from mindspore import mint
 
 from mindspore_llm.checkpoint import CkptFile
 from mindspore_llm.common import CheckpointError, ConfigError
+from mindspore_llm.lora import set_dropout_key
 from mindspore_llm.train import checkpointing
 from mindspore_llm.train.config import train_config_from_dict
 from mindspore_llm.train.trainer import Trainer
@@ -144,11 +145,11 @@ def test_the_old_directory_of_an_overwrite_has_a_unique_name(tmp_path):
 
 # -- LoRA --------------------------------------------------------------------------------------------------------
 
-def lora_trainer(output_dir, base, train_mode=True, resume=False):
+def lora_trainer(output_dir, base, resume=False):
     raw = tiny_raw_config(output_dir, lora=LORA, checkpoint={"every_n_steps": 4})
     raw["model"] = {"path": str(base)}
     trainer = Trainer(train_config_from_dict(raw, "lora.yaml"), resume=resume)
-    trainer.step_cell.set_train(train_mode)  # dropout acts in training mode only (before the first compile)
+    trainer.step_cell.set_train(True)  # dropout acts in training mode only (before the first compile)
     return trainer
 
 
@@ -187,13 +188,15 @@ def test_lora_resume_with_dropout_equals_the_uninterrupted_run(lora_straight, st
     final, reference = adapters(resumed), adapters(trainer)
     for name in reference:
         np.testing.assert_allclose(final[name], reference[name], rtol=1e-6, atol=1e-7, err_msg=name)
-    # the masks matter: without dropout (evaluation mode) the same job moves the adapters elsewhere
-    plain = lora_trainer(tmp_path / "eval", base.final_model_dir, train_mode=False)
-    plain.run()
-    moved = adapters(plain)
-    differences = [np.linalg.norm(moved[n] - reference[n]) / np.linalg.norm(reference[n])
-                   for n in reference if ".lora_B." in n]
-    assert min(differences) > 0.01, differences  # measured 0.04-0.48
+    # the masks are active in training mode and change with the step's key (run without them, the same job's
+    # adapters end 0.04-0.48 relative away from these: measured once, a whole extra run)
+    layer = resumed.model.model.layers[0].self_attn.q_proj
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((2, 8, 64)).astype(np.float32))
+    outputs = []
+    for step in (3, 4, 4):
+        set_dropout_key(resumed.model, 7, step)
+        outputs.append(layer(x).asnumpy())
+    assert not np.array_equal(outputs[0], outputs[1]) and np.array_equal(outputs[1], outputs[2])
 
 
 def adapters(trainer) -> dict[str, np.ndarray]:
@@ -219,7 +222,7 @@ def test_output_dir_that_another_rank_cannot_see_is_refused(tmp_path, monkeypatc
     contributions = iter([12345.0, 0.0])  # what the all-reduce adds from rank 0: its token, then "I see it"
 
     def all_reduce(tensor):
-        tensor.set_data(ms.Tensor(tensor.asnumpy() + next(contributions)))
+        tensor.assign_value(ms.Tensor(tensor.asnumpy() + next(contributions)))  # in place, as the collective
 
     monkeypatch.setattr(mint.distributed, "all_reduce", all_reduce)
     with pytest.raises(ConfigError, match=r"not one filesystem shared by all ranks \(1 of 2 .*this one included"):
