@@ -14,13 +14,14 @@ import math
 import shutil
 from pathlib import Path
 
-from ckpt_tools.convert import DTYPES, read_config, write_side_files
+from ckpt_tools.convert import DTYPES, convert, read_config, write_side_files
 from mindspore_llm.checkpoint import WeightReader, block_shape
 from mindspore_llm.checkpoint_slices import (MERGED_STRATEGY, SlicedTensors, itemsize, merge_slices,
                                              rank_directories, read_strategy, stored_dtype, write_rank_slices)
 from mindspore_llm.checkpoint_writer import HF_SAFETENSORS
 from mindspore_llm.common import CheckpointError, ConfigError
 from mindspore_llm.fileio import atomic_directory
+from mindspore_llm.models.naming import OURS, CheckpointView, LayoutOptions
 
 PREFIX = "checkpoint_"
 
@@ -71,8 +72,12 @@ def shard(src: Path, dst: Path, train_config: Path, dtype: str | None = None, ov
 
 
 def merge(src: Path, dst: Path, strategy: Path | None = None, config: Path | None = None, dtype: str | None = None,
-          max_shard_bytes: int = 4 * 10 ** 9, overwrite: bool = False, quiet: bool = False) -> Path:
-    """Per-rank slices SRC (a parallel run's checkpoint step, or `shard` output) -> Hugging Face directory DST."""
+          max_shard_bytes: int = 4 * 10 ** 9, overwrite: bool = False, quiet: bool = False,
+          options: LayoutOptions = LayoutOptions()) -> Path:
+    """Per-rank slices SRC (a parallel run's checkpoint step, or `shard` output) -> Hugging Face directory DST.
+    Slices in our names are joined parameter by parameter (stacked experts written per expert); in mindformers'
+    namings (a mindformers run's per-rank checkpoints) they are joined tensor by tensor and converted from the
+    naming as `ms2hf` converts a file (`options`: its mcore layout)."""
     from mindspore_llm.models.auto import config_from_hf
 
     strategy = strategy or src / MERGED_STRATEGY
@@ -82,8 +87,16 @@ def merge(src: Path, dst: Path, strategy: Path | None = None, config: Path | Non
     config_path = config or src
     hf = read_config(config_path)
     model_config = config_from_hf(hf, str(config_path))
+    layouts = read_strategy(strategy)
+    stored = SlicedTensors.stored(src, layouts)
+    files = {name: stored for name in stored.names()}
+    if CheckpointView(files, model_config, options, str(config_path), strict=False).layout.naming != OURS:
+        convert(src, dst, target_naming=OURS, layout=HF_SAFETENSORS, dtype=dtype,
+                max_shard_bytes=max_shard_bytes, config_path=config_path, overwrite=overwrite, quiet=quiet,
+                description="merge-slices", options=options, files=files)
+        return dst
     model, shapes = _weights(model_config)
-    tensors = SlicedTensors(src, read_strategy(strategy), shapes)
+    tensors = SlicedTensors(src, layouts, shapes)
     outputs = [(source, name, index if len(sources) > 1 else None)
                for name in shapes for sources in [model.checkpoint_sources(name)]
                for index, source in enumerate(sources)]

@@ -3,7 +3,7 @@ NumPy cannot name), MindSpore .ckpt files and MindSpore's safetensors flavour; l
 as the slices one rank of a parallel job holds.
 
 Every format is parsed down to where each tensor's bytes sit in which file, so a tensor costs memory only when it
-is read, and can be read in bounded chunks (``TensorFile.chunks``) or as a block of it (``TensorFile.read_block``:
+is read, and can be read in bounded pieces (``TensorFile.rows``) or as a block of it (``TensorFile.read_block``:
 only the rows the block spans are mapped, at most ``WINDOW_BYTES`` at a time). MindSpore's own ``load_checkpoint``
 reads a whole .ckpt into memory (twice, while parsing), which is why .ckpt files are parsed here.
 
@@ -25,7 +25,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -39,6 +39,7 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": np.uint8, "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+FLOAT_TAGS = ("F64", "F32", "F16", "BF16", "F8_E4M3")
 # safetensors dtype tag <-> the tensor_type string of a MindSpore .ckpt (mindspore.train.serialization).
 MINDSPORE_DTYPES = {
     "F64": "Float64", "F32": "Float32", "F16": "Float16", "BF16": "BFloat16", "I64": "Int64", "I32": "Int32",
@@ -180,24 +181,23 @@ class TensorFile:
                 raise CheckpointError(f"{self.path}: tensor {name} is cut short (truncated file)")
             got += read
 
-    def chunks(self, name: str, chunk_bytes: int) -> Iterator[np.ndarray]:
-        """The stored elements in order, as flat arrays of at most `chunk_bytes` (rounded down to whole elements).
-
-        Read with ``readinto`` into one buffer, so memory stays at one chunk whatever the tensor's size; each
-        yielded array is only valid until the next one is requested.
-        """
-        storage = np.dtype(SAFETENSORS_DTYPES[self.dtype(name)])
-        chunk_bytes = max(chunk_bytes // storage.itemsize, 1) * storage.itemsize
-        buffer = np.empty(min(chunk_bytes, max(self.nbytes(name), 1)), np.uint8)
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 (first dimension) as stored, read from their bytes only (across .ckpt slices)."""
+        info = self.tensors[name]
+        storage = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
+        row_bytes = int(np.prod(info["shape"][1:], dtype=np.int64)) * storage.itemsize
+        first, count = start * row_bytes, (stop - start) * row_bytes
+        out = np.empty(count, np.uint8)
+        done = position = 0
         with open(self.path, "rb", buffering=0) as f:
-            for offset, n in self.tensors[name]["segments"]:
-                f.seek(offset)
-                # A chunk never straddles segments; .ckpt slices hold whole elements.
-                while n > 0:
-                    want = min(n, len(buffer))
-                    self._read_into(f, memoryview(buffer)[:want], name)
-                    yield buffer[:want].view(storage)
-                    n -= want
+            for offset, n in info["segments"]:
+                low, high = max(first, position), min(first + count, position + n)
+                if low < high:
+                    f.seek(offset + low - position)
+                    self._read_into(f, memoryview(out)[done:done + high - low], name)
+                    done += high - low
+                position += n
+        return out.view(storage).reshape((stop - start, *info["shape"][1:]))
 
     def float32(self, name: str) -> np.ndarray:
         dtype = self.dtype(name)
@@ -318,6 +318,7 @@ class CkptFile(TensorFile):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.tensors = {}
+        self.strings: dict[str, str] = {}  # string entries (save_checkpoint's append_dict), not tensors
         try:
             size = self.path.stat().st_size
             if size:
@@ -341,6 +342,9 @@ class CkptFile(TensorFile):
                                       f"(truncated or corrupt file)")
             name, dtype, dims, content = self._value(buf, pos, pos + length)
             pos += length
+            if dtype == "str":  # UTF-32 text, as mindspore.load_checkpoint decodes it
+                self.strings[name] = bytes(buf[content[0]:content[0] + content[1]]).decode("utf-32-le")
+                continue
             info = self.tensors.get(name)
             if info is None:
                 self.tensors[name] = {"dtype": dtype, "shape": dims, "segments": [content]}
@@ -392,6 +396,8 @@ class CkptFile(TensorFile):
                 raise CheckpointError(f"{self.path}: entry {name or '?'} is not a plain tensor (map parameter?)")
         if name is None or dtype is None or content is None:
             raise CheckpointError(f"{self.path}: corrupt or truncated MindSpore checkpoint entry {name or '?'}")
+        if dtype == "str":
+            return name, dtype, dims, content
         if dtype not in SAFETENSORS_FROM_MINDSPORE:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {dtype}")
         return name, SAFETENSORS_FROM_MINDSPORE[dtype], dims, content
@@ -437,7 +443,14 @@ def weight_files(path: str | os.PathLike, opened: dict[Path, TensorFile] | None 
         return weight_files(path / HF_SINGLE, opened)
     shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.ckpt"))
     if shards:
-        return {name: shard for shard in shards for name in names(shard)}
+        files: dict[str, Path] = {}
+        for shard in shards:
+            for name in names(shard):
+                if name in files:  # e.g. a mindformers rank directory keeping the checkpoints of several steps
+                    raise CheckpointError(f"{path}: tensor {name} is in both {files[name].name} and {shard.name}; "
+                                          f"pass the one checkpoint file to read")
+                files[name] = shard
+        return files
     if (path / "pytorch_model.bin").exists():
         open_tensor_file(path / "pytorch_model.bin")
     raise CheckpointError(f"{path}: no *.safetensors or *.ckpt weights found")
@@ -511,6 +524,14 @@ class TensorLayout:
             block[0] = _piece(block[0], parts, index, shape)
         return tuple(block)
 
+    def full_shape(self, block: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the tensor whose slices under this layout have shape `block` (the inverse of ``block``)."""
+        axes = len(self.dev_matrix)
+        shape = [n * (1 if axis == -1 else self.dev_matrix[axes - 1 - axis]) for n, axis in zip(block, self.tensor_map)]
+        if self.opt_shard_size and shape:
+            shape[0] *= self._optimizer_shard(np.unravel_index(0, self.dev_matrix))[0]
+        return tuple(shape)
+
     def _optimizer_shard(self, coordinate) -> tuple[int, int]:
         used = {len(self.dev_matrix) - 1 - axis for axis in self.tensor_map if axis != -1}
         repeated = [i for i, n in enumerate(self.dev_matrix) if i not in used and n > 1]
@@ -536,24 +557,39 @@ def _piece(span: slice, parts: int, index: int, shape) -> slice:
 
 
 class WeightReader:
-    """The tensors of a checkpoint directory (or file) by name, read as float32 blocks; FP8 weights are
-    dequantized with their ``*_scale_inv`` block scales, which are consumed, never loaded."""
+    """The tensors of a checkpoint by name, read as blocks (only the bytes of the block); FP8 weights are
+    dequantized with their ``*_scale_inv`` block scales, which are consumed, never loaded.
 
-    def __init__(self, path: str | os.PathLike):
+    `path`: a checkpoint directory or file, its files opened when first read; or `tensors`, name -> what reads it
+    like a ``TensorFile`` (``shape``, ``dtype``, ``read_block``, ``path``): the files of `path` already opened, or
+    another naming's tensors as Hugging Face's (``models.naming.checkpoint_reader``, the one way a model is read in
+    any naming)."""
+
+    def __init__(self, path: str | os.PathLike, tensors: Mapping[str, Any] | None = None):
         self.path = Path(path)
         self._files: dict[Path, TensorFile] = {}
-        self.where = weight_files(path, self._files)
+        self.where: dict[str, Any] = (weight_files(path, self._files) if tensors is None else dict(tensors))
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def file(self, name: str) -> TensorFile:
-        path = self.where[name]
-        if path not in self._files:
-            self._files[path] = open_tensor_file(path)
-        reader = self._files[path]
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def leave_out(self, names) -> None:
+        """Read as if the checkpoint did not hold `names` (a training checkpoint's optimizer entries)."""
+        for name in names:
+            del self.where[name]
+
+    def file(self, name: str):
+        source = self.where[name]
+        if not isinstance(source, Path):
+            return source
+        if source not in self._files:
+            self._files[source] = open_tensor_file(source)
+        reader = self._files[source]
         if name not in reader.tensors:
-            raise CheckpointError(f"{path}: tensor {name} is listed in the index but not in the file")
+            raise CheckpointError(f"{source}: tensor {name} is listed in the index but not in the file")
         return reader
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -570,6 +606,8 @@ class WeightReader:
         if stored not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{reader.path}: tensor {name} has unsupported dtype {stored}")
         raw = reader.read_block(name, block)
+        if stored not in FLOAT_TAGS:  # integers as stored (quantized codes)
+            return raw
         if stored != "F8_E4M3":
             return cast(raw, stored, dtype)
         scale = self.scale_of(name)
@@ -640,26 +678,29 @@ def _listing(kind: str, names) -> str:
 
 
 def rank_weights(model, directory: str | os.PathLike | WeightReader, layouts: Mapping[str, TensorLayout] | None = None,
-                 rank: int = 0, shapes: Mapping[str, tuple[int, ...]] | None = None
+                 rank: int = 0, shapes: Mapping[str, tuple[int, ...]] | None = None, check_names: bool = True
                  ) -> Iterator[tuple[str, tuple[slice, ...], np.ndarray]]:
-    """(parameter name, its block on rank `rank`, the float32 values of the block) for every parameter of `model`
+    """(parameter name, its block on rank `rank`, the values of the block) for every parameter of `model`
     that rank holds, read from a checkpoint directory: what ``load_weights`` puts into the model.
 
     `shapes`: the full shapes of the parameters to read (default: every parameter, as it is now). With `layouts`
     (parameter name -> ``TensorLayout``; parameters absent from it are not on this rank) only each parameter's
     slice is read, as byte ranges of the source: a Hugging Face checkpoint (fp32, bf16, FP8 with its block
     scales; per-expert tensors straight into this rank's rows of a stacked parameter) or `msllm-ckpt shard`
-    output (``rank_N/`` holds the slices, checked against the layout); or a ``WeightReader`` of a full checkpoint
-    opened once by a caller reading for several ranks (which calls ``check_tensor_names`` once). Statistics
-    buffers are zeros. Missing or
-    unexpected tensors and shape mismatches are errors naming the tensor and file, raised before anything is read.
+    output (``rank_N/`` holds the slices, checked against the layout); or a ``WeightReader`` (a checkpoint in
+    any naming: ``models.naming.checkpoint_reader``; a caller reading it for several ranks checks its names once
+    and passes ``check_names=False``). Integer tensors (quantized codes) come as stored, the others as float32;
+    statistics buffers are zeros. Missing or unexpected tensors and shape mismatches are errors naming the tensor
+    and file, raised before anything is read.
     """
     if shapes is None:
         shapes = {p.name: tuple(p.shape) for p in model.get_parameters()}
     statistics = {name for name in shapes if name.endswith(model.STATISTICS_SUFFIXES)}
     presliced = None
-    if isinstance(directory, WeightReader):  # opened (and its names checked) once by the caller
+    if isinstance(directory, WeightReader):
         reader, directory = directory, directory.path
+        if check_names:
+            check_tensor_names(model, reader, shapes)
     else:
         directory = Path(directory)
         presliced = read_slices_manifest(directory)
@@ -701,15 +742,17 @@ def check_tensor_names(model, reader: WeightReader, shapes: Mapping[str, tuple[i
     used = {src for name in shapes if not name.endswith(model.STATISTICS_SUFFIXES)
             for src in model.checkpoint_sources(name)}
     used |= {src + SCALE_SUFFIX for src in used}  # FP8 block scales
-    unexpected = model.ignored_checkpoint_tensors(set(reader.where) - used)
+    unexpected = model.ignored_checkpoint_tensors(set(reader.names()) - used)
     if unexpected:
         raise CheckpointError(f"{reader.path}: {_listing('unexpected', unexpected)}")
 
 
-def load_weights(model, directory: str | os.PathLike, layouts: Mapping[str, TensorLayout] | None = None,
+def load_weights(model, directory: str | os.PathLike | WeightReader, layouts: Mapping[str, TensorLayout] | None = None,
                  rank: int = 0, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
-    """Fill the parameters of `model` from a checkpoint directory: Hugging Face, `msllm-ckpt hf2ms` output in either
-    format, or `msllm-ckpt shard` output; names must match the model's. Arguments as ``rank_weights``: with
+    """Fill the parameters of `model` from a checkpoint directory (Hugging Face, `msllm-ckpt hf2ms` output in
+    either format, or `msllm-ckpt shard` output; names must match the model's) or a ``WeightReader`` (any naming:
+    ``models.naming.checkpoint_reader``; quantizing: ``models.quantized.QuantizingReader``). Arguments as
+    ``rank_weights``: with
     `layouts`, every parameter on rank `rank`'s stage gets only its slice (``Parameter.sliced``) and the others
     stay unallocated (build the model with ``models.auto.build_model(..., materialize=False)``); without, every
     parameter gets its full tensor."""

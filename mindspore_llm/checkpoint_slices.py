@@ -231,10 +231,12 @@ def rank_directories(src: Path) -> dict[int, Path]:
 
 class SlicedTensors:
     """Full tensors of per-rank slices: for each parameter, the distinct blocks the ranks hold (replicas are read
-    from the first rank holding them), checked to tile the tensor exactly."""
+    from the first rank holding them), checked to tile the tensor exactly. Read like a checkpoint file
+    (``shape``, ``dtype``, ``rows``, ``read_block``, ``raw``), so a naming view (``models.naming``) reads slices in
+    any naming as it reads a file."""
 
     def __init__(self, src: Path, layouts: Mapping[str, TensorLayout], shapes: Mapping[str, tuple[int, ...]]):
-        self.src = src
+        self.src = self.path = src
         self.ranks = rank_directories(src)
         self.readers: dict[int, WeightReader] = {}
         self.shapes = dict(shapes)
@@ -252,6 +254,36 @@ class SlicedTensors:
                                       f"{math.prod(shape)} elements of {name}: are all ranks' slices here, and is "
                                       f"this the strategy they were saved with?")
             self.blocks[name] = blocks
+
+    @classmethod
+    def stored(cls, src: Path, layouts: Mapping[str, TensorLayout]) -> "SlicedTensors":
+        """Every tensor the rank files hold (whatever their names), its full shape from a rank's slice and its
+        layout; one the strategy does not name is replicated (each rank holds it whole)."""
+        readers = {rank: WeightReader(directory) for rank, directory in rank_directories(src).items()}
+        shapes, held = {}, {}
+        for rank, reader in readers.items():
+            for name in reader.names():
+                if name not in shapes:
+                    held[name] = layouts.get(name) or TensorLayout((len(readers),), (-1,) * len(reader.shape(name)))
+                    shapes[name] = held[name].full_shape(reader.shape(name))
+        tensors = cls(src, held, shapes)
+        tensors.readers.update(readers)
+        return tensors
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def read_block(self, name: str, block: tuple[slice, ...] | None = None) -> np.ndarray:
+        return self._assemble(name, whole(self.shapes[name]) if block is None else block, self.dtype(name))
+
+    def raw(self, name: str) -> np.ndarray:
+        return self.read_block(name)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.read_block(name, (slice(start, stop),) + whole(self.shapes[name][1:]))
 
     def reader(self, rank: int) -> WeightReader:
         if rank not in self.readers:

@@ -1,6 +1,7 @@
 """The ``msllm`` command."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -15,9 +16,33 @@ def main():
 
     \b
     Examples:
-      msllm generate ./my-qwen --prompt "Hello" --max-new-tokens 20
+      msllm train configs/tiny_qwen_sft.yaml                       train as the YAML says (msllm train -h)
+      msllm train configs/tiny_qwen_sft.yaml --set train.steps=50 --resume
+      msllm plan configs/qwen2_5_32b_sft_8k_16p.yaml --device-num 16 --hbm-gb 58   memory per device, fits?
+      msllm preprocess --data-config configs/tiny_qwen_sft.yaml --output data/tiny_sft   tokenize once, offline
+      msllm rehearse configs/qwen2_5_32b_sft_8k_16p.yaml           a cluster job's step, at toy size, here
+      msllm generate ./runs/tiny_qwen_sft/final --prompt "What is 2 + 3?" --chat
+      msllm distill-topk configs/tiny_qwen_distill.yaml data/teacher_top64.safetensors --top-k 64
+      msllm rank-table generate --servers 10.0.0.1,10.0.0.2 --devices 0-7 --output rank_table_16p.json
       msllm-ckpt --help            checkpoint conversion (Hugging Face <-> MindSpore)
     """
+
+
+def _set_mindspore_verbosity(ctx, param, count):
+    # GLOG_v is read when MindSpore starts, which the commands delay until they run (the package imports it lazily);
+    # a GLOG_v the user set is kept unless -v asks for more
+    if count:
+        os.environ["GLOG_v"] = "2" if count == 1 else "1"
+    else:
+        os.environ.setdefault("GLOG_v", "3")
+    return count
+
+
+def verbosity_option(command):
+    return click.option("-v", "--verbose", count=True, expose_value=False, is_eager=True,
+                        callback=_set_mindspore_verbosity,
+                        help="Show MindSpore's own log: -v its warnings, -vv its INFO lines too (very many). "
+                             "Default: errors only; an explicit GLOG_v in the environment is kept.")(command)
 
 
 def set_graph_mode(device_target: str = "CPU") -> None:
@@ -26,35 +51,60 @@ def set_graph_mode(device_target: str = "CPU") -> None:
     ms.set_context(mode=ms.GRAPH_MODE, device_target=device_target)
 
 
+DEVICE_TARGET = click.option("--device-target", default="CPU", show_default=True, type=click.Choice(["CPU", "Ascend"]),
+                             help="Where the graphs run (Ascend: an NPU of this host).")
+
+
 @main.command()
 @click.argument("model_path", type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
+@click.option("--chat", is_flag=True,
+              help="Render PROMPT as a user turn with the model's chat template and its generation prompt (as "
+                   "transformers' apply_chat_template(add_generation_prompt=True)); print only the reply.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Stop after this many new tokens (or at the end-of-sequence token).")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True),
               help="tokenizer.json or sentencepiece .model (default: found in MODEL_PATH).")
-@click.option("--device-target", default="CPU", show_default=True, type=click.Choice(["CPU", "Ascend"]))
-def generate(model_path, prompt, max_new_tokens, tokenizer_path, device_target):
+@click.option("--compute-dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Dtype of the matmuls (weights are kept in fp32). bf16 needs Ascend: CPU kernels lack bf16 "
+                   "matmul.")
+@DEVICE_TARGET
+@verbosity_option
+def generate(model_path, prompt, chat, max_new_tokens, tokenizer_path, compute_dtype, device_target):
     """Greedy-decode a continuation of PROMPT with the model in MODEL_PATH.
 
     MODEL_PATH is a Hugging Face model directory (config.json + safetensors) or one written by
-    `msllm-ckpt hf2ms`. The model runs in graph mode; the sequence buffer is fixed-size, so it compiles once.
+    `msllm-ckpt hf2ms` or a training run (its final/). The model runs in graph mode; the sequence buffer is
+    fixed-size, so it compiles once.
+
+    \b
+    Examples:
+      msllm generate ./my-qwen --prompt "Hello" --max-new-tokens 20
+      msllm generate ./r1-distill --prompt "What is 2 + 3?" --chat --max-new-tokens 512 --device-target Ascend
     """
     from mindspore_llm.common import CheckpointError, TokenizerError
+    from mindspore_llm.data.chat import render_generation_prompt
     from mindspore_llm.generation import greedy_generate
     from mindspore_llm.models.auto import AutoModelForCausalLM
     from mindspore_llm.tokenizer import load_tokenizer
 
+    if not prompt.strip():
+        raise UserError("--prompt: empty; give the text to continue")
     set_graph_mode(device_target)
     try:
         tokenizer = load_tokenizer(tokenizer_path or model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path)
+        prompt_ids = (render_generation_prompt(tokenizer, [{"role": "user", "content": prompt}]) if chat
+                      else tokenizer.encode(prompt))
+        model = AutoModelForCausalLM.from_pretrained(model_path, compute_dtype=compute_dtype)
     except (ConfigError, CheckpointError, TokenizerError) as err:
         raise UserError(str(err)) from None
+    if len(prompt_ids) + max_new_tokens > model.config.max_position_embeddings:
+        raise UserError(f"--max-new-tokens: the prompt's {len(prompt_ids)} tokens + {max_new_tokens} exceed the "
+                        f"model's max_position_embeddings {model.config.max_position_embeddings}")
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prompt_ids = tokenizer.encode(prompt)
     new_ids = greedy_generate(model, prompt_ids, max_new_tokens, eos, pad)
-    click.echo(tokenizer.decode(prompt_ids + new_ids))
+    click.echo(tokenizer.decode(new_ids if chat else prompt_ids + new_ids))
 
 
 @main.command()
@@ -65,6 +115,7 @@ def generate(model_path, prompt, max_new_tokens, tokenizer_path, device_target):
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(1, 1000),
               help="Number of MindRecord files to spread the sequences over.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@verbosity_option
 def preprocess(data_config, output, shards, overwrite):
     """Tokenize and pack a data set once, offline, into MindRecord.
 
@@ -77,9 +128,12 @@ def preprocess(data_config, output, shards, overwrite):
       msllm preprocess --data-config configs/tiny_qwen_sft.yaml --output data/tiny_sft
       msllm preprocess --data-config data.yaml --output /shared/pretrain --shards 8
     """
+    import logging
+
     from mindspore_llm.common import IGNORE_INDEX
     from mindspore_llm.data import build_sequences, load_data_config, write_mindrecord
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_data_config(data_config)
         arrays = build_sequences(cfg)
@@ -91,18 +145,31 @@ def preprocess(data_config, output, shards, overwrite):
                f"{counted} counted in the loss, {shards} shard(s)")
 
 
+def _set_option(command):
+    return click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                        help="Override one config value (repeatable); VALUE is read as YAML: 3, 1e-4, true, null, "
+                             "bf16.")(command)
+
+
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override one config value (repeatable); VALUE is read as YAML: 3, 1e-4, true, null, bf16.")
+@_set_option
 @click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint in the checkpoint dir.")
-def train(config_path, overrides, resume):
+@click.option("--dry-run", is_flag=True,
+              help="On an Ascend host: compile one rank's graph of the whole job on a single NPU without HCCL "
+                   "(MindSpore's simulation) and report it; nothing trains, no data is read. Run this before "
+                   "booking the cluster (on any machine: `msllm rehearse CONFIG`).")
+@click.option("--rank", type=click.IntRange(0), default=None,
+              help="With --dry-run: the rank to compile (default: the logging rank, the first of the last stage).")
+@verbosity_option
+def train(config_path, overrides, resume, dry_run, rank):
     """Train (pretraining or SFT) as CONFIG describes: logs, checkpoints, final model directory.
 
     Every step logs loss, learning rate, grad norm, loss scale, overflow and tokens/s to
     <output_dir>/logs (metrics.jsonl, TensorBoard events, loss.png at the end). Checkpoints go to
     <output_dir>/checkpoints every checkpoint.every_n_steps; SIGTERM or Ctrl-C finishes the current step,
-    saves and exits 0. The trained model is written to <output_dir>/final (config.json + safetensors).
+    saves and exits 0 (in a distributed job every rank stops after the same step). The trained model is written to
+    <output_dir>/final (config.json + safetensors).
 
     \b
     Examples:
@@ -111,22 +178,86 @@ def train(config_path, overrides, resume):
       msllm train configs/tiny_qwen_sft.yaml --resume          # after an interruption
       msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True --log_dir=runs/msrun_logs \\
           python -m mindspore_llm.cli train configs/tiny_qwen_sft.yaml --set output_dir=runs/tiny_2p
+      msllm train configs/qwen2_5_32b_sft_8k_16p.yaml --dry-run  # on one Ascend NPU, before the 16-NPU job
     """
     import logging
 
     from mindspore_llm.common import CheckpointError
     from mindspore_llm.train.config import load_train_config
-    from mindspore_llm.train.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         config = load_train_config(config_path, overrides)
+        if dry_run:
+            click.echo(_dry_run(config, rank))
+            return
+        from mindspore_llm.train.trainer import Trainer
+
         trainer = Trainer(config, resume=resume)
     except (ConfigError, CheckpointError) as err:
         raise UserError(str(err)) from None
     result = trainer.run()
     if trainer.context.is_main:
         click.echo(result.summary())
+
+
+def _dry_run(config, rank) -> str:
+    from mindspore_llm.parallel.context import simulation_environment
+
+    if config.device_target != "Ascend":
+        raise UserError(f"--dry-run compiles one rank of an Ascend job with MindSpore's simulation "
+                        f"(MS_SIMULATION_LEVEL), which needs the Ascend backend: this config's device_target is "
+                        f"{config.device_target} (MindSpore: \"Dryrun is not supported on CPU device for a "
+                        f"distributed job\"). On this machine, `msllm rehearse CONFIG` runs the job's step at toy "
+                        f"size.")
+    parallel = config.parallel
+    rank = parallel.device_num - parallel.device_num // parallel.pipeline_stages if rank is None else rank
+    os.environ.update(simulation_environment(parallel, rank))
+    from mindspore_llm.train.trainer import Trainer
+
+    try:
+        trainer = Trainer(config, dry_run=True)
+    except RuntimeError as err:  # MindSpore without its Ascend backend: "Unsupported device target Ascend ..."
+        raise UserError(f"--dry-run needs MindSpore's Ascend backend (the Ascend wheel and CANN): {err}"
+                        .splitlines()[0]) from None
+    return trainer.dry_run()
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@_set_option
+@click.option("--steps", default=2, show_default=True, type=click.IntRange(1, 20),
+              help="Training steps to compare.")
+@verbosity_option
+def rehearse(config_path, overrides, steps):
+    """Rehearse the training job CONFIG on this machine (CPU): build its step as the trainer does on the cluster
+    (pipeline, gradient reducer, optimizer-shard flag, stages, recompute, LoRA, distillation), at toy size, run it
+    and compare loss, gradient norm, skip decisions and AdamW moments with the same toy model trained without the
+    wrappers. Exit 1 on a mismatch, 2 on an invalid config or plan.
+
+    The parallel, precision, train, lora and distill sections are used as they are; the model's dimensions, the
+    sequence and the pipeline's micro-batches shrink (the output says how). The data files need not exist.
+
+    \b
+    Examples:
+      msllm rehearse configs/qwen2_5_32b_sft_8k_16p.yaml
+      msllm rehearse configs/deepseek_v3_671b_pretrain_4k_2048p.yaml --set parallel.optimizer_shard=false
+    """
+    from mindspore_llm.train.config import load_train_config
+
+    set_graph_mode("CPU")
+    try:
+        config = load_train_config(config_path, overrides)
+        from mindspore_llm.train.rehearse import rehearse as run_rehearsal
+
+        result = run_rehearsal(config, config_path, steps, echo=click.echo)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 -- a step that fails to build or compile is what a rehearsal finds
+        message = next((line for line in str(err).splitlines() if line.strip()), "")
+        click.echo(f"  rehearsal FAILED: {type(err).__name__}: {message}", err=True)
+        sys.exit(1)
+    sys.exit(0 if result.ok else 1)
 
 
 @main.command()
@@ -163,7 +294,8 @@ def rank_table():
 
     \b
     Examples:
-      msllm rank-table generate --servers 10.0.0.1,10.0.0.2 --devices 0-7 --output rank_table_16p.json
+      msllm rank-table generate --servers 10.0.0.1,10.0.0.2 --devices 0-7 --device-ips-file hccn/ \\
+          --output rank_table_16p.json        # hccn/10.0.0.1.conf, hccn/10.0.0.2.conf: each server's hccn.conf
       msllm rank-table generate --servers 10.0.0.1 --devices 0-7 --device-ips-file /etc/hccn.conf
       msllm rank-table validate rank_tables/rank_table_16p.json --device-num 16
     """
@@ -172,21 +304,26 @@ def rank_table():
 @rank_table.command("generate")
 @click.option("--servers", required=True, help="Host IPs of the servers, comma-separated, in rank order.")
 @click.option("--devices", default="0-7", show_default=True, help="Device ids used on every server: 0-7, 0,1,2,3.")
-@click.option("--device-ips-file", type=click.Path(exists=True, dir_okay=False),
-              help="/etc/hccn.conf of a (single) server: its address_N device IPs. Default: placeholders "
-                   "192.168.(100+N).(server+1) -- replace them with your hccn.conf values.")
+@click.option("--device-ips-file", "device_ips_files", multiple=True, type=click.Path(exists=True),
+              help="Each server's /etc/hccn.conf (its address_N device IPs), repeated once per server in the order "
+                   "of --servers, or one directory holding <server IP>.conf for every server. Without it the IPs "
+                   "are placeholders 192.168.(100+N).(server+1), which `validate` warns about.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write here (atomically); default: stdout.")
-def rank_table_generate(servers, devices, device_ips_file, output):
+def rank_table_generate(servers, devices, device_ips_files, output):
     """Write an HCCL v1.0 rank table: ranks 0..N-1 over the servers in the order given."""
     import json
 
     from mindspore_llm.parallel import rank_table as rt
 
+    server_ips = [s.strip() for s in servers.split(",") if s.strip()]
     try:
-        ips = rt.read_hccn_conf(device_ips_file) if device_ips_file else None
-        table = rt.generate([s.strip() for s in servers.split(",") if s.strip()], rt.parse_devices(devices), ips)
+        ips = rt.read_device_ips(list(device_ips_files), server_ips) if device_ips_files else None
+        table = rt.generate(server_ips, rt.parse_devices(devices), ips)
     except ConfigError as err:
         raise UserError(str(err)) from None
+    warning = rt.placeholder_warning(table, "the generated table")
+    if warning:
+        click.echo(warning, err=True)
     if output:
         rt.write(table, output)
         click.echo(f"wrote {output}: {table['server_count']} server(s) x {len(table['server_list'][0]['device'])} "
@@ -223,10 +360,15 @@ def _table_options(command):
 def rank_table_validate(table_path, device_num, config_path):
     """Check FILE (JSON, fields, server_count, rank ids 0..N-1, unique device ids per server and device IPs,
     equal devices per server, the device count). Prints a summary; exit 2 with the problem otherwise."""
+    from mindspore_llm.parallel import rank_table as rt
+
     try:
-        _, summary = _validate_table(table_path, device_num, config_path)
+        table, summary = _validate_table(table_path, device_num, config_path)
     except ConfigError as err:
         raise UserError(str(err)) from None
+    warning = rt.placeholder_warning(table, table_path)
+    if warning:
+        click.echo(warning, err=True)
     click.echo(f"{table_path}: ok, {len(summary['servers'])} server(s) x {summary['devices_per_server']} devices "
                f"= {summary['rank_size']} ranks")
 
@@ -244,6 +386,9 @@ def rank_table_local(table_path, device_num, config_path, server_index, local_ip
         table, summary = _validate_table(table_path, device_num, config_path)
         click.echo(f"{table_path}: ok, {len(summary['servers'])} server(s) x {summary['devices_per_server']} "
                    f"devices = {summary['rank_size']} ranks", err=True)
+        warning = rt.placeholder_warning(table, table_path)
+        if warning:
+            click.echo(warning, err=True)
         index = rt.find_server(table, table_path, server_index, local_ips.split())
     except ConfigError as err:
         raise UserError(str(err)) from None
@@ -256,9 +401,11 @@ def rank_table_local(table_path, device_num, config_path, server_index, local_ip
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.option("--top-k", type=click.IntRange(1), help="Logits kept per token (default: distill.top_k of CONFIG).")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--device-target", default="CPU", show_default=True, type=click.Choice(["CPU", "Ascend"]))
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1),
+              help="Sequences per teacher forward pass.")
+@DEVICE_TARGET
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@verbosity_option
 def distill_topk(config_path, output, top_k, batch_size, device_target, quiet):
     """Run the teacher of training YAML CONFIG over its data set once and store each token's top-k teacher
     logits in OUTPUT (one safetensors file) for offline distillation (`distill: {mode: offline,

@@ -14,6 +14,7 @@ def greedy_generate(model, prompt_ids: list[int], max_new_tokens: int, eos_token
     """The new token ids (without the prompt), stopping after an end-of-sequence token."""
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")
+    model.set_train(False)  # evaluation mode: no dropout, whatever mode a training run left the model in
     stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     length = len(prompt_ids) + max_new_tokens
     buffer = np.full((1, length), pad_token_id, np.int32)

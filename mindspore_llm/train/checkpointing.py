@@ -27,14 +27,15 @@ import secrets
 import shutil
 import zlib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from mindspore_llm.checkpoint import open_tensor_file, to_float32
+from mindspore_llm.checkpoint import WeightReader
 from mindspore_llm.common import CheckpointError, ConfigError
 from mindspore_llm.fileio import atomic_directory, atomic_write_text
 from mindspore_llm.lora import DROPOUT_KEY
+from mindspore_llm.tokenizer import tokenizer_files
 
 log = logging.getLogger("mindspore_llm")
 
@@ -46,7 +47,6 @@ MANIFEST = "manifest.json"
 # the pipeline's gradient accumulation buffers (PipelineGradReducer: zero between steps), the dropout key (set
 # from the step before every step)
 NOT_SAVED = ("teacher.", "accu_grads.", DROPOUT_KEY)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 SHARED_MARKER = ".msllm_shared_storage"
 CRC_CHUNK = 64 << 20
 
@@ -141,16 +141,22 @@ def latest_checkpoint(directory: str | Path, rank: int = 0) -> Path | None:
 
 
 def save_checkpoint(directory: str | Path, step: int, train_cell, state: dict[str, Any], rank: int = 0,
-                    shards: int = 1, keep_last: int | None = None, skip: frozenset[str] = frozenset()) -> Path:
+                    shards: int = 1, keep_last: int | None = None, skip: frozenset[str] = frozenset(),
+                    entries: list[dict] | None = None) -> Path:
     """Write this rank's part of checkpoint `step` (every parameter of `train_cell` but `skip` and NOT_SAVED)
-    atomically, its manifest last; rank 0 then drops all but the last `keep_last` complete checkpoints."""
+    atomically, its manifest last; rank 0 then drops all but the last `keep_last` complete checkpoints.
+    `entries` ({"name", "data"} dicts): saved instead of `train_cell`'s parameters (the state in another naming,
+    ``train.interop``)."""
     import mindspore as ms
 
     target = step_dir(directory, step)
     with atomic_directory(target / f"rank_{rank}", overwrite=True) as tmp:
-        # integrated_save=False: each rank writes the slices it holds (semi-auto), never a gathered copy
-        ms.save_checkpoint(train_cell, str(tmp / TRAIN_STATE), integrated_save=False,
-                           choice_func=lambda name: saved(name) and name not in skip)
+        if entries is None:
+            # integrated_save=False: each rank writes the slices it holds (semi-auto), never a gathered copy
+            ms.save_checkpoint(train_cell, str(tmp / TRAIN_STATE), integrated_save=False,
+                               choice_func=lambda name: saved(name) and name not in skip)
+        else:
+            ms.save_checkpoint(entries, str(tmp / TRAIN_STATE))
         write_trainer_state(tmp / TRAINER_STATE, {**state, "step": step, "shards": shards})
         write_manifest(tmp)
     if rank == 0 and keep_last is not None:
@@ -174,9 +180,12 @@ def prune_checkpoints(directory: str | Path, keep_last: int) -> None:
             shutil.rmtree(path)
 
 
-def load_checkpoint(path: str | Path, train_cell, rank: int = 0, skip: frozenset[str] = frozenset()) -> dict:
+def load_checkpoint(path: str | Path, train_cell, rank: int = 0, skip: frozenset[str] = frozenset(),
+                    read: Callable[[Path], StoredState | ArrayState] | None = None) -> dict:
     """Restore every saved parameter of `train_cell` (weights, optimizer, loss scale; not `skip`) from this rank's
-    part of checkpoint `path`, a tensor at a time, and return the trainer state."""
+    part of checkpoint `path`, a tensor at a time, and return the trainer state. `read(file)`: the train state
+    file as {our name: array} (one written in another naming, ``train.interop.read_state``); by default it is
+    read as stored."""
     import mindspore as ms
 
     path = Path(path)
@@ -186,10 +195,11 @@ def load_checkpoint(path: str | Path, train_cell, rank: int = 0, skip: frozenset
     if problem is not None:
         raise CheckpointError(f"{path}: not a complete checkpoint: {problem}")
     rank_dir = path / f"rank_{own}"
-    stored = open_tensor_file(rank_dir / TRAIN_STATE)
+    stored = StoredState(WeightReader(rank_dir / TRAIN_STATE)) if read is None else read(rank_dir / TRAIN_STATE)
     params = train_cell.parameters_dict()  # once: building it walks every cell
     expected = {name for name in params if saved(name) and name not in skip}
-    missing, unexpected = sorted(expected - set(stored.tensors)), sorted(set(stored.tensors) - expected)
+    held = set(stored) - skip  # a checkpoint in another naming holds the frozen base too
+    missing, unexpected = sorted(expected - held), sorted(held - expected)
     if missing or unexpected:
         raise CheckpointError(f"{rank_dir / TRAIN_STATE}: does not match this model and optimizer "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
@@ -200,10 +210,35 @@ def load_checkpoint(path: str | Path, train_cell, rank: int = 0, skip: frozenset
                                   f"this model expects {tuple(param.shape)}")
     for name in sorted(expected):
         param = params[name]
-        raw, dtype = stored.read_block(name), stored.dtype(name)
-        values = to_float32(raw, dtype) if dtype in ("BF16", "F16", "F64") else raw
-        param.set_data(ms.Tensor(values, dtype=param.dtype), slice_shape=param.sliced)
+        param.set_data(ms.Tensor(np.asarray(stored[name]), dtype=param.dtype), slice_shape=param.sliced)
     return json.loads((rank_dir / TRAINER_STATE).read_text())
+
+
+class StoredState(Mapping):
+    """The tensors of a train state by name (a ``checkpoint.WeightReader``), each read when asked for: float32,
+    integers as stored."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.reader.read(name)
+
+    def __iter__(self):
+        return iter(self.reader.names())
+
+    def __len__(self) -> int:
+        return len(self.reader.names())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.reader.shape(name)
+
+
+class ArrayState(dict):
+    """A train state computed in memory (another naming's, ``train.interop``), read like ``StoredState``."""
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self[name].shape)
 
 
 def wait_for_checkpoint(path: Path, timeout_s: float = 1800.0, poll_s: float = 2.0) -> None:
@@ -260,17 +295,9 @@ def hf_config(model_config) -> dict[str, Any]:
     return hf
 
 
-def _tokenizer_files(tokenizer: str | Path | None) -> list[Path]:
-    source = None if tokenizer is None else Path(tokenizer)
-    if source is not None and source.is_file():
-        return [source]
-    files = [] if source is None else [source / n for n in TOKENIZER_FILES] + sorted(source.glob("*.model"))
-    return [f for f in files if f.is_file()]
-
-
 def _write_side_files(directory: Path, config: dict, tokenizer: str | Path | None) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for file in _tokenizer_files(tokenizer):
+    for file in [] if tokenizer is None else tokenizer_files(tokenizer):  # with its chat template
         shutil.copyfile(file, directory / file.name)
 
 

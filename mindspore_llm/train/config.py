@@ -19,6 +19,7 @@ from mindspore_llm.config_utils import from_dict, load_yaml, require
 from mindspore_llm.data.config import DataConfig
 from mindspore_llm.distill import DistillConfig
 from mindspore_llm.lora import LoraConfig
+from mindspore_llm.models.naming import LayoutOptions
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.memory import DTYPE_BYTES, PlanInputs, Workload
 from mindspore_llm.train.optim import OptimizerConfig
@@ -73,6 +74,11 @@ class RunConfig:
         return max(1, math.floor(self.epochs * steps_per_epoch))
 
 
+# model.path: a model directory or checkpoint in any naming; model.config: its config.json (or directory) when it
+# has none beside it (a mindformers checkpoint); model.layout: LayoutOptions for a mindformers mcore one
+MODEL_PATH_KEYS = {"path", "config", "layout"}
+
+
 @dataclass(kw_only=True)
 class CheckpointConfig:
     dir: str | None = None  # default: <output_dir>/checkpoints
@@ -81,6 +87,13 @@ class CheckpointConfig:
     # never: start fresh (an existing checkpoint directory with checkpoints is an error);
     # auto: continue from the latest complete checkpoint if there is one; or a checkpoint directory to start from
     resume: str = "never"
+    # starting fresh from model.path, a training checkpoint in any naming (ours, mindformers'): continue its AdamW
+    # moments, step and loss scale too, not only its weights
+    resume_optimizer: bool = False
+    # the naming train_state.ckpt is written in: ours, or mindformers' so that a mindformers job can take the run
+    # over (mindformers: Qwen2/2.5; mindformers-mcore: Qwen3, DeepSeek-V3), with `layout`'s fused layouts
+    naming: Literal["mindspore_llm", "mindformers", "mindformers-mcore"] = "mindspore_llm"
+    layout: LayoutOptions = field(default_factory=LayoutOptions)
 
     def validate(self) -> None:
         require(self.every_n_steps >= 1, f"every_n_steps: must be >= 1, got {self.every_n_steps}")
@@ -112,7 +125,8 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    # a model directory (`path:`, Hugging Face or converted) or inline dimensions with `architecture:`
+    # a model directory or checkpoint (`path:`, any naming; `config:`, `layout:`) or inline dimensions with
+    # `architecture:`
     model: dict[str, Any]
     data: DataConfig
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -132,6 +146,13 @@ class TrainConfig:
 
     def validate(self) -> None:
         require(bool(self.model), "model: give `path:` (a model directory) or inline dimensions with `architecture:`")
+        require(not self.checkpoint.resume_optimizer or "path" in self.model,
+                "checkpoint.resume_optimizer: takes the optimizer state of model.path; give model.path (a training "
+                "checkpoint)")
+        if self.checkpoint.naming != "mindspore_llm":
+            require(self.lora is None and self.distill is None,
+                    f"checkpoint.naming: {self.checkpoint.naming} checkpoints hold a full model's training state; "
+                    f"LoRA adapters and a distillation teacher have no place in them (use mindspore_llm)")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -146,14 +167,21 @@ class TrainConfig:
         return Path(self.output_dir) / "final"
 
     def model_config(self, source: str = "model"):
-        """The family config: from ``model.path``'s config.json, or from the inline dimensions."""
+        """The family config: from the config.json of ``model.config`` or else ``model.path``, or from the inline
+        dimensions."""
         from mindspore_llm.models.auto import config_from_yaml_section, load_config
 
         if "path" in self.model:
-            extra = sorted(set(self.model) - {"path"})
-            require(not extra, f"{source}: with `path:` no other keys are allowed, got {', '.join(extra)}")
-            return load_config(self.model["path"])
+            extra = sorted(set(self.model) - MODEL_PATH_KEYS)
+            require(not extra, f"{source}: with `path:` only {', '.join(sorted(MODEL_PATH_KEYS - {'path'}))} may be "
+                               f"given, got {', '.join(extra)}")
+            self.model_layout(source)
+            return load_config(self.model.get("config", self.model["path"]))
         return config_from_yaml_section(self.model, source)
+
+    def model_layout(self, source: str = "model") -> LayoutOptions:
+        """How model.path lays out fused tensors where its names do not tell (a mindformers mcore checkpoint)."""
+        return from_dict(LayoutOptions, self.model.get("layout") or {}, f"{source}.layout")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as a YAML-able mapping (what a checkpoint records)."""
@@ -195,8 +223,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def _resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     model = raw.get("model")
-    if isinstance(model, dict) and isinstance(model.get("path"), str):
-        model["path"] = str(base / model["path"])
+    if isinstance(model, dict):
+        for key in ("path", "config"):
+            if isinstance(model.get(key), str):
+                model[key] = str(base / model[key])
     distill = raw.get("distill")
     if isinstance(distill, dict):
         for key in ("teacher", "teacher_logits"):

@@ -25,7 +25,7 @@ import numpy as np
 
 from mindspore_llm.common import CheckpointError, ConfigError
 from mindspore_llm.lora import ADAPTER_SUFFIXES, set_dropout_key
-from mindspore_llm.parallel.context import setup_parallel
+from mindspore_llm.parallel.context import SEMI_AUTO, setup_parallel
 from mindspore_llm.train import checkpointing
 from mindspore_llm.train.config import TrainConfig
 from mindspore_llm.train.metrics import LossScaleWatch, MetricsLogger, Throughput, format_step
@@ -98,39 +98,56 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def check_parallel_settings(config: TrainConfig, context) -> None:
+    """What the parallel mode rules out, before anything is built."""
+    run = config.train
+    if context.pipeline_stages > 1:
+        if run.gradient_accumulation_steps != 1:
+            raise ConfigError(f"train.gradient_accumulation_steps: {run.gradient_accumulation_steps} with pipeline "
+                              f"stages; set it to 1 (parallel.micro_batch_num micro-batches accumulate)")
+        if config.distill is not None:
+            # the teacher (online) and the distillation loss would need pipeline stages of their own
+            raise ConfigError("distill: distillation (online or offline) does not run with pipeline stages; set "
+                              "parallel.pipeline_stages: 1")
+    elif context.mode == SEMI_AUTO and run.gradient_accumulation_steps != 1:
+        # MindSpore's global-norm pass finds each gradient's square sum only along Mul/Cast/Depend: the in-graph
+        # accumulation's Add would leave every device with its own partial norm (step.py, _square_sum)
+        raise ConfigError(f"train.gradient_accumulation_steps: {run.gradient_accumulation_steps} under "
+                          f"SEMI_AUTO_PARALLEL; set it to 1 and accumulate with pipeline stages and "
+                          f"parallel.micro_batch_num, or a larger train.micro_batch_size")
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: bool = False):
+    """``Trainer(config).run()``; ``dry_run=True`` builds what the job compiles without its data, checkpoints or
+    resume, for ``dry_run()``."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, dry_run: bool = False):
         import mindspore as ms
 
         from mindspore_llm.checkpoint import load_weights
         from mindspore_llm.data.dataset import build_dataset
         from mindspore_llm.lora import apply_lora
-        from mindspore_llm.models.auto import build_model
-        from mindspore_llm.models.deepseek_v3 import moe_blocks
+        from mindspore_llm.models.auto import build_model, load_quantized
+        from mindspore_llm.models.moe import moe_blocks
+        from mindspore_llm.models.quantized import QuantizedWeight
+        from mindspore_llm.models.naming import OURS, tensor_layout
         from mindspore_llm.parallel.plan import apply_plan, validate_plan
-        from mindspore_llm.train.optim import AdamW
-        from mindspore_llm.train.step import TrainStep
+        from mindspore_llm.train.assembly import build_step, check_plan_structure
 
         self.config = config
         self.context = setup_parallel(config.parallel, config.device_target)  # before any Tensor exists
         run = config.train
         micro_batches = self.context.micro_batch_num
-        if self.context.pipeline_stages > 1:
-            # the pipeline's micro-batches are the accumulation; the distillation teacher has no stages
-            if run.gradient_accumulation_steps != 1:
-                raise ConfigError(f"train.gradient_accumulation_steps: {run.gradient_accumulation_steps} with "
-                                  f"pipeline stages; set it to 1 (parallel.micro_batch_num micro-batches accumulate)")
-            if config.distill is not None:
-                raise ConfigError("distill: distillation does not run with pipeline stages; set "
-                                  "parallel.pipeline_stages: 1")
+        check_parallel_settings(config, self.context)
         self.global_batch = run.check_global_batch(self.context.data_parallel, micro_batches)
         # samples this rank feeds per step: its share, or (semi-auto, full batch) all of them
         self.rank_batch = (run.rank_batch_size(micro_batches) * self.context.data_parallel
                            // self.context.data_world_size)
 
-        self.dataset = build_dataset(config.data, self.context.data_rank, self.context.data_world_size)
-        self.total_steps = run.total_steps(len(self.dataset) * self.context.data_world_size
-                                           // self.context.data_parallel, micro_batches)
+        self.dataset = None if dry_run else build_dataset(config.data, self.context.data_rank,
+                                                          self.context.data_world_size)
+        self.total_steps = (run.steps or 1) if dry_run else run.total_steps(
+            len(self.dataset) * self.context.data_world_size // self.context.data_parallel, micro_batches)
         if config.schedule_follows_run:
             config.schedule.total_steps = self.total_steps
             try:
@@ -139,30 +156,43 @@ class Trainer:
                 raise ConfigError(f"schedule: {err} (total_steps is the run's length, {self.total_steps} steps)")
 
         ms.set_seed(run.seed)
-        if self.context.world_size > 1:
+        if self.context.world_size > 1 and not dry_run:
             checkpointing.check_shared_storage(self._checkpoint_dir(), self.context.rank, self.context.world_size)
         self.model_config = config.model_config()
         if config.lora is None:
             checkpointing.hf_config(self.model_config)  # the final config.json must be writable: fail now, not then
-        self.sliced = self.context.mode == "semi_auto_parallel"
+        quantization = config.lora.quantization if config.lora is not None else None
+        self.sliced = self.context.mode == SEMI_AUTO
         if self.sliced:
             validate_plan(self.model_config, config.parallel, self.context.world_size, self.global_batch,
-                          run.micro_batch_size, run.gradient_accumulation_steps, config.data.seq_length)
-        base_path = config.model.get("path")
-        # no parameter is allocated here when weights are loaded or (semi-auto) cut at compile time
-        self.model = build_model(self.model_config, config.precision.model_precision(),
-                                 materialize=base_path is None and not self.sliced)
+                          run.micro_batch_size, run.gradient_accumulation_steps, config.data.seq_length, quantization)
+            if not dry_run:  # a dry run compiles the real graph, whose strategies MindSpore checks itself
+                checked = check_plan_structure(config, self.context)  # minutes before the compile would say so
+                log.info("op strategies: %d checked against the shapes a toy twin of the model sees", checked)
+        precision = config.precision.model_precision()
+        base_path = config.model.get("path")  # a model directory or a (training) checkpoint, in any naming
+        if base_path is not None and quantization is not None:
+            # QLoRA: the base is quantized as its checkpoint streams in (whole tensors, before compiling)
+            self.model = load_quantized(base_path, precision, quantization, config.model.get("config"),
+                                        config.model_layout())
+        else:
+            # no parameter is allocated here when weights are loaded or (semi-auto) cut at compile time
+            self.model = build_model(self.model_config, precision, materialize=base_path is None and not self.sliced)
+            if base_path is not None and not self.sliced:  # whole tensors, before compiling
+                load_weights(self.model, self._base_weights())
         if base_path is not None:
             self.model.name_or_path = base_path
-            if not self.sliced:  # whole tensors, before compiling
-                load_weights(self.model, base_path)
         self.base_shapes = {p.name: tuple(p.shape) for p in self.model.get_parameters()}
         trainable = {p.name for p in self.model.trainable_params()}
         if config.lora is not None:
-            apply_lora(self.model, config.lora)
-        # a LoRA run on model.path saves what it trains; its frozen base is read from model.path at every start
-        self.frozen_base = frozenset(trainable - {p.name for p in self.model.trainable_params()}
-                                     if config.lora is not None and base_path is not None else ())
+            apply_lora(self.model, config.lora)  # quantizes an in-memory base first (lora.quantize_base)
+        # a LoRA run on model.path saves what it trains; its frozen base (float, or quantized from it) is read from
+        # model.path at every start
+        self.frozen_base = frozenset()
+        if config.lora is not None and base_path is not None:
+            quantized = {p.name for _, cell in self.model.cells_and_names() if isinstance(cell, QuantizedWeight)
+                         for p in cell.get_parameters()}
+            self.frozen_base = frozenset((trainable | quantized) - {p.name for p in self.model.trainable_params()})
         self.full_shapes = {p.name: tuple(p.shape) for p in self.model.get_parameters()}
         self.applied_strategies = apply_plan(self.model, config.parallel)  # the adapters split like their bases
         # the model the step differentiates: the student with its frozen teacher (``teacher.*``, never
@@ -180,19 +210,30 @@ class Trainer:
             else:
                 self.teacher_topk, self.teacher_rows = self._teacher_topk()
             trained = DistillationModel(self.model, config.distill, teacher)
+        self.trained = trained
         self.moe = bool(moe_blocks(self.model))
-        optimizer = AdamW(self.model.trainable_params(), config.optimizer, config.schedule)
-        self.step_cell = TrainStep(trained, optimizer, config.precision, run.gradient_accumulation_steps,
-                                   config.optimizer.clip_grad_norm, self.context.grad_reducer(optimizer.parameters),
-                                   self.context.wrap_loss)
-        self.compiled = self.context.wrap_step(self.step_cell, self._strategy_dir(), config.parallel)
-        if self.sliced:
+        self.step_cell, self.compiled = build_step(trained, self.model.trainable_params(), config, self.context)
+        if self.sliced and not dry_run:
             self._compile()
-            if base_path is not None:
-                self._load_slices(base_path)
+            if base_path is not None and quantization is None:
+                self._load_slices()
+        # the naming checkpoints are written in: ours, or mindformers' (checked now: the family must have it)
+        self.naming = None
+        if config.checkpoint.naming != OURS:
+            if self.sliced:
+                raise ConfigError(f"checkpoint.naming: {config.checkpoint.naming} needs whole tensors; under "
+                                  f"semi-auto parallel each rank saves slices (keep mindspore_llm, then merge and "
+                                  f"convert with msllm-ckpt merge-slices / hf2ms)")
+            self.naming = tensor_layout(self.model_config, config.checkpoint.naming, config.checkpoint.layout,
+                                        "checkpoint.naming")
 
         self.start_step = 0
-        self.resumed_from = self._resume(resume)
+        self.resumed_from = None if dry_run else self._resume(resume)
+        if self.resumed_from is None and config.checkpoint.resume_optimizer and not dry_run:
+            from mindspore_llm.train.interop import optimizer_state
+
+            self.start_step = optimizer_state(config.model["path"], self.step_cell, self.model,
+                                              config.model_layout(), "model.config")
 
     def _checkpoint_dir(self) -> Path:
         self.config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -205,9 +246,21 @@ class Trainer:
         """Semi-auto parallel: compile the step before any weight is read, so that MindSpore cuts and places
         every parameter (each rank allocates its slices only) and writes this rank's strategy file."""
         batch = next(self.dataset.batches(self.rank_batch, start=0))
+        self.set_train(True)  # the phase the loop runs
         self.compiled.compile(*self._step_inputs(batch, 0))
 
-    def _load_slices(self, base_path: str) -> None:
+    def _base_weights(self):
+        """model.path as ``checkpoint.load_weights`` reads it: `msllm-ckpt shard` output by rank, any other
+        checkpoint in any naming (``models.naming.checkpoint_reader``)."""
+        from mindspore_llm.checkpoint import read_slices_manifest
+        from mindspore_llm.models.naming import checkpoint_reader
+
+        path = self.config.model["path"]
+        if read_slices_manifest(path) is not None:
+            return path
+        return checkpoint_reader(path, self.model_config, self.config.model_layout(), "model.config")
+
+    def _load_slices(self) -> None:
         """This rank's slices of the base weights, by the compiled layouts (checked against the plan's)."""
         from mindspore_llm.checkpoint import load_weights
         from mindspore_llm.checkpoint_slices import differing_layouts, read_strategy
@@ -221,7 +274,7 @@ class Trainer:
         if differences:
             raise ConfigError("parallel: the compiled strategy cuts parameters differently from the plan "
                               "(mindspore_llm/parallel/plan.py):\n  " + "\n  ".join(differences[:20]))
-        load_weights(self.model, base_path, compiled, rank, shapes=self.base_shapes)
+        load_weights(self.model, self._base_weights(), compiled, rank, shapes=self.base_shapes)
 
     def _step_inputs(self, batch, step: int) -> list:
         import mindspore as ms
@@ -242,10 +295,11 @@ class Trainer:
         topk = TeacherTopK(cfg.teacher_logits, cfg, self.model_config.vocab_size)
         rows = shard_indices(len(topk), self.context.data_rank, self.context.data_world_size)
         seq_length = topk.values.shape[1]
-        if len(rows) != len(self.dataset) or seq_length != self.config.data.seq_length:
+        sequences = len(rows) if self.dataset is None else len(self.dataset)  # a dry run reads no data
+        if len(rows) != sequences or seq_length != self.config.data.seq_length:
             raise ConfigError(f"distill.teacher_logits: {cfg.teacher_logits} holds {len(topk)} sequences of "
                               f"{seq_length} tokens, which does not match this data set (seq_length "
-                              f"{self.config.data.seq_length}, {len(self.dataset)} sequences on this rank); write "
+                              f"{self.config.data.seq_length}, {sequences} sequences on this rank); write "
                               f"it with `msllm distill-topk` from this config")
         return topk, rows
 
@@ -265,7 +319,12 @@ class Trainer:
         if path is None:
             log.info("no checkpoint in %s: starting from step 0", directory)
             return None
-        state = checkpointing.load_checkpoint(path, self.step_cell, self.context.rank, skip=self.frozen_base)
+        from mindspore_llm.train.interop import read_state
+
+        state = checkpointing.load_checkpoint(  # ours, or written in mindformers' naming (checkpoint.naming)
+            path, self.step_cell, self.context.rank, skip=self.frozen_base,
+            read=None if self.naming is None else
+            lambda file: read_state(file, self.step_cell, self.model, self.config.checkpoint.layout, str(file)))
         if state["rank_batch"] != self.rank_batch or state["data_world_size"] != self.context.data_world_size:
             raise CheckpointError(
                 f"{path}: written with {state['rank_batch']} samples per rank and step on "
@@ -295,10 +354,17 @@ class Trainer:
         """This rank's part of checkpoint `step` (data-parallel replicas are identical: rank 0 writes)."""
         if not (self.sliced or self.context.is_main):
             return None
+        entries = None
+        if self.naming is not None:
+            from mindspore_llm.train.interop import epochs_begun, mindformers_entries
+
+            entries = mindformers_entries(self.step_cell, self.model, self.naming, step=step,
+                                          epoch=epochs_begun(step, len(self.dataset) // self.rank_batch),
+                                          global_batch_size=self.global_batch)
         return checkpointing.save_checkpoint(
             self.config.checkpoint_dir, step, self.step_cell, self._trainer_state(step), rank=self.context.rank,
             shards=self.context.world_size if self.sliced else 1, keep_last=self.config.checkpoint.keep_last,
-            skip=self.frozen_base)
+            skip=self.frozen_base, entries=entries)
 
     def export(self, checkpoint: Path | None) -> Path | None:
         """The final model (or PEFT adapter) directory: from the model in memory when it holds whole tensors;
@@ -356,6 +422,7 @@ class Trainer:
                      self.global_batch, config.train.micro_batch_size, config.train.gradient_accumulation_steps,
                      self.context.data_parallel, config.data.seq_length)
         step = self.start_step
+        self.set_train(True)
         try:
             with StopRequest() as stop, logging_redirect_tqdm():  # log lines print above the bar
                 while step < self.total_steps:
@@ -364,13 +431,12 @@ class Trainer:
                     set_dropout_key(self.model, config.train.seed, step, self.context.data_rank)
                     tick = time.perf_counter()
                     loss, grad_norm, overflow, loss_scale = self.compiled(*inputs)
-                    # loss summed over ranks for the mean; the stop flag summed so that every rank stops together
-                    reduced = self.context.sum_over_ranks(np.array([float(loss.asnumpy()), float(stop.requested)]))
+                    # every rank learns the main rank's loss and whether any rank was asked to stop
+                    loss, stopping = self.context.step_report(float(loss.asnumpy()), stop.requested)
                     seconds = time.perf_counter() - tick
                     step += 1
                     values = {
-                        "loss": float(reduced[0]) / self.context.data_parallel
-                        if self.context.mode == "data_parallel" else float(reduced[0]),
+                        "loss": loss,
                         # the rate this update used (the optimizer's schedule, counted from 1)
                         "lr": self._current_lr(),
                         "grad_norm": float(grad_norm.asnumpy()),
@@ -380,7 +446,7 @@ class Trainer:
                         **throughput(seconds),
                     }
                     if self.moe:
-                        values.update(self._balance_experts())
+                        values.update(self._balance_experts(values["overflow"]))
                     result.losses.append((step, values["loss"]))
                     bar.update(1)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
@@ -395,7 +461,8 @@ class Trainer:
                     if main and warning:
                         log.warning(warning)
                         metrics.log(step, {"warning": warning})
-                    stopping = reduced[1] > 0
+                    if stopping:
+                        log.info("rank %d: stopping after step %d (a stop was requested)", self.context.rank, step)
                     if stopping or step % config.checkpoint.every_n_steps == 0 or step == self.total_steps:
                         saved = self.save(step)
                         result.checkpoint = saved or result.checkpoint
@@ -403,6 +470,7 @@ class Trainer:
                         result.status = "interrupted"
                         break
         finally:
+            self.set_train(False)  # what follows (export, evaluation, generation) runs without dropout
             bar.close()
             result.steps = step
             result.seconds = time.perf_counter() - started
@@ -413,15 +481,51 @@ class Trainer:
             result.adapter = config.lora is not None and result.final_model_dir is not None
         return result
 
-    def _balance_experts(self) -> dict[str, float]:
+    def set_train(self, mode: bool) -> None:
+        """Training mode (dropout, e.g. LoRA's, acts) or evaluation mode for the step and the model; a distillation
+        teacher always evaluates."""
+        for cell in (self.compiled, self.step_cell):  # the compiled cell's phase picks the graph
+            cell.set_train(mode)
+        teacher = getattr(self.trained, "teacher", None)
+        if teacher is not None:
+            teacher.set_train(False)
+
+    def dry_run(self) -> str:
+        """Compile this rank's step once on a batch of the job's shapes (MindSpore's simulation when launched by
+        ``msllm train --dry-run``: the device is mocked, nothing executes) and say how it went."""
+        import mindspore as ms
+
+        from mindspore_llm.train.assembly import toy_batch
+
+        vocab = self.model_config.vocab_size
+        batch = toy_batch(np.random.default_rng(0), self.rank_batch, self.config.data.seq_length, vocab,
+                          self.config.data)
+        inputs = [ms.Tensor(batch[key]) for key in BATCH_KEYS]
+        if self.teacher_topk is not None:
+            rows = np.arange(self.rank_batch) % len(self.teacher_topk)
+            inputs += [ms.Tensor(a) for a in self.teacher_topk.rows(rows)]
+        self.set_train(True)
+        tick = time.perf_counter()
+        self.compiled(*inputs)
+        seconds = time.perf_counter() - tick
+        gib = 2 ** 30
+        return (f"dry run: rank {self.context.rank} of {self.context.world_size} ({self.context.description}) "
+                f"compiled and ran one step in {seconds:.1f} s\n"
+                f"  device memory (MindSpore's memory pool): peak allocated "
+                f"{ms.runtime.max_memory_allocated() / gib:.2f} GiB, peak reserved "
+                f"{ms.runtime.max_memory_reserved() / gib:.2f} GiB; per operator: run with GLOG_v=1 and look for "
+                f"\"peak memory usage\"")
+
+    def _balance_experts(self, overflowed: bool) -> dict[str, float]:
         """DeepSeek-V3 aux-loss-free balancing after the update: the expert-load statistics of the step's
         micro-batches (this rank's), then b_i += γ·sign(mean load - load_i) on the loads summed over the
-        data-parallel ranks, so every replica moves its biases alike (semi-auto counts are global already)."""
-        from mindspore_llm.models.deepseek_v3 import expert_load_stats, update_expert_bias
+        data-parallel ranks, so every replica moves its biases alike (semi-auto counts are global already);
+        no bias update after an overflowed (skipped) step."""
+        from mindspore_llm.models.moe import expert_load_stats, update_expert_bias
 
         stats = expert_load_stats(self.model)
         all_reduce = self.context.sum_over_ranks if self.context.mode == "data_parallel" else None
-        update_expert_bias(self.model, all_reduce=all_reduce)
+        update_expert_bias(self.model, all_reduce=all_reduce, overflowed=overflowed)
         return stats
 
     def _current_lr(self) -> float:
