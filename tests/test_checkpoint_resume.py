@@ -191,6 +191,7 @@ def test_lora_resume_with_dropout_equals_the_uninterrupted_run(lora_straight, st
     # the masks are active in training mode and change with the step's key (run without them, the same job's
     # adapters end 0.04-0.48 relative away from these: measured once, a whole extra run)
     layer = resumed.model.model.layers[0].self_attn.q_proj
+    layer.set_train(True)  # run() ends in evaluation mode
     x = ms.Tensor(np.random.default_rng(0).standard_normal((2, 8, 64)).astype(np.float32))
     outputs = []
     for step in (3, 4, 4):
