@@ -100,9 +100,10 @@ def main():
     \b
     Memory, whatever the model size:
       hf2ms, ms2hf, verify, inspect   a few 64 MB working chunks (streamed tensor by tensor)
+      shard, merge-slices,            a 64 MB window of one tensor at a time (read from the rank holding it)
+      ms2hf --strategy
       merge-lora, export-peft         the largest adapted weight in float32 (+ the adapters)
-      merge-slices, reshard,          the whole checkpoint: mindspore.parallel.transform_checkpoints
-      ms2hf --strategy                loads the slices it combines (plan RAM for the full model)
+      reshard                         the whole checkpoint: mindspore.parallel.transform_checkpoints
 
     \b
     Examples:
@@ -116,7 +117,8 @@ def main():
       msllm-ckpt export-peft ./runs/lora/checkpoints/step_00001000/rank_0/train_state.ckpt ./adapter --alpha 16
       msllm-ckpt merge-lora ./Qwen2.5-7B ./adapter ./qwen-merged    LoRA folded into the weights
       msllm-ckpt quantize ./Qwen2.5-7B ./qwen-nf4 --double-quant    NF4 base for QLoRA and inference
-      msllm-ckpt merge-slices ./step_00001000 ./full --strategy strategy_rank_0.ckpt   per-rank slices -> full
+      msllm-ckpt shard ./Qwen2.5-32B /shared/q32-16p --config train.yaml    every rank's slices
+      msllm-ckpt merge-slices ./step_00001000 ./full --strategy ./strategy   per-rank slices -> Hugging Face
     """
 
 
@@ -175,14 +177,15 @@ def hf2ms(src, dst, dtype, max_shard_size, overwrite, jobs, fsync, quiet, naming
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--config", "config_path", type=click.Path(exists=True, path_type=Path),
               help="config.json (or its directory) of the model; default: the one in SRC.")
-@click.option("--strategy", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="SRC holds per-rank slices (rank_0/, rank_1/, ...) saved with this strategy file: merge first.")
+@click.option("--strategy", type=click.Path(exists=True, path_type=Path),
+              help="SRC holds per-rank slices (rank_0/, rank_1/, ...) saved with these strategy files (the run's "
+                   "strategy directory, or one merged file): the same as merge-slices.")
 @common_options
 @mcore_layout_options
 def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, jobs, fsync, quiet, contiguous_attention,
           interleaved_mlp):
     """MindSpore checkpoint SRC (directory or one .ckpt/.safetensors file) -> Hugging Face directory DST, tensor by
-    tensor (with --strategy: the slices are merged in memory first, see merge-slices).
+    tensor (with --strategy: per-rank slices in our naming, joined as merge-slices does).
 
     SRC may be in any naming, detected from its names: ours, mindformers 1.x with or without qkv_concat, or
     mindformers-mcore (Qwen3, DeepSeek-V3; for how its fused tensors are laid out where the names do not tell,
@@ -198,45 +201,74 @@ def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, job
     Examples:
       msllm-ckpt ms2hf ./runs/sft/final ./my-qwen-hf --dtype bf16
       msllm-ckpt ms2hf ./runs/sft/checkpoints/step_00001000/rank_0 ./my-qwen-hf --config ./runs/sft/final
-      msllm-ckpt ms2hf ./slices ./my-qwen-hf --strategy ./strategy/strategy_rank_0.ckpt --config ./Qwen2.5-32B
+      msllm-ckpt ms2hf ./runs/32b/checkpoints/step_00001000 ./my-qwen-hf \\
+          --strategy ./runs/32b/checkpoints/strategy --config ./Qwen2.5-32B
     """
+    if strategy is not None:
+        from ckpt_tools.slices import merge
+
+        _run(merge, src, dst, strategy, config_path, dtype, max_shard_size, overwrite, quiet,
+             layout_options(contiguous_attention, interleaved_mlp))
+        return
     from ckpt_tools.convert import LAYOUTS, convert
-    from ckpt_tools.slices import merged_slices
 
-    def run(source):
-        return convert(source, dst, target_naming="mindspore_llm", layout=LAYOUTS[("safetensors", "hf")], dtype=dtype,
-                       max_shard_bytes=max_shard_size, config_path=config_path or (src if strategy else None),
-                       overwrite=overwrite, quiet=quiet, description="ms2hf", workers=jobs, fsync=fsync,
-                       options=layout_options(contiguous_attention, interleaved_mlp))
+    _run(convert, src, dst, target_naming="mindspore_llm", layout=LAYOUTS[("safetensors", "hf")], dtype=dtype,
+         max_shard_bytes=max_shard_size, config_path=config_path, overwrite=overwrite, quiet=quiet,
+         description="ms2hf", workers=jobs, fsync=fsync, options=layout_options(contiguous_attention, interleaved_mlp))
 
-    def convert_source():  # all inside _run: bad slices are one clear line, as in merge-slices
-        if strategy is None:
-            return run(src)
-        with merged_slices(src, strategy) as full:
-            return run(full)
 
-    _run(convert_source)
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--config", "train_config", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The training YAML whose model and parallel sections decide the slices.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
+              help="Output dtype. Default: as stored (FP8 weights become bf16).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def shard(src, dst, train_config, dtype, overwrite, quiet):
+    """Full checkpoint SRC (Hugging Face, fp32/bf16/FP8 with block scales) -> DST/rank_N/ holding exactly rank N's
+    slices under the plan of TRAIN.yaml, for slow shared storage: each rank of the job then reads one directory of
+    its own size. Set `model: {path: DST}` in the training YAML (the config.json beside the slices says the model).
+
+    DST also gets slices.json (each parameter's shape and layout), strategy.ckpt (MindSpore's strategy file, all
+    pipeline stages merged: `merge-slices` and `mindspore.parallel.transform_checkpoints` read it) and the config
+    and tokenizer files. Streams a 64 MB window at a time: memory stays flat in the model's size.
+
+    \b
+    Example:
+      msllm-ckpt shard ./DeepSeek-R1-Distill-Qwen-32B /shared/r1-32b-16p --config configs/qwen2_5_32b_sft_8k_16p.yaml
+    """
+    from ckpt_tools.slices import shard as shard_checkpoint
+
+    _run(shard_checkpoint, src, dst, train_config, dtype, overwrite, quiet)
+    click.echo(f"wrote {dst}")
 
 
 @main.command("merge-slices")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The strategy file the parallel run saved.")
+@click.option("--strategy", type=click.Path(exists=True, path_type=Path),
+              help="The run's strategy directory (one file per rank or stage: every pipeline stage is merged) or "
+                   "one merged file. Default: SRC/strategy.ckpt (`shard` output).")
 @click.option("--config", "config_path", type=click.Path(exists=True, path_type=Path),
-              help="config.json (or its directory) to place beside the merged checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
-def merge_slices(src, dst, strategy, config_path, overwrite):
-    """Per-rank slices SRC/rank_N/*.ckpt -> DST/mindspore_model.ckpt with the full tensors
-    (mindspore.parallel.transform_checkpoints, which holds the whole checkpoint in memory).
+              help="config.json (or its directory) of the model; default: the one in SRC.")
+@common_options
+def merge_slices(src, dst, strategy, config_path, dtype, max_shard_size, overwrite, quiet):
+    """Per-rank slices SRC/rank_N/*.ckpt (a semi-auto parallel run's checkpoint step, or `shard` output) -> Hugging
+    Face directory DST with the full tensors (DeepSeek's stacked experts as per-expert tensors); optimizer and
+    loss-scale entries are left out. Streams a 64 MB window of each tensor at a time from the rank holding it:
+    memory stays flat in the model's size. `msllm-ckpt verify SRC-of-shard DST` is bit-identical.
 
     \b
-    Example:
-      msllm-ckpt merge-slices ./runs/32b/checkpoints/step_00001000 ./32b-full --strategy ./runs/32b/strategy/strategy_rank_0.ckpt
+    Examples:
+      msllm-ckpt merge-slices ./runs/32b/checkpoints/step_00001000 ./32b-hf \\
+          --strategy ./runs/32b/checkpoints/strategy --config ./Qwen2.5-32B
+      msllm-ckpt merge-slices /shared/r1-32b-16p ./r1-32b-again
     """
     from ckpt_tools.slices import merge
 
-    _run(merge, src, dst, strategy, config_path, overwrite)
+    _run(merge, src, dst, strategy, config_path, dtype, max_shard_size, overwrite, quiet)
 
 
 @main.command()
@@ -248,8 +280,8 @@ def merge_slices(src, dst, strategy, config_path, overwrite):
               help="Strategy file of the target layout (e.g. from a run on another device count).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 def reshard(src, dst, src_strategy, dst_strategy, overwrite):
-    """Per-rank slices SRC in one layout -> DST/rank_N/ slices in another (e.g. 16 devices -> 8), with
-    mindspore.parallel.transform_checkpoints (memory: the slices a target rank combines, up to the whole model).
+    """Per-rank slices SRC in one layout -> DST/rank_N/ slices in another (e.g. 16 devices -> 8), with MindSpore's
+    transform_checkpoints, which holds the whole model in memory (merge-slices then shard streams instead).
 
     \b
     Example:

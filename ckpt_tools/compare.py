@@ -7,10 +7,10 @@ from typing import Iterator
 
 import numpy as np
 
-from ckpt_tools.convert import cast, open_files, read_config, to_float32, view_of
+from ckpt_tools.convert import open_files, read_config, view_of
+from mindspore_llm.checkpoint import SAFETENSORS_DTYPES, TensorFile, cast, to_float32
 from mindspore_llm.models.config import config_from_hf
 from mindspore_llm.models.naming import HFTensors, LayoutOptions
-from mindspore_llm.checkpoint import SAFETENSORS_DTYPES, TensorFile
 
 COMPARE_BYTES = 64 << 20  # per tensor and side, whatever the tensor's size
 FP8 = "F8_E4M3"

@@ -14,19 +14,16 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from mindspore_llm.checkpoint import (MS_INDEX, SAFETENSORS_DTYPES, TensorFile, float32_to_bf16_bits,
-                                      open_tensor_file, weight_files)
+from mindspore_llm.checkpoint import (FP8_BLOCK, MS_INDEX, SCALE_SUFFIX, TensorFile, cast,
+                                      dequantize_fp8, open_tensor_file, weight_files)
 from mindspore_llm.checkpoint_writer import HF_SAFETENSORS, FileBytes, Layout, OutTensor, write_checkpoint
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory, remove_in_background
 from mindspore_llm.models.naming import (CheckpointView, HFTensors, LayoutOptions, StoredRows, StoredTensor,
                                          TensorLayout, tensor_layout)
-from mindspore_llm.models.naming import to_float32 as naming_float32
 from mindspore_llm.tokenizer import tokenizer_files
 
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-FP8_BLOCK = 128  # DeepSeek-V3's weight_scale_inv covers 128 x 128 blocks (config quantization_config.weight_block_size)
-SCALE_SUFFIX = "_scale_inv"
 PARAM_NAME_MAP = "param_name_map.json"  # mindformers' reverse converters find MindSpore safetensors shards by it
 
 LAYOUTS = {
@@ -35,48 +32,6 @@ LAYOUTS = {
     ("safetensors", "ms"): Layout("mindspore_model", "safetensors", MS_INDEX, {"format": "ms"}, PARAM_NAME_MAP),
     ("safetensors", "hf"): HF_SAFETENSORS,
 }
-
-
-def e4m3fn_table() -> np.ndarray:
-    """float32 value of each of the 256 float8_e4m3fn bit patterns (1 sign, 4 exponent bits with bias 7, 3 mantissa
-    bits; no infinities, S.1111.111 is NaN)."""
-    bits = np.arange(256)
-    sign = np.where(bits & 0x80, -1.0, 1.0)
-    exponent, mantissa = (bits >> 3) & 0xF, bits & 0x7
-    value = np.where(exponent == 0, mantissa / 8 * 2.0 ** -6, (1 + mantissa / 8) * 2.0 ** (exponent - 7.0))
-    value = np.where((exponent == 15) & (mantissa == 7), np.nan, value)
-    return (sign * value).astype(np.float32)
-
-
-E4M3FN = e4m3fn_table()
-
-
-def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    return E4M3FN[raw] if dtype == "F8_E4M3" else naming_float32(raw, dtype)
-
-
-def cast(raw: np.ndarray, source: str, target: str) -> np.ndarray:
-    """Stored elements of dtype `source` as stored elements of dtype `target` (safetensors tags), through float32
-    with round-to-nearest-even, as torch's casts do."""
-    if source == target:
-        return raw
-    values = to_float32(raw, source)
-    if target == "BF16":
-        return float32_to_bf16_bits(values)
-    return values.astype(SAFETENSORS_DTYPES[target], copy=False)
-
-
-def dequantize_fp8(rows: np.ndarray, scale: np.ndarray, first_row: int, columns: int) -> np.ndarray:
-    """float32 of e4m3fn `rows` (starting at row `first_row` of the weight) times their 128 x 128 block scales:
-    DeepSeek's reference ``weight_dequant`` (fp32 multiply; edge blocks are partial)."""
-    values = E4M3FN[rows.reshape(-1, columns)]
-    column_scale = np.repeat(scale, FP8_BLOCK, axis=1)[:, :columns]
-    row, stop = first_row, first_row + len(values)
-    while row < stop:
-        block_end = min((row // FP8_BLOCK + 1) * FP8_BLOCK, stop)
-        values[row - first_row:block_end - first_row] *= column_scale[row // FP8_BLOCK]
-        row = block_end
-    return values
 
 
 class DequantizedRows:
@@ -93,7 +48,9 @@ class DequantizedRows:
                                   f"{rows}x{columns} weight {name} needs {expected} ({FP8_BLOCK}x{FP8_BLOCK} blocks)")
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        return dequantize_fp8(self.file.rows(self.name, start, stop), self.scale, start, self.file.shape(self.name)[1])
+        columns = self.file.shape(self.name)[1]
+        return dequantize_fp8(self.file.rows(self.name, start, stop).reshape(-1, columns),
+                              self.scale[start // FP8_BLOCK:], start)
 
 
 def row_reader(files: dict[str, TensorFile]):
@@ -240,11 +197,12 @@ def write_side_files(hf_config: dict, directories: list[Path], out: Path, dequan
 def convert(src: Path, dst: Path, *, target_naming: str, layout: Layout, dtype: str | None, max_shard_bytes: int,
             config_path: Path | None = None, overwrite: bool = False, allow_pickle: bool = False,
             quiet: bool = False, description: str = "convert", options: LayoutOptions = LayoutOptions(),
-            workers: int = 2, fsync: bool = False) -> dict:
+            workers: int = 2, fsync: bool = False, files: dict | None = None) -> dict:
     """Convert checkpoint `src` (any naming, detected) into directory `dst` in `target_naming` with `options`
     (the mcore switches also tell how `src` is laid out when it is mcore), `workers` tensors at a time; `fsync`:
     every file on disk before `dst` appears (otherwise left to the kernel's write-back, as after ``cp``); returns
-    the manifest written."""
+    the manifest written. `files`: src's tensors already opened (name -> what reads them, e.g. per-rank slices
+    joined)."""
     from tqdm import tqdm
 
     from mindspore_llm.models.config import config_from_hf
@@ -254,7 +212,7 @@ def convert(src: Path, dst: Path, *, target_naming: str, layout: Layout, dtype: 
     config_file = str(config_path / "config.json" if config_path.is_dir() else config_path)
     config = config_from_hf(hf_config, config_file)
     target = tensor_layout(config, target_naming, options, config_file)
-    view = view_of(open_files(src, allow_pickle), config, options, config_file)
+    view = view_of(files or open_files(src, allow_pickle), config, options, config_file)
     view.notice()
     sources = plan(view, target, DTYPES.get(dtype))
     by_name = {s.out.name: s for s in sources}

@@ -20,12 +20,13 @@ import fnmatch
 import math
 import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn
+from mindspore import Parameter, Tensor, nn
 from mindspore.common.initializer import HeUniform, initializer
 from mindspore.ops import operations as P
 
@@ -37,6 +38,7 @@ from mindspore_llm.models.shapes import layer_parameter_shapes
 from mindspore_llm.quant import QuantizationConfig
 
 ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+DROPOUT_KEY = "lora.dropout_key"  # the int32 key of every adapter's dropout mask (set each step, never saved)
 
 
 @dataclass(kw_only=True)
@@ -102,7 +104,7 @@ class LoraLinear(layers.Linear):
     """A ``layers.Linear`` plus a low-rank update; built from an existing layer, whose parameters and primitives
     (with any shard strategy already set) it takes over without copying the weight."""
 
-    def __init__(self, base: layers.Linear, rank: int, alpha: float, dropout: float):
+    def __init__(self, base: layers.Linear, rank: int, alpha: float, dropout: float, path: str = ""):
         nn.Cell.__init__(self)  # not Linear.__init__: that would allocate and initialise a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.compute_dtype, self.activation_dtype = base.compute_dtype, base.activation_dtype
@@ -115,8 +117,9 @@ class LoraLinear(layers.Linear):
                                                 base.weight.dtype))
         self.lora_B.weight.set_data(initializer("zeros", (base.out_features, rank), base.weight.dtype))
         self.scaling = alpha / rank
-        # Dropout only acts in training mode (``model.set_train(True)``), like nn.Dropout and PEFT's.
-        self.lora_dropout = P.Dropout(keep_prob=1.0 - dropout) if dropout > 0 else None
+        # Dropout only acts in training mode (``model.set_train(True)``), like nn.Dropout and PEFT's; its mask is a
+        # function of the shared key the trainer sets from (seed, step), so resuming repeats it exactly.
+        self.lora_dropout = layers.KeyedDropout(dropout, zlib.crc32(path.encode())) if dropout > 0 else None
         self.scale = P.Mul()
         self.add = P.Add()
 
@@ -125,7 +128,7 @@ class LoraLinear(layers.Linear):
         x = x.reshape(-1, self.in_features)
         y = super().construct(x)
         if self.training and self.lora_dropout is not None:
-            x, _ = self.lora_dropout(x)
+            x = self.lora_dropout(x)
         update = self.lora_B(self.lora_A(x))
         return self.add(y, self.scale(update, self.scaling)).reshape(out_shape)
 
@@ -152,14 +155,26 @@ def apply_lora(model: nn.Cell, cfg: LoraConfig) -> list[str]:
                           f"its linear layers are named {', '.join(linears)}")
     for param in model.get_parameters():
         param.requires_grad = False
+    key = (Parameter(Tensor(0, ms.int32), name=DROPOUT_KEY, requires_grad=False) if cfg.dropout > 0 else None)
     for name in targets:
         parent, _, leaf = name.rpartition(".")
-        wrapped = LoraLinear(cells[name], cfg.rank, cfg.alpha, cfg.dropout)
+        wrapped = LoraLinear(cells[name], cfg.rank, cfg.alpha, cfg.dropout, name)
         cells[parent].insert_child_to_cell(leaf, wrapped)
         wrapped.update_parameters_name(name + ".")  # the full path: base names unchanged, adapters beside them
+        if key is not None:  # shared by every adapter, set after naming so that it keeps its own name
+            wrapped.lora_dropout.key = key
     # A graph already compiled for `model` is cached under its creation time: renew it so the next call recompiles.
     object.__setattr__(model, "_create_time", time.time_ns())
     return targets
+
+
+def set_dropout_key(model: nn.Cell, seed: int, step: int, rank: int = 0) -> None:
+    """Key the LoRA dropout masks of the coming step by (seed, step, data-parallel rank): every replica and every
+    step draws its own masks, and a resumed run the same ones as the uninterrupted run."""
+    params = [p for p in model.get_parameters() if p.name == DROPOUT_KEY]
+    if params:
+        key = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0] & 0x7FFFFFFF)
+        params[0].set_data(Tensor(key, ms.int32))
 
 
 def lora_layers(model: nn.Cell) -> dict[str, LoraLinear]:

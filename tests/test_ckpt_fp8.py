@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ckpt_tools.convert import E4M3FN, FP8_BLOCK, cast, dequantize_fp8
+from mindspore_llm.checkpoint import E4M3FN, FP8_BLOCK, cast, dequantize_fp8
 from tests import reference
 from tests.ckpt_helpers import raw_tensors, run
 
@@ -50,11 +50,17 @@ def test_dequantization_matches_reference_including_edge_blocks(shape, target):
     expected = torch_weight_dequant(weight, scale, torch_dtype)
     expected = expected.view(torch.int16).numpy().view(np.uint16) if target == "BF16" else expected.numpy()
     bits = weight.view(torch.uint8).numpy()
-    values = dequantize_fp8(bits, scale.numpy(), 0, shape[1])
+    values = dequantize_fp8(bits.reshape(shape), scale.numpy())
     np.testing.assert_array_equal(cast(values, "F32", target), expected)
     # In 128-row pieces, as the converter streams it: the same bits.
-    pieces = [dequantize_fp8(bits[r:r + FP8_BLOCK], scale.numpy(), r, shape[1]) for r in range(0, shape[0], FP8_BLOCK)]
+    bits, scale = bits.reshape(shape), scale.numpy()
+    pieces = [dequantize_fp8(bits[r:r + FP8_BLOCK], scale[r // FP8_BLOCK:], r) for r in range(0, shape[0], FP8_BLOCK)]
     np.testing.assert_array_equal(cast(np.concatenate(pieces), "F32", target), expected)
+    # A rank's block of a tensor-parallel split starts inside a scale block: its scales from that block on.
+    rows, columns = slice(shape[0] // 3, shape[0]), slice(shape[1] // 2 + 1, shape[1])
+    block = dequantize_fp8(bits[rows, columns], scale[rows.start // FP8_BLOCK:, columns.start // FP8_BLOCK:],
+                           rows.start, columns.start)
+    np.testing.assert_array_equal(cast(block, "F32", target), expected[rows, columns])
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Per-rank slices of a 2-way model-parallel run -> `msllm-ckpt merge-slices` / `ms2hf --strategy` give the full
-tensors bit for bit; `reshard` to 4-way gives each rank its block; bad inputs are named and leave nothing."""
+"""Per-rank slices of a 2-way model-parallel run (as MindSpore's save_checkpoint writes them) -> `msllm-ckpt
+merge-slices` / `ms2hf --strategy` give the full tensors bit for bit in a Hugging Face directory; `reshard` to
+4-way gives each rank its block; bad inputs are named and leave nothing."""
 import json
 
 import mindspore as ms
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from mindspore_llm.checkpoint import iter_tensors
+from mindspore_llm.models.auto import AutoModelForCausalLM
 from mindspore_llm.models.qwen import QwenConfig
 from mindspore_llm.models.shapes import parameter_shapes
 from mindspore_llm.parallel.config import ParallelConfig
@@ -52,14 +54,14 @@ def test_ms2hf_merges_slices_with_the_strategy_file(slices):
         np.testing.assert_array_equal(merged[name], array, err_msg=name)
 
 
-def test_merge_slices_writes_a_loadable_full_checkpoint(slices):
+def test_merge_slices_writes_a_loadable_hugging_face_directory(slices):
     directory, full = slices
     result = run("merge-slices", directory / "slices", directory / "full", "--strategy", directory / "mp2.ckpt",
-                 "--config", directory / "config.json")
+                 "--config", directory / "config.json", "--quiet")
     assert result.exit_code == 0, result.output
-    merged = ms.load_checkpoint(str(directory / "full" / "mindspore_model.ckpt"))
+    model = AutoModelForCausalLM.from_pretrained(directory / "full")
     for name, array in full.items():
-        np.testing.assert_array_equal(merged[name].asnumpy(), array, err_msg=name)
+        np.testing.assert_array_equal(model.parameters_dict()[name].asnumpy(), array, err_msg=name)
 
 
 def test_reshard_to_four_way(slices):
@@ -74,12 +76,17 @@ def test_reshard_to_four_way(slices):
     np.testing.assert_array_equal(rank3[name].asnumpy(), block(full[name], layout, 4, 3))
 
 
-def test_missing_rank_directory_is_named_and_nothing_is_written(slices, tmp_path):
+@pytest.mark.parametrize("command", ["merge-slices", "ms2hf"])
+def test_missing_rank_is_named_and_nothing_is_written(slices, tmp_path, command):
     directory, _ = slices
     (tmp_path / "slices" / "rank_0").mkdir(parents=True)
-    (tmp_path / "slices" / "rank_1").mkdir()
     (tmp_path / "slices" / "rank_0" / "net.ckpt").write_bytes((directory / "slices/rank_0/net.ckpt").read_bytes())
-    result = run("merge-slices", tmp_path / "slices", tmp_path / "out", "--strategy", directory / "mp2.ckpt")
-    assert result.exit_code == 2
-    assert "rank_1: expected exactly one .ckpt slice" in result.output
+    result = run(command, tmp_path / "slices", tmp_path / "out", "--strategy", directory / "mp2.ckpt",
+                 "--config", directory / "config.json")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "1 rank directories hold" in result.output and "model.embed_tokens.weight" in result.output
     assert not (tmp_path / "out").exists()
+    (tmp_path / "slices" / "rank_1").mkdir()  # there, but empty
+    result = run(command, tmp_path / "slices", tmp_path / "out", "--strategy", directory / "mp2.ckpt",
+                 "--config", directory / "config.json")
+    assert result.exit_code == 2 and "rank_1: no *.safetensors or *.ckpt weights found" in result.output

@@ -1,27 +1,34 @@
-"""DATA_PARALLEL on 2 CPU processes under msrun equals 1 process with the same global batch.
+"""DATA_PARALLEL on 2 CPU processes under msrun equals 1 process with the same global batch; a 2-process job killed
+after it saved resumes and ends with the losses and weights of the uninterrupted 2-process job.
 
 Reference: the same trainer in one process, micro-batch 2 x accumulation 2 x 2 ranks = global batch 8 in both.
 Data: pretraining rows (every position a target) in file order, so the 2 ranks' shards (rows r, r+2, ...) make up
 exactly the 1-process batch, and every rank counts the same number of tokens (each rank averages over its own
 tokens; the all-reduce then averages the ranks). Tolerance: 1e-5 relative on every step's loss and on every
-weight tensor (the norm of the difference over the norm of the tensor).
+weight tensor (the norm of the difference over the norm of the tensor). The resumed job against the uninterrupted
+one: 1e-6 relative on every loss and every weight (the same processes, state and batches: in practice exact).
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from safetensors.numpy import load_file
 
+from mindspore_llm.train import checkpointing
 from mindspore_llm.train.config import train_config_from_dict
 from mindspore_llm.train.trainer import Trainer
 from tests.test_trainer import ASSETS, REPO, tiny_raw_config
 
-STEPS = 4
+STEPS = 16
+EVERY = 2  # checkpoint interval: the killed job has saved long before it would end
 
 
 def free_port() -> int:
@@ -41,7 +48,7 @@ def raw_config(output_dir, micro_batch_size: int, gradient_accumulation_steps: i
               "reset_attention": False, "shuffle": False},
         train={"micro_batch_size": micro_batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
                "global_batch_size": 8, "steps": STEPS},
-        checkpoint={"every_n_steps": STEPS})
+        checkpoint={"every_n_steps": EVERY})
 
 
 def logged_losses(output_dir: Path) -> list[float]:
@@ -49,19 +56,36 @@ def logged_losses(output_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines]
 
 
-def test_two_msrun_processes_equal_one_process(tmp_path):
-    two = tmp_path / "two"
-    config = tmp_path / "dp.yaml"
-    config.write_text(yaml.safe_dump(raw_config(two, micro_batch_size=2, gradient_accumulation_steps=2)))
+def msrun(config: Path, log_dir: Path, *args: str) -> subprocess.Popen:
+    """`msllm train CONFIG ARGS` as a 2-process msrun job, in a process group of its own."""
     command = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}", "--join=True",
-               f"--log_dir={tmp_path / 'msrun_logs'}", "python", "-m", "mindspore_llm.cli", "train", str(config)]
+               f"--log_dir={log_dir}", "python", "-m", "mindspore_llm.cli", "train", str(config), *args]
     # msrun starts `python` from PATH: make it the interpreter running this test
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    launched = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    worker_logs = {p.name: p.read_text() for p in (tmp_path / "msrun_logs").glob("worker_*.log")}
-    assert launched.returncode == 0, launched.stdout[-3000:] + str({k: v[-2000:] for k, v in worker_logs.items()})
-    assert "DATA_PARALLEL over 2 CPU processes" in worker_logs["worker_0.log"]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
 
+
+def finished(job: subprocess.Popen, log_dir: Path) -> str:
+    output = job.communicate(timeout=300)[0]
+    worker_logs = {p.name: p.read_text() for p in log_dir.glob("worker_*.log")}
+    assert job.returncode == 0, output[-3000:] + str({k: v[-2000:] for k, v in worker_logs.items()})
+    return worker_logs["worker_0.log"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(module_dir):
+    """The uninterrupted 2-process job: STEPS steps, a checkpoint every EVERY."""
+    output = module_dir / "two"
+    config = module_dir / "dp.yaml"
+    config.write_text(yaml.safe_dump(raw_config(output, micro_batch_size=2, gradient_accumulation_steps=2)))
+    log = finished(msrun(config, module_dir / "msrun_logs"), module_dir / "msrun_logs")
+    assert "DATA_PARALLEL over 2 CPU processes" in log
+    return config, output
+
+
+def test_two_msrun_processes_equal_one_process(two_processes, tmp_path):
+    _, two = two_processes
     one = Trainer(train_config_from_dict(raw_config(tmp_path / "one", micro_batch_size=4,
                                                     gradient_accumulation_steps=2), "one-process"))
     assert one.context.mode == "stand-alone"
@@ -76,3 +100,26 @@ def test_two_msrun_processes_equal_one_process(tmp_path):
         # gradients in another order into larger element-wise differences on near-zero gradients (seen: 2e-6 abs)
         difference = np.linalg.norm(two_weights[name] - one_weights[name])
         assert difference <= 1e-5 * np.linalg.norm(one_weights[name]), name
+
+
+def test_killed_job_resumes_to_the_losses_of_the_uninterrupted_job(two_processes, tmp_path):
+    config, two = two_processes
+    killed = tmp_path / "killed"
+    config = tmp_path / "dp.yaml"
+    config.write_text(yaml.safe_dump(raw_config(killed, micro_batch_size=2, gradient_accumulation_steps=2)))
+    job = msrun(config, tmp_path / "logs_killed")
+    deadline = time.monotonic() + 300
+    while checkpointing.latest_checkpoint(killed / "checkpoints") is None:  # the first checkpoint is complete
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # msrun, its scheduler and both workers, mid-run
+    job.communicate(timeout=60)
+    done = len(logged_losses(killed))
+    assert done < STEPS and not (killed / "final").exists(), "the job ended before it could be killed"
+
+    log = finished(msrun(config, tmp_path / "logs_resumed", "--resume"), tmp_path / "logs_resumed")
+    assert "resumed from" in log
+    np.testing.assert_allclose(logged_losses(killed), logged_losses(two), rtol=1e-6)
+    final, reference = (load_file(str(d / "final" / "model.safetensors")) for d in (killed, two))
+    for name in reference:
+        np.testing.assert_allclose(final[name], reference[name], rtol=1e-6, atol=1e-7, err_msg=name)

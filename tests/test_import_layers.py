@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("mindspore_llm.common",),
     ("mindspore_llm.config_utils", "mindspore_llm.fileio"),
-    ("mindspore_llm.checkpoint", "mindspore_llm.checkpoint_writer", "mindspore_llm.tokenizer", "mindspore_llm.quant"),
+    ("mindspore_llm.checkpoint", "mindspore_llm.checkpoint_writer", "mindspore_llm.checkpoint_slices",
+     "mindspore_llm.tokenizer", "mindspore_llm.quant"),
     ("mindspore_llm.models", "mindspore_llm.data"),
     ("mindspore_llm.lora", "mindspore_llm.peft", "mindspore_llm.distill", "mindspore_llm.flops",
      "mindspore_llm.generation", "mindspore_llm.rl"),

@@ -223,7 +223,10 @@ def test_plan_splits_adapters_like_their_base(base_dir):
     # row-parallel o_proj: A split on its in dim like o_proj's weight, B whole
     assert applied[f"{layer}.o_proj.lora_A.matmul"] == ((2, 4), (1, 4))
     assert applied[f"{layer}.o_proj.lora_B.matmul"] == ((2, 1), (1, 1))
-    assert applied[f"{layer}.o_proj.lora_dropout"] == ((2, 4),)
+    # the dropout mask is computed split like the row-parallel input it multiplies
+    assert applied[f"{layer}.o_proj.lora_dropout.apply_mask"] == ((2, 4), (2, 4))
+    assert applied[f"{layer}.o_proj.lora_dropout.add_features"] == ((2, 1), (1, 4))
+    assert applied[f"{layer}.q_proj.lora_dropout.apply_mask"] == ((2, 1), (2, 1))
 
 
 def test_o2_compute_dtype_trains_adapters(base_dir):

@@ -161,6 +161,26 @@ def test_full_sft_32b_numbers():
     assert max(s.total for s in estimate_memory(inputs.model, inputs.parallel, decomposed)) > 58 * GB
 
 
+def test_host_memory_per_process_while_loading():
+    """Per-rank loading holds this rank's slices (fp32) + the largest slice once more + one 64 MB window; loading
+    every full tensor held the whole model in fp32 on every process (DeepSeek-V3: plus one projection's experts
+    buffered, then stacked)."""
+    from mindspore_llm.parallel.memory import host_load_bytes
+
+    inputs = load_plan_inputs(ROOT / "configs" / "qwen2_5_32b_sft_8k_16p.yaml")
+    stages = estimate_memory(inputs.model, inputs.parallel, inputs.work)
+    after, before = host_load_bytes(inputs.model, inputs.parallel, stages)
+    embedding_slice = 152064 * 5120 / 8  # the largest slice: the vocabulary-parallel embedding / LM head
+    assert after == 4 * stages[1].parameters + 4 * embedding_slice + 64 * 2 ** 20
+    assert before == 4 * 32_763_876_352  # 131 GB on each of the 16 processes
+    assert after / GB == pytest.approx(8.05, abs=0.01)
+    inputs = load_plan_inputs(ROOT / "configs" / "deepseek_v3_671b_pretrain_4k_2048p.yaml")
+    stages = estimate_memory(inputs.model, inputs.parallel, inputs.work)
+    _, before = host_load_bytes(inputs.model, inputs.parallel, stages)
+    total, _ = count_parameters(inputs.model)
+    assert before == 4 * total + 2 * 4 * 256 * 2048 * 7168
+
+
 def test_plan_cli(tmp_path):
     result = CliRunner().invoke(main, ["plan", str(ROOT / "configs" / "qwen2_5_32b_sft_8k_16p.yaml"),
                                        "--device-num", "16", "--hbm-gb", "58"])
@@ -171,6 +191,7 @@ def test_plan_cli(tmp_path):
     assert "kernels: fused flash_attention" in result.output
     assert "self_attn.attention.flash_attention" in result.output
     assert "peak: stage 0, 51.99 GB of 58 GB -> fits; dominant term: activations" in result.output
+    assert "host memory per process while loading weights: 8.05 GB" in result.output
     tight = CliRunner().invoke(main, ["plan", str(ROOT / "configs" / "qwen2_5_32b_sft_8k_16p.yaml"),
                                       "--device-num", "16", "--hbm-gb", "20"])
     assert tight.exit_code == 1 and "DOES NOT FIT" in tight.output

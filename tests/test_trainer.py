@@ -163,9 +163,11 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(straight, tmp_path, m
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     for step in (2, 4, 6):
-        (checkpointing.step_dir(tmp_path, step) / "rank_0").mkdir(parents=True)
+        rank_dir = checkpointing.step_dir(tmp_path, step) / "rank_0"
+        rank_dir.mkdir(parents=True)
         for name in (checkpointing.TRAIN_STATE, checkpointing.TRAINER_STATE):
-            (checkpointing.step_dir(tmp_path, step) / "rank_0" / name).write_text("{}")
+            (rank_dir / name).write_text("{}")
+        checkpointing.write_manifest(rank_dir)
     checkpointing.prune_checkpoints(tmp_path, keep_last=2)
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
 

@@ -22,18 +22,15 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Iterable, Iterator, Mapping
 
 import mindspore as ms
-import numpy as np
 from mindspore import ops
 
-from mindspore_llm.checkpoint import ArrayTensor, layer_index
+from mindspore_llm.checkpoint import layer_index
 from mindspore_llm.models.config import DeepseekV3Config
 from mindspore_llm.models.layers import CausalLM, DecoderLayer, DecoderModel, Precision, RotaryEmbedding, SwiGLU
 from mindspore_llm.models.mla import MultiHeadLatentAttention
-from mindspore_llm.models.moe import (DeepSeekMoE, GroupLimitedTopKRouter, aux_loss_multipliers, moe_blocks,
-                                     set_aux_loss_multiplier)
+from mindspore_llm.models.moe import DeepSeekMoE, GroupLimitedTopKRouter, aux_loss_multipliers, set_aux_loss_multiplier
 
 log = logging.getLogger("mindspore_llm")
 
@@ -83,11 +80,19 @@ class DeepseekV3ForCausalLM(CausalLM):
             else:
                 yield from zip(names, array)
 
-    def checkpoint_tensors(self, tensors):
-        """The hook ``checkpoint.load_weights`` calls: checkpoint tensors -> our parameters."""
-        buffers = {block_name + suffix: tuple(getattr(block, suffix[1:]).shape)
-                   for block_name, block in moe_blocks(self) for suffix in self.STATISTICS_SUFFIXES}
-        return stack_checkpoint_tensors(tensors, self.config, buffers)
+    def checkpoint_sources(self, name: str) -> list[str]:
+        """A stacked expert parameter is read from the per-expert tensors of checkpoints, in expert order."""
+        return checkpoint_names(name, self.config.n_routed_experts)
+
+    def ignored_checkpoint_tensors(self, names: set[str]) -> set[str]:
+        """The multi-token-prediction layers (``model.layers.{num_hidden_layers}.*``) are skipped with a notice."""
+        mtp = {name for name in names if (layer_index(name) or 0) >= self.config.num_hidden_layers}
+        if mtp:
+            layers = sorted({layer_index(n) for n in mtp})
+            log.warning("skipping %d tensor(s) of multi-token-prediction layer(s) %s (model.layers.%s.*): "
+                        "MTP is not implemented; the main model is complete without them",
+                        len(mtp), ", ".join(map(str, layers)), layers[0])
+        return super().ignored_checkpoint_tensors(names - mtp)
 
 
 def build_deepseek_v3(config: DeepseekV3Config, precision: Precision) -> DeepseekV3ForCausalLM:
@@ -122,19 +127,7 @@ def build_deepseek_v3(config: DeepseekV3Config, precision: Precision) -> Deepsee
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoint layout. Checkpoints (Hugging Face's saved layout, real and `save_pretrained`) store one tensor per
 # expert; our Cells hold each projection of all experts stacked, expert dimension first. This is the one place
-# that maps between the two; it also skips the multi-token-prediction layers.
-
-EXPERT_TENSOR = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-def checkpoint_target(name: str, num_hidden_layers: int) -> tuple[str, int | None] | None:
-    """(our parameter name, expert index or None) for a checkpoint tensor; None for an MTP-layer tensor."""
-    layer = layer_index(name)
-    if layer is not None and layer >= num_hidden_layers:
-        return None
-    expert = EXPERT_TENSOR.match(name)
-    if expert:
-        return f"{expert.group(1)}.{expert.group(3)}", int(expert.group(2))
-    return name, None
-
+# that maps between the two (the loader reads each expert's tensor into its row of this rank's slice).
 
 def checkpoint_names(param_name: str, num_experts: int) -> list[str]:
     """The checkpoint tensor names one of our parameters is made of (in expert order for stacked experts)."""
@@ -142,37 +135,3 @@ def checkpoint_names(param_name: str, num_experts: int) -> list[str]:
     if stacked is None:
         return [param_name]
     return [f"{stacked.group(1)}.{e}.{stacked.group(2)}.weight" for e in range(num_experts)]
-
-
-def stack_checkpoint_tensors(tensors: Iterable[tuple[str, Any]], config: DeepseekV3Config,
-                             buffers: Mapping[str, tuple[int, ...]]) -> Iterator[tuple[str, Any]]:
-    """(name, reader) pairs of a checkpoint -> the same with per-expert tensors stacked into our parameters
-    (yielded once all experts of a projection are read), the MTP layers dropped with a one-line notice, and
-    zeros for the statistics `buffers` (name -> shape) that checkpoints do not hold."""
-    pending: dict[str, dict[int, np.ndarray]] = {}
-    skipped: set[str] = set()
-    path = None
-    for name, reader in tensors:
-        path = reader.path
-        target = checkpoint_target(name, config.num_hidden_layers)
-        if target is None:
-            skipped.add(name)
-            continue
-        param, expert = target
-        if expert is None:
-            yield name, reader
-            continue
-        parts = pending.setdefault(param, {})
-        parts[expert] = reader.float32(name)
-        if sorted(parts) == list(range(config.n_routed_experts)):
-            yield param, ArrayTensor(np.stack([parts[e] for e in range(config.n_routed_experts)]), path)
-            pending.pop(param)
-    for param, parts in pending.items():  # the parameter stays missing, and load_weights names it
-        log.warning("%s: the checkpoint holds experts %s of 0..%d", param, sorted(parts), config.n_routed_experts - 1)
-    for name, shape in buffers.items():
-        yield name, ArrayTensor(np.zeros(shape, np.float32), path)
-    if skipped:
-        layers = sorted({layer_index(n) for n in skipped})
-        log.warning("skipping %d tensor(s) of multi-token-prediction layer(s) %s (model.layers.%s.*): "
-                    "MTP is not implemented; the main model is complete without them",
-                    len(skipped), ", ".join(map(str, layers)), layers[0])

@@ -22,6 +22,7 @@ from mindspore.ops import operations as P
 from mindspore.ops.auto_generate.gen_ops_prim import (FlashAttentionScore, RmsNorm, RotaryPositionEmbedding, SiLU,
                                                       Swiglu)
 
+from mindspore_llm.checkpoint import NON_PARAMETER_SUFFIXES
 from mindspore_llm.common import IGNORE_INDEX, ConfigError
 from mindspore_llm.models.config import RopeConfig
 from mindspore_llm.models.kernels import Kernels, select_kernels
@@ -89,6 +90,58 @@ class Linear(nn.Cell):
             bias = self.cast(self.bias, self.compute_dtype)
             y = self.bias_add(y, ops.broadcast_to(bias, y.shape) if self.explicit_broadcast else bias)
         return self.cast(y, self.activation_dtype).reshape(out_shape)
+
+
+def _int32(value: int) -> int:
+    """The int32 with the bits of the uint32 `value` (MindSpore's int32 multiply wraps like uint32's)."""
+    return int(np.uint32(value).view(np.int32))
+
+
+class KeyedDropout(nn.Cell):
+    """Dropout on a (rows, features) input whose mask is a hash of (``key``, this layer's ``salt``, the element's
+    index) rather than a stateful generator's next draw: the same key gives the same mask, so a run resumed from a
+    checkpoint, a recomputed forward pass and the uninterrupted run drop the same elements (MindSpore's Dropout
+    kernels restart their state with the process, and the generator-driven dropout has no CPU kernel). The caller
+    sets ``key`` (a shared int32 Parameter) before each step. Kept elements are scaled by 1 / keep_prob, as
+    torch.nn.Dropout does.
+
+    The hash is MurmurHash3's 32-bit finaliser (fmix32) of index ^ (key * 0x9E3779B1 + salt), in int32 arithmetic
+    (multiplies wrap as uint32's do; a logical shift is an arithmetic shift and a mask); its low 24 bits are the
+    uniform draw. Every op is a primitive instance, so the plan splits the mask like the input.
+    """
+
+    def __init__(self, p: float, salt: int, key: Parameter | None = None):
+        super().__init__()
+        self.key = key
+
+        def constant(value):
+            return Tensor(int(np.uint32(value).view(np.int32)), ms.int32)
+
+        self.golden, self.salt = constant(0x9E3779B1), constant(salt)
+        self.c1, self.c2 = constant(0x85EBCA6B), constant(0xC2B2AE35)
+        self.by_16, self.by_13 = constant(16), constant(13)
+        self.low_16, self.low_19, self.low_24 = constant(0xFFFF), constant(0x7FFFF), constant(0xFFFFFF)
+        self.threshold = constant(round((1.0 - p) * 2 ** 24))
+        self.inverse_keep = 1.0 / (1.0 - p)
+        self.mul_key, self.add_salt = P.Mul(), P.Add()
+        self.add_features, self.xor_seed = P.Add(), P.BitwiseXor()
+        self.shift_1, self.low_1, self.xor_1, self.mul_1 = P.RightShift(), P.BitwiseAnd(), P.BitwiseXor(), P.Mul()
+        self.shift_2, self.low_2, self.xor_2, self.mul_2 = P.RightShift(), P.BitwiseAnd(), P.BitwiseXor(), P.Mul()
+        self.shift_3, self.low_3, self.xor_3 = P.RightShift(), P.BitwiseAnd(), P.BitwiseXor()
+        self.draw, self.less, self.cast, self.apply_mask, self.scale = (P.BitwiseAnd(), P.Less(), P.Cast(), P.Mul(),
+                                                                       P.Mul())
+
+    def construct(self, x):
+        rows, features = x.shape
+        seed = self.add_salt(self.mul_key(self.key, self.golden), self.salt)
+        row_starts = ops.arange(0, rows * features, features, dtype=ms.int32).reshape(rows, 1)
+        feature_ids = ops.arange(0, features, dtype=ms.int32).reshape(1, features)
+        h = self.xor_seed(self.add_features(row_starts, feature_ids), seed)
+        h = self.mul_1(self.xor_1(h, self.low_1(self.shift_1(h, self.by_16), self.low_16)), self.c1)
+        h = self.mul_2(self.xor_2(h, self.low_2(self.shift_2(h, self.by_13), self.low_19)), self.c2)
+        h = self.xor_3(h, self.low_3(self.shift_3(h, self.by_16), self.low_16))
+        kept = self.cast(self.less(self.draw(h, self.low_24), self.threshold), x.dtype)
+        return self.scale(self.apply_mask(x, kept), self.inverse_keep)
 
 
 class Embedding(nn.Cell):
@@ -574,6 +627,15 @@ class CausalLM(nn.Cell):
             arrays = ((param.name, param.asnumpy()) for param in self.weights())
         for name, array in arrays:
             yield name, np.array(array, dtype=np.float32, order="C")
+
+    def checkpoint_sources(self, name: str) -> list[str]:
+        """The checkpoint tensors weight `name` is read from: the tensor of the same name (a family whose Cells
+        stack several checkpoint tensors into one parameter lists one per index of its first dimension)."""
+        return [name]
+
+    def ignored_checkpoint_tensors(self, names: set[str]) -> set[str]:
+        """Of checkpoint tensors no weight reads, those that are errors (the rest are skipped on purpose)."""
+        return {name for name in names if not name.endswith(NON_PARAMETER_SUFFIXES)}
 
     def loss_sum(self, input_ids, labels, attention_mask=None, position_ids=None):
         """(sum of token losses, counted tokens): the form gradient accumulation averages exactly."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,9 +25,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from mindspore_llm.checkpoint import (NON_PARAMETER_SUFFIXES, TRAINING_STATE_PREFIXES,
-                                      bf16_bits_to_float32, iter_tensors, layer_index, open_tensor_file,
-                                      weight_files)
+from mindspore_llm.checkpoint import (FLOAT_TAGS, NON_PARAMETER_SUFFIXES, SAFETENSORS_DTYPES,
+                                      TRAINING_STATE_PREFIXES, WINDOW_BYTES, WeightReader, bf16_bits_to_float32,
+                                      block_shape, layer_index, open_tensor_file, weight_files, whole)
 from mindspore_llm.common import CheckpointError, ConfigError
 
 log = logging.getLogger("mindspore_llm")
@@ -43,7 +44,6 @@ MINDFORMERS_STATE_NAMES = ("global_step", "scale_sense", "current_iterator_step"
                            "epoch_num", "step_num", "loss_scale", "global_batch_size", "learning_rate",
                            # its adaptive loss scale (wrapper/adaptive_loss_scale.py)
                            "scale_window", "list_index", "scale_window_up_count", "scale_window_down_count")
-FLOAT_TAGS = ("F64", "F32", "F16", "BF16", "F8_E4M3")
 CHUNK_ELEMENTS = 16 << 20  # per slab produced (64 MB of float32): bounds memory whatever the tensor's size
 
 
@@ -560,11 +560,6 @@ class HFTensors:
     def float32(self, name: str) -> np.ndarray:
         return to_float32(*self.rows(name, 0, self.shape(name)[0]))
 
-    def tensors(self) -> Iterator[tuple[str, "ViewTensor"]]:
-        """(HF name, reader) pairs, what ``checkpoint.load_weights`` takes."""
-        for name in self.names():
-            yield name, ViewTensor(self, name)
-
 
 class CheckpointView(HFTensors):
     """The tensors of checkpoint `files` (name -> opened file) as the Hugging Face tensors of `config`'s model,
@@ -658,7 +653,8 @@ def _kinds(names: list[str]) -> list[str]:
 
 
 class ViewTensor:
-    """One Hugging Face tensor of a CheckpointView, read like a checkpoint file's tensor (``load_weights``)."""
+    """One Hugging Face tensor of a view, read like a checkpoint file's tensor (``checkpoint.WeightReader``): a
+    block of it is read a window of rows at a time."""
 
     def __init__(self, view: HFTensors, name: str):
         self.view, self.name = view, name
@@ -667,8 +663,19 @@ class ViewTensor:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.view.shape(self.name)
 
-    def float32(self, name: str) -> np.ndarray:
-        return self.view.float32(self.name)
+    def dtype(self, name: str) -> str:
+        return self.view.dtype(self.name)
+
+    def read_block(self, name: str, block: tuple[slice, ...] | None = None) -> np.ndarray:
+        shape = self.shape(name)
+        block = whole(shape) if block is None else block
+        out = np.empty(block_shape(block), SAFETENSORS_DTYPES[self.dtype(name)])
+        step = max(1, WINDOW_BYTES // max(out.itemsize * math.prod(shape[1:]), 1))
+        for start in range(block[0].start, block[0].stop, step):
+            stop = min(start + step, block[0].stop)
+            rows = self.view.rows(self.name, start, stop)[0]
+            out[start - block[0].start:stop - block[0].start] = rows[(slice(None),) + block[1:]]
+        return out
 
 
 def open_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -681,22 +688,29 @@ def open_checkpoint(path: str | Path) -> dict[str, Any]:
     return files
 
 
-def checkpoint_tensors(path: str | Path, config, options: LayoutOptions = LayoutOptions(),
-                       source: str = "config.json") -> Iterator[tuple[str, Any]]:
-    """(name, reader) pairs of a checkpoint file or directory for ``checkpoint.load_weights``: a model directory
-    or training checkpoint in our names as stored (its optimizer entries left out), one in mindformers' namings
-    as Hugging Face's (detected; checked against `config`)."""
+def checkpoint_reader(path: str | Path, config, options: LayoutOptions = LayoutOptions(),
+                      source: str = "config.json") -> WeightReader:
+    """A checkpoint file or directory read as Hugging Face's tensors, what ``checkpoint.load_weights`` (whole, or
+    a rank's slices) and the training-state readers take: in our names as stored (a training checkpoint's
+    optimizer entries left out), in mindformers' namings through a ``CheckpointView`` (detected; checked against
+    `config`)."""
     files = open_checkpoint(path)
     if CheckpointView(files, config, options, source, strict=False).layout.naming == OURS:
+        reader = WeightReader(path, files)
         state = [name for name in files if is_training_state(name)]
         if state:
             log.warning("leaving out %d optimizer/loss-scale entries of the training checkpoint %s (%s)",
                         len(state), path, ", ".join(_kinds(state)))
-        return ((name, reader) for name, reader in iter_tensors(path) if not is_training_state(name))
+            reader.leave_out(state)
+        return reader
     view = CheckpointView(files, config, options, source)
     log.info("%s: %s names", path, view.layout.describe())
     view.notice()
-    return view.tensors()
+    return view_reader(path, view)
+
+
+def view_reader(path: str | Path, view: HFTensors) -> WeightReader:
+    return WeightReader(path, {name: ViewTensor(view, name) for name in view.names()})
 
 
 # --------------------------------------------------------------------------------------------------------------

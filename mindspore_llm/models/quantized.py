@@ -14,14 +14,13 @@ bitsandbytes leaves ``lm_head`` (and transformers 5's fused routed experts) unqu
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.ops import operations as P
 
-from mindspore_llm.checkpoint import ArrayTensor
+from mindspore_llm.checkpoint import WeightReader
 from mindspore_llm.common import CheckpointError, ConfigError
 from mindspore_llm.models import layers
 from mindspore_llm.models.shapes import layer_parameter_shapes, moe_layer
@@ -142,39 +141,75 @@ def quantize_model(model: nn.Cell, config: QuantizationConfig, from_weights: boo
     return list(linears)
 
 
-def quantizing_tensors(model: nn.Cell, tensors: Iterable[tuple[str, object]], prequantized: bool = False
-                       ) -> Iterator[tuple[str, object]]:
-    """For ``checkpoint.load_weights``: (name, reader) pairs of a checkpoint -> the same for a model with quantized
-    weights. A float ``X.weight`` of a quantized layer is quantized as it arrives (one tensor in memory at a
-    time); in a `prequantized` checkpoint (bitsandbytes' layout, in our names) the tensors of a quantized layer
-    (``X.weight`` stored as integers, ``X.weight.absmax``, ..., or ``X.SCB``) are gathered and mapped to ours.
-    Everything else passes unchanged."""
-    held = {path: linear.weight for path, linear in linear_layers(model).items()
-            if isinstance(linear.weight, QuantizedWeight)}
-    pieces = {f"{path}.{suffix}": (path, suffix) for path, weight in held.items()
-              for suffix in bnb_suffixes(weight.config)}
-    pending: dict[str, dict[str, np.ndarray]] = {}
-    for name, reader in tensors:
-        if name not in pieces:
-            yield name, reader
-            continue
-        path, suffix = pieces[name]
-        weight = held[path]
-        if suffix == "weight" and not (prequantized and reader.dtype(name) in ("U8", "I8")):  # a float weight
-            if reader.shape(name) != weight.shape:
-                raise CheckpointError(f"{reader.path}: tensor {name} has shape {reader.shape(name)}, the model "
-                                      f"expects {weight.shape}")
-            arrays = quantize(reader.float32(name), weight.config)
-        else:
-            found = pending.setdefault(path, {})
-            found[suffix] = np.array(reader.raw(name))
-            if set(found) != set(bnb_suffixes(weight.config)):
-                continue
-            config, arrays = from_bnb_tensors(pending.pop(path), weight.shape, f"{reader.path}: {path}")
-            if config != weight.config:
-                raise ConfigError(f"{reader.path}: {path} is stored as {config}, the model holds {weight.config}")
-        for array_name, value in arrays.items():
-            yield f"{path}.weight.{array_name}", ArrayTensor(value, reader.path)
+class QuantizingReader(WeightReader):
+    """A checkpoint reader (``checkpoint.WeightReader``) for a model with quantized weights, what
+    ``checkpoint.load_weights`` takes: the float ``X.weight`` of a quantized layer is read as its quantized arrays
+    (``X.weight.codes``, ...), quantized when first read (one layer in memory at a time: the parameters of a layer
+    are read one after another); in a `prequantized` checkpoint (bitsandbytes' layout, in our names) the tensors of
+    a quantized layer (``X.weight`` stored as integers, ``X.weight.absmax``, ..., or ``X.SCB``) are mapped to ours.
+    Everything else is read from `base` as it is."""
+
+    def __init__(self, model: nn.Cell, base: WeightReader, prequantized: bool = False):
+        held = {path: linear.weight for path, linear in linear_layers(model).items()
+                if isinstance(linear.weight, QuantizedWeight)}
+        tensors = {name: base.file(name) for name in base.names()}
+        for path, weight in held.items():
+            pieces = [f"{path}.{suffix}" for suffix in bnb_suffixes(weight.config)]
+            stored = f"{path}.weight"
+            if stored not in base:
+                continue  # load_weights names the quantized arrays missing
+            quantized = prequantized and base.file(stored).dtype(stored) in ("U8", "I8")
+            for name in pieces if quantized else [stored]:
+                tensors.pop(name, None)
+            layer = QuantizedLayer(base, path, weight, pieces if quantized else None)
+            tensors.update({f"{path}.weight.{array}": layer for array in layer.shapes})
+        super().__init__(base.path, tensors)
+
+
+class QuantizedLayer:
+    """The quantized arrays of one layer's weight, read like a checkpoint file's tensors (``QuantizingReader``):
+    quantized from the float weight, or mapped from bitsandbytes' `pieces`, once for all its arrays."""
+
+    TAGS = {np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8"}
+
+    def __init__(self, base: WeightReader, path: str, weight: QuantizedWeight, pieces: list[str] | None):
+        self.base, self.layer, self.weight, self.pieces = base, path, weight, pieces
+        self.path = base.file(f"{path}.weight").path
+        self.shapes = weight.config.shapes(*weight.shape)
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def _array(self, name: str) -> str:
+        return name[len(self.layer) + len(".weight."):]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.shapes[self._array(name)][0])
+
+    def dtype(self, name: str) -> str:
+        return self.TAGS[np.dtype(self.shapes[self._array(name)][1])]
+
+    def read_block(self, name: str, block=None) -> np.ndarray:
+        if self._arrays is None:
+            self._arrays = self._quantize()
+        array = self._arrays.pop(self._array(name))
+        if not self._arrays:
+            self._arrays = None  # the layer's last array read: nothing of it stays in memory
+        return np.asarray(array if block is None else array[block])  # a scalar (nested_offset) as an array
+
+    def _quantize(self) -> dict[str, np.ndarray]:
+        stored = f"{self.layer}.weight"
+        if self.pieces is None:
+            if self.base.shape(stored) != self.weight.shape:
+                raise CheckpointError(f"{self.path}: tensor {stored} has shape {self.base.shape(stored)}, the model "
+                                      f"expects {self.weight.shape}")
+            return quantize(self.base.read(stored), self.weight.config)
+        missing = [name for name in self.pieces if name not in self.base]
+        if missing:
+            raise CheckpointError(f"{self.path}: {self.layer} is stored quantized without {', '.join(missing)}")
+        found = {name[len(self.layer) + 1:]: self.base.file(name).read_block(name) for name in self.pieces}
+        config, arrays = from_bnb_tensors(found, self.weight.shape, f"{self.path}: {self.layer}")
+        if config != self.weight.config:
+            raise ConfigError(f"{self.path}: {self.layer} is stored as {config}, the model holds {self.weight.config}")
+        return arrays
 
 
 def quantized_weight_shapes(config) -> list[tuple[str, tuple[int, int]]]:

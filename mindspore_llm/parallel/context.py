@@ -133,6 +133,8 @@ class ParallelContext:
             net.pipeline(stages=parallel.pipeline_stages, scheduler="1f1b")
         Path(strategy_dir).mkdir(parents=True, exist_ok=True)
         net.save_param_strategy_file(str(Path(strategy_dir) / f"strategy_rank_{self.rank}.ckpt"))
+        # every saved parameter's layout (frozen LoRA bases, optimizer moments), not only the trainable ones
+        net.disable_strategy_file_only_for_trainable_params()
         return net
 
 

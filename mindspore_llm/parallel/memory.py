@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from mindspore_llm.checkpoint import layer_index
 from mindspore_llm.distill import DistillConfig
 from mindspore_llm.lora import LoraConfig, lora_parameter_shapes
 from mindspore_llm.models.kernels import Kernels
@@ -18,7 +19,7 @@ from mindspore_llm.models.quantized import quantized_weight_shapes
 from mindspore_llm.models.shapes import (count_parameters, expert_capacity, is_moe, layer_parameter_shapes,
                                          moe_layer, parameter_shapes, routed_slots_per_token)
 from mindspore_llm.parallel.config import ParallelConfig
-from mindspore_llm.parallel.plan import parameter_split
+from mindspore_llm.parallel.plan import parameter_split, parameter_stages
 from mindspore_llm.quant import QuantizationConfig
 
 GB = 1024 ** 3
@@ -27,23 +28,6 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parameters
-
-
-def _layer_index(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else None
-
-
-def _stage_of_parameter(name: str, layer_stages: list[int], tied: bool) -> list[int]:
-    """Stages holding parameter `name`: its layer's; the embedding on the first stage (and, tied, the last);
-    the final norm and LM head on the last."""
-    index = _layer_index(name)
-    last = max(layer_stages)
-    if index is not None:
-        return [layer_stages[index]]
-    if name.startswith("model.embed_tokens"):
-        return sorted({0, last}) if tied else [0]
-    return [last]
 
 
 def _device_elements(name: str, shape: tuple[int, ...], parallel: ParallelConfig) -> float:
@@ -210,7 +194,7 @@ def estimate_memory(config, parallel: ParallelConfig, work: Workload,
     layer_elements = [dict.fromkeys(range(num_layers), 0.0) for _ in stages]
     for name, shape, is_trainable in [(n, s, not frozen_base) for n, s in parameter_shapes(config)] + trainable:
         elements = _device_elements(name, shape, parallel)
-        for k in _stage_of_parameter(name, layer_stages, config.tie_word_embeddings):
+        for k in parameter_stages(name, layer_stages, config.tie_word_embeddings):
             stages[k].parameters += elements
             if name in quantized:
                 terms = stages[k].terms
@@ -219,7 +203,7 @@ def estimate_memory(config, parallel: ParallelConfig, work: Workload,
                 continue
             if is_trainable:
                 _add_model_state(stages[k], name, shape, elements, parallel, copy_bytes)
-                index = _layer_index(name)
+                index = layer_index(name)
                 if index is not None:
                     layer_elements[k][index] += elements
             else:  # frozen: fp32 parameters, never sharded by the optimizer, no gradient or moments
@@ -306,6 +290,32 @@ def host_bytes_per_server(stages: list[StageMemory], parallel: ParallelConfig, d
                for start in range(0, parallel.device_num, devices_per_server))
 
 
+def host_load_bytes(config, parallel: ParallelConfig, stages: list[StageMemory],
+                    lora: LoraConfig | None = None) -> tuple[float, float]:
+    """Host RAM of one process while it loads its weights: (with per-rank loading: this rank's slices in fp32,
+    the largest slice once more while it is converted from the source's dtype, one read window (QLoRA: the whole
+    base, its linear weights quantized, the largest of them once in fp32 while it is quantized); loading every full
+    tensor first, as the job did before: the whole model in fp32, and for stacked experts all experts of one
+    projection buffered and then stacked)."""
+    from mindspore_llm.checkpoint import WINDOW_BYTES
+
+    shapes = parameter_shapes(config) + (lora_parameter_shapes(config, lora) if lora else [])
+    quantization = lora.quantization if lora is not None else None
+    if quantization is not None:
+        # QLoRA: every process reads the whole base, each linear weight quantized as it streams in (one in fp32)
+        quantized = dict(quantized_weight_shapes(config))
+        held = sum(4 * math.prod(shape) for name, shape in shapes if name not in quantized)
+        held += sum(_quantized_device_bytes(name, shape, quantization, ParallelConfig())
+                    for name, shape in quantized.items())
+        after = held + 4 * max(math.prod(shape) for shape in quantized.values()) + WINDOW_BYTES
+    else:
+        largest_slice = max(_device_elements(name, shape, parallel) for name, shape in shapes)
+        after = 4 * max(stage.parameters for stage in stages) + 4 * largest_slice + WINDOW_BYTES
+    total, _ = count_parameters(config)
+    stacked = max((math.prod(shape) for name, shape in shapes if ".experts." in name), default=0)
+    return after, 4 * total + 2 * 4 * stacked
+
+
 def _add_teacher(stages: list[StageMemory], distill: DistillConfig, teacher, parallel: ParallelConfig,
                  work: Workload, copy_bytes: int) -> None:
     """Online: a frozen teacher split over the same tensor-parallel x pipeline mesh (fp32 parameters as
@@ -322,7 +332,7 @@ def _add_teacher(stages: list[StageMemory], distill: DistillConfig, teacher, par
                           micro_batch_num=parallel.micro_batch_num, vocab_parallel=parallel.vocab_parallel)
     layer_stages = mesh.stage_of_layers(teacher.num_hidden_layers)
     for name, shape in parameter_shapes(teacher):
-        for k in _stage_of_parameter(name, layer_stages, teacher.tie_word_embeddings):
+        for k in parameter_stages(name, layer_stages, teacher.tie_word_embeddings):
             stages[k].terms["teacher"] += (4 + copy_bytes) * _device_elements(name, shape, mesh)
     for stage in stages:
         stage.terms["teacher"] += max(layer_activation_bytes(teacher, i, work, mesh, "none")
@@ -524,6 +534,12 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float,
     lines.append(f"peak: stage {worst.stage}, {worst.total / GB:.2f} GB of {hbm_gb:g} GB -> "
                  f"{'fits' if fits else 'DOES NOT FIT'}; dominant term: {worst.dominant} "
                  f"({worst.terms[worst.dominant] / GB:.2f} GB)")
+    after, before = host_load_bytes(config, parallel, stages, inputs.lora)
+    how = ("the whole base, its linear weights quantized as they stream in" if inputs.lora is not None
+           and inputs.lora.quantization is not None else
+           "this rank's slices in fp32, one more for the conversion, a read window")
+    lines.append(f"host memory per process while loading weights: {after / GB:.2f} GB ({how}); every full tensor "
+                 f"on every process would take {before / GB:.2f} GB")
     return "\n".join(lines), fits
 
 
@@ -587,10 +603,10 @@ def _trainable_elements(inputs: PlanInputs, parallel: ParallelConfig, stage: Sta
     layer_stages = parallel.stage_of_layers(inputs.model.num_hidden_layers)
     total, per_layer = 0.0, {}
     for name, shape in shapes:
-        if stage.stage in _stage_of_parameter(name, layer_stages, inputs.model.tie_word_embeddings):
+        if stage.stage in parameter_stages(name, layer_stages, inputs.model.tie_word_embeddings):
             elements = _device_elements(name, shape, parallel)
             total += elements
-            index = _layer_index(name)
+            index = layer_index(name)
             if index is not None:
                 per_layer[index] = per_layer.get(index, 0.0) + elements
     return total, max(per_layer.values(), default=0.0)

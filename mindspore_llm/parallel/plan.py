@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from mindspore import nn
 
+from mindspore_llm.checkpoint import TensorLayout, layer_index
 from mindspore_llm.common import ConfigError
 from mindspore_llm.lora import LoraLinear
 from mindspore_llm.models import layers, mla, moe
@@ -84,11 +86,21 @@ def _lora_adapter(adapter: str, base_kind: str, dp: int, mp: int, sequence_paral
     return {"matmul": ((tokens, 1), (1, 1)), "bias_add": ((tokens, 1), (1,))}
 
 
-def _lora_update(kind: str, dp: int, mp: int, sequence_parallel: bool, dropout: bool) -> dict:
-    """LoraLinear's own ops: dropout on its (N, in) input, scale and add on the (N, out) update (the base's layout)."""
-    x = (dp, mp) if kind == "row" else (dp, 1)
+def _lora_update(kind: str, dp: int, mp: int, sequence_parallel: bool) -> dict:
+    """LoraLinear's own ops: scale and add on the (N, out) update (the base's layout)."""
     y = {"column": (dp, mp), "row": (dp * mp, 1) if sequence_parallel else (dp, 1)}.get(kind, (dp, 1))
-    return {"scale": (y, ()), "add": (y, y), **({"lora_dropout": (x,)} if dropout else {})}
+    return {"scale": (y, ()), "add": (y, y)}
+
+
+def _keyed_dropout(kind: str, dp: int, mp: int) -> dict:
+    """The LoRA dropout mask's ops on the (N, in) input, split like it: by features under a row-parallel base."""
+    features = mp if kind == "row" else 1
+    x, rows, scalar = (dp, features), (dp, 1), ((), ())
+    elementwise = {f"{op}_{i}": (x, ()) for i in (1, 2, 3) for op in ("shift", "low")}
+    elementwise.update({f"xor_{i}": (x, x) for i in (1, 2, 3)})
+    elementwise.update({"mul_1": (x, ()), "mul_2": (x, ())})
+    return {"mul_key": scalar, "add_salt": scalar, "add_features": (rows, (1, features)), "xor_seed": (x, ()),
+            **elementwise, "draw": (x, ()), "less": (x, ()), "cast": (x,), "apply_mask": (x, x), "scale": (x, ())}
 
 
 def _quantized_weight(cell, kind: str, mp: int) -> dict:
@@ -168,9 +180,10 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: n
             return _lora_adapter(leaf, linear_kind(name.rsplit(".", 2)[-2]), dp, mp, parallel.sequence_parallel)
         strategies = _linear(linear_kind(leaf), dp, mp, parallel.sequence_parallel, cell.bias is not None)
         if isinstance(cell, LoraLinear):
-            strategies.update(_lora_update(linear_kind(leaf), dp, mp, parallel.sequence_parallel,
-                                           cell.lora_dropout is not None))
+            strategies.update(_lora_update(linear_kind(leaf), dp, mp, parallel.sequence_parallel))
         return strategies
+    if isinstance(cell, layers.KeyedDropout) and isinstance(parent, LoraLinear):
+        return _keyed_dropout(linear_kind(name.rsplit(".", 2)[-2]), dp, mp)
     if isinstance(cell, (NF4Weight, Int8Weight)):  # the weight of the linear layer `name` without ".weight"
         return _quantized_weight(cell, linear_kind(name.rsplit(".", 2)[-2]), mp)
     if isinstance(cell, layers.RMSNorm):
@@ -490,6 +503,43 @@ def _parameter_split_errors(model_config, parallel: ParallelConfig) -> list[str]
     return list(errors.values())
 
 
+def parameter_stages(name: str, layer_stages: list[int], tied: bool) -> list[int]:
+    """Pipeline stages holding parameter `name`: its layer's; the embedding on the first stage (and, tied, the
+    last); the final norm and LM head on the last."""
+    index = layer_index(name)
+    last = max(layer_stages)
+    if index is not None:
+        return [layer_stages[index]]
+    if name.startswith("model.embed_tokens"):
+        return sorted({0, last}) if tied else [0]
+    return [last]
+
+
+def parameter_layouts(shapes: Iterable[tuple[str, tuple[int, ...]]], parallel: ParallelConfig, num_layers: int,
+                      tied: bool) -> dict[str, TensorLayout]:
+    """The layout of every parameter of `shapes` (name, shape) under this plan, in MindSpore's terms: a stage's
+    devices as the grid [dp / ep, ep, mp] (ranks run mp fastest, then ep, then the rest of dp; stage k holds
+    ranks k * dp * mp onwards), each dimension split by its axis in ``parameter_layout``, the stages holding it.
+    What each rank's slice is (``TensorLayout.block``), what the strategy files say, what the compiled strategy
+    is checked against. Parameters of other kinds (optimizer moments) take the layout of their weight."""
+    axes = {"mp": 0, "ep": 1, None: -1}  # tensor-map values count the grid's axes from the right
+    grid = (parallel.data_parallel // parallel.expert_parallel, parallel.expert_parallel, parallel.model_parallel)
+    layer_stages = parallel.stage_of_layers(num_layers)
+    return {name: TensorLayout(grid, tuple(axes[a] for a in parameter_layout(name, len(shape), parallel)),
+                               tuple(parameter_stages(name, layer_stages, tied)))
+            for name, shape in shapes}
+
+
+def model_layouts(model_config, parallel: ParallelConfig) -> dict[str, TensorLayout]:
+    """``parameter_layouts`` of every weight of the model of a family config (buffers such as the router's
+    correction bias included), from the model built without allocating its parameters."""
+    from mindspore_llm.models.auto import build_model
+
+    model = build_model(model_config, materialize=False)
+    return parameter_layouts(((p.name, tuple(p.shape)) for p in model.weights()), parallel,
+                             model_config.num_hidden_layers, model_config.tie_word_embeddings)
+
+
 def _quantized_block_errors(model_config, parallel: ParallelConfig) -> list[str]:
     errors = {}
     for name, (rows, columns) in quantized_weight_shapes(model_config):
@@ -503,30 +553,18 @@ def _quantized_block_errors(model_config, parallel: ParallelConfig) -> list[str]
 
 
 def write_strategy_file(model_config, parallel: ParallelConfig, path) -> None:
-    """MindSpore's strategy checkpoint (node_strategy.proto) of every parameter's layout under this plan: what
-    ``mindspore.parallel.transform_checkpoints`` needs to merge per-rank slices into full tensors or to reshard
-    them to another plan, without compiling the network. One pipeline stage; no optimizer-sharded slices."""
-    from mindspore.train import node_strategy_pb2
+    """MindSpore's strategy checkpoint (node_strategy.proto) of every weight's layout under this plan, all
+    pipeline stages in one file (``merge_pipeline_strategys``' format when there are several): what
+    ``mindspore.parallel.transform_checkpoints`` and ``msllm-ckpt merge-slices`` need to merge or reshard per-rank
+    slices, written without compiling the network. No optimizer-sharded slices (the compiled strategy has them)."""
+    import shutil
+    import tempfile
 
-    from mindspore_llm.fileio import atomic_path
+    from mindspore_llm.checkpoint_slices import merge_strategy_files, write_strategy_files
 
-    if parallel.pipeline_stages != 1:
-        raise ConfigError("write_strategy_file: pipeline_stages must be 1 (per-stage strategy files are written by "
-                          "the training run itself)")
-    strategy = node_strategy_pb2.ParallelStrategyMap()
-    strategy.current_stage = 0
-    ep = parallel.expert_parallel
-    for name, shape in parameter_shapes(model_config):
-        item = strategy.parallel_layout_item.add()
-        item.param_name = name
-        layout = item.parallel_layouts
-        layout.dev_matrix.add().dim.extend([parallel.data_parallel // ep, ep, parallel.model_parallel])
-        # tensor map: the device-matrix axis of each dimension, counted from the right (mp 0, ep 1; -1 whole)
-        axes = {"mp": 0, "ep": 1, None: -1}
-        layout.tensor_map.add().dim.extend(axes[axis] for axis in parameter_layout(name, len(shape), parallel))
-        layout.param_split_shape.add()
-        layout.indices_offset.add()
-        layout.field, layout.opt_weight_shard_step, layout.opt_weight_shard_size = 0, 0, 0
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(strategy.SerializeToString())
-
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_strategy_files(model_layouts(model_config, parallel), tmp)
+        if len(files) == 1:
+            shutil.copyfile(files[0], path)
+        else:
+            merge_strategy_files(tmp, path)

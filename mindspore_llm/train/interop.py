@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 import numpy as np
 
-from mindspore_llm.checkpoint import weight_files
+from mindspore_llm.checkpoint import WeightReader, read_parameter, whole
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.models.naming import (MINDFORMERS_MOMENTS, OURS, CheckpointView, TensorLayout, open_checkpoint,
-                                         stored_arrays)
+                                         stored_arrays, view_reader)
+from mindspore_llm.train.checkpointing import ArrayState, StoredState
 
 log = logging.getLogger("mindspore_llm")
 
@@ -30,47 +31,41 @@ SCALE = "loss_scale.scale"
 CLEAN_STEPS = "loss_scale.clean_steps"
 
 
-def _model_names(model, pairs):
-    """(HF name, reader) pairs -> (our parameter name, reader): the family's own checkpoint mapping (DeepSeek's
-    stacked experts)."""
-    return model.checkpoint_tensors(pairs) if hasattr(model, "checkpoint_tensors") else pairs
-
-
-def read_state(path: str | Path, train_cell, model, options, source: str) -> dict[str, Any]:
-    """A training checkpoint file or directory in any naming as {our name: Parameter} for `train_cell`: weights,
-    AdamW moments, step and loss scale (what it holds of them)."""
-    import mindspore as ms
-
+def read_state(path: str | Path, train_cell, model, options, source: str) -> Mapping[str, np.ndarray]:
+    """A training checkpoint file or directory in any naming as {our name: array} for `train_cell`: weights,
+    AdamW moments, step and loss scale (what it holds of them), each read as ``checkpoint.load_weights`` reads a
+    model (per-expert tensors into their stacked parameter, fused tensors split)."""
     files = open_checkpoint(path)
-    view = CheckpointView(files, model.config, options, source, strict=False)
-    if view.layout.naming == OURS:
-        return {name: param for file in sorted(set(weight_files(path).values()))
-                for name, param in ms.load_checkpoint(str(file), crc_check=True).items()}
+    if CheckpointView(files, model.config, options, source, strict=False).layout.naming == OURS:
+        return StoredState(WeightReader(path, files))
     view = CheckpointView(files, model.config, options, source)
     targets = train_cell.parameters_dict()
-    out = {}
+    out = ArrayState()
 
-    def put(name: str, array: np.ndarray) -> None:
-        if name in targets:  # what the family's mapping adds beyond the cell (e.g. statistics) is not asked for
-            out[name] = ms.Parameter(ms.Tensor(array, dtype=targets[name].dtype), name=name)
+    def read(reader: WeightReader, names, prefix: str = "") -> None:
+        for name in names:
+            shape = tuple(targets[name].shape)
+            sources = model.checkpoint_sources(name)
+            if prefix + name in targets and all(s in reader for s in sources):
+                out[prefix + name] = read_parameter(reader, name, shape, sources, whole(shape))
 
-    for name, reader in _model_names(model, view.tensors()):
-        put(name, reader.float32(name))
-    trained = {p.name for p in train_cell.optimizer.parameters}
+    weights = [p.name for p in model.weights()]
+    read(view_reader(path, view), weights)
+    for buffer in (p.name for p in model.get_parameters() if p.name.endswith(model.STATISTICS_SUFFIXES)):
+        out[buffer] = np.zeros(targets[buffer].shape, np.float32)  # per-step statistics: zero at the start
+    trained = [p.name for p in train_cell.optimizer.parameters]
     for theirs, ours in MINDFORMERS_MOMENTS.items():
-        for name, reader in _model_names(model, view.moments(theirs).tensors()):
-            if name in trained:
-                put(ours + name, reader.float32(name))
+        read(view_reader(path, view.moments(theirs)), trained, ours)
     scalars = {name: files[name].raw(name).reshape(-1)[0] for name in
                ("global_step", "scale_sense", "current_iterator_step", "last_overflow_iterator_step") if name in files}
     if "global_step" in scalars:
-        put(STEP, np.array(scalars["global_step"], np.int32))
+        out[STEP] = np.array(scalars["global_step"], np.int32)
     if "scale_sense" in scalars:
-        put(SCALE, np.array(scalars["scale_sense"], np.float32))
+        out[SCALE] = np.array(scalars["scale_sense"], np.float32)
     if "current_iterator_step" in scalars and "last_overflow_iterator_step" in scalars:
         # MindSpore's dynamic loss scale counts clean steps as current - last overflow, the current one included
         clean = int(scalars["current_iterator_step"]) - int(scalars["last_overflow_iterator_step"]) - 1
-        put(CLEAN_STEPS, np.array(max(clean, 0), np.int32))
+        out[CLEAN_STEPS] = np.array(max(clean, 0), np.int32)
     return out
 
 
@@ -87,9 +82,11 @@ def optimizer_state(path: str | Path, train_cell, model, options, source: str) -
         raise CheckpointError(f"{path}: checkpoint.resume_optimizer needs the optimizer state of every trained "
                               f"parameter; missing {len(missing)}, e.g. {', '.join(missing[:4])} (is it a training "
                               f"checkpoint of this model?)")
-    kept = {name: param for name, param in state.items() if name.startswith(("optimizer.", "loss_scale."))}
-    ms.load_param_into_net(train_cell, kept, strict_load=True)
-    step = int(state[STEP].asnumpy())
+    targets = train_cell.parameters_dict()
+    kept = [name for name in state if name.startswith(("optimizer.", "loss_scale.")) and name in targets]
+    for name in kept:
+        targets[name].set_data(ms.Tensor(np.asarray(state[name]), dtype=targets[name].dtype))
+    step = int(np.asarray(state[STEP]))
     log.info("optimizer state from %s: step %d, %d moments%s", path, step, len(wanted) - 1,
              ", loss scale" if SCALE in kept else "")
     return step

@@ -4,8 +4,13 @@ configured steps, log every step, checkpoint every N, stop cleanly on SIGTERM/SI
     trainer = Trainer(load_train_config("configs/tiny_qwen_sft.yaml"))
     result = trainer.run()          # result.first_loss, result.last_loss, result.final_model_dir
 
-Resuming restores weights, AdamW state, loss scale and the data position, so the steps after a checkpoint
-compute exactly what the uninterrupted run computed.
+Resuming restores weights, AdamW state, loss scale and the data position, and randomness is a function of
+(seed, step), so the steps after a checkpoint compute exactly what the uninterrupted run computed.
+
+Weights flow per rank: the model is built without allocating its parameters; stand-alone and data parallel, each
+then gets its full tensor from ``model.path``; under semi-auto parallel the step is compiled first (MindSpore cuts
+and places every parameter), the compiled layouts are checked against the plan, and each rank reads only the
+bytes of its own slices. Checkpoints hold each rank's slices; the final model is joined from them.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mindspore_llm.common import CheckpointError, ConfigError
+from mindspore_llm.lora import ADAPTER_SUFFIXES, set_dropout_key
 from mindspore_llm.parallel.context import SEMI_AUTO, setup_parallel
 from mindspore_llm.train import checkpointing
 from mindspore_llm.train.config import TrainConfig
@@ -123,7 +129,8 @@ class Trainer:
         from mindspore_llm.lora import apply_lora
         from mindspore_llm.models.auto import build_model, load_quantized
         from mindspore_llm.models.moe import moe_blocks
-        from mindspore_llm.models.naming import OURS, checkpoint_tensors, tensor_layout
+        from mindspore_llm.models.quantized import QuantizedWeight
+        from mindspore_llm.models.naming import OURS, tensor_layout
         from mindspore_llm.parallel.plan import apply_plan, validate_plan
         from mindspore_llm.train.assembly import build_step, check_plan_structure
 
@@ -149,31 +156,44 @@ class Trainer:
                 raise ConfigError(f"schedule: {err} (total_steps is the run's length, {self.total_steps} steps)")
 
         ms.set_seed(run.seed)
-        self.rng = np.random.default_rng(run.seed)
+        if self.context.world_size > 1 and not dry_run:
+            checkpointing.check_shared_storage(self._checkpoint_dir(), self.context.rank, self.context.world_size)
         self.model_config = config.model_config()
         if config.lora is None:
             checkpointing.hf_config(self.model_config)  # the final config.json must be writable: fail now, not then
         quantization = config.lora.quantization if config.lora is not None else None
-        if self.context.mode == SEMI_AUTO:
+        self.sliced = self.context.mode == SEMI_AUTO
+        if self.sliced:
             validate_plan(self.model_config, config.parallel, self.context.world_size, self.global_batch,
                           run.micro_batch_size, run.gradient_accumulation_steps, config.data.seq_length, quantization)
             if not dry_run:  # a dry run compiles the real graph, whose strategies MindSpore checks itself
                 checked = check_plan_structure(config, self.context)  # minutes before the compile would say so
                 log.info("op strategies: %d checked against the shapes a toy twin of the model sees", checked)
         precision = config.precision.model_precision()
-        if "path" not in config.model:
-            self.model = build_model(self.model_config, precision)
-        elif quantization is not None:  # QLoRA: the base is quantized as its checkpoint streams in
-            self.model = load_quantized(config.model["path"], precision, quantization,
-                                        config.model.get("config"), config.model_layout())
-        else:  # a model directory or a (training) checkpoint, in any naming
-            self.model = build_model(self.model_config, precision)
-            load_weights(self.model, config.model["path"],
-                         checkpoint_tensors(config.model["path"], self.model_config, config.model_layout(),
-                                            "model.config"))
-            self.model.name_or_path = config.model["path"]
+        base_path = config.model.get("path")  # a model directory or a (training) checkpoint, in any naming
+        if base_path is not None and quantization is not None:
+            # QLoRA: the base is quantized as its checkpoint streams in (whole tensors, before compiling)
+            self.model = load_quantized(base_path, precision, quantization, config.model.get("config"),
+                                        config.model_layout())
+        else:
+            # no parameter is allocated here when weights are loaded or (semi-auto) cut at compile time
+            self.model = build_model(self.model_config, precision, materialize=base_path is None and not self.sliced)
+            if base_path is not None and not self.sliced:  # whole tensors, before compiling
+                load_weights(self.model, self._base_weights())
+        if base_path is not None:
+            self.model.name_or_path = base_path
+        self.base_shapes = {p.name: tuple(p.shape) for p in self.model.get_parameters()}
+        trainable = {p.name for p in self.model.trainable_params()}
         if config.lora is not None:
             apply_lora(self.model, config.lora)  # quantizes an in-memory base first (lora.quantize_base)
+        # a LoRA run on model.path saves what it trains; its frozen base (float, or quantized from it) is read from
+        # model.path at every start
+        self.frozen_base = frozenset()
+        if config.lora is not None and base_path is not None:
+            quantized = {p.name for _, cell in self.model.cells_and_names() if isinstance(cell, QuantizedWeight)
+                         for p in cell.get_parameters()}
+            self.frozen_base = frozenset((trainable | quantized) - {p.name for p in self.model.trainable_params()})
+        self.full_shapes = {p.name: tuple(p.shape) for p in self.model.get_parameters()}
         self.applied_strategies = apply_plan(self.model, config.parallel)  # the adapters split like their bases
         # the model the step differentiates: the student with its frozen teacher (``teacher.*``, never
         # checkpointed: reloaded from distill.teacher at every start) or the model itself
@@ -193,10 +213,14 @@ class Trainer:
         self.trained = trained
         self.moe = bool(moe_blocks(self.model))
         self.step_cell, self.compiled = build_step(trained, self.model.trainable_params(), config, self.context)
+        if self.sliced and not dry_run:
+            self._compile()
+            if base_path is not None and quantization is None:
+                self._load_slices()
         # the naming checkpoints are written in: ours, or mindformers' (checked now: the family must have it)
         self.naming = None
         if config.checkpoint.naming != OURS:
-            if self.context.mode == SEMI_AUTO:
+            if self.sliced:
                 raise ConfigError(f"checkpoint.naming: {config.checkpoint.naming} needs whole tensors; under "
                                   f"semi-auto parallel each rank saves slices (keep mindspore_llm, then merge and "
                                   f"convert with msllm-ckpt merge-slices / hf2ms)")
@@ -210,6 +234,56 @@ class Trainer:
 
             self.start_step = optimizer_state(config.model["path"], self.step_cell, self.model,
                                               config.model_layout(), "model.config")
+
+    def _checkpoint_dir(self) -> Path:
+        self.config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        return self.config.checkpoint_dir
+
+    def _strategy_dir(self) -> Path:
+        return self.config.checkpoint_dir / "strategy"
+
+    def _compile(self) -> None:
+        """Semi-auto parallel: compile the step before any weight is read, so that MindSpore cuts and places
+        every parameter (each rank allocates its slices only) and writes this rank's strategy file."""
+        batch = next(self.dataset.batches(self.rank_batch, start=0))
+        self.set_train(True)  # the phase the loop runs
+        self.compiled.compile(*self._step_inputs(batch, 0))
+
+    def _base_weights(self):
+        """model.path as ``checkpoint.load_weights`` reads it: `msllm-ckpt shard` output by rank, any other
+        checkpoint in any naming (``models.naming.checkpoint_reader``)."""
+        from mindspore_llm.checkpoint import read_slices_manifest
+        from mindspore_llm.models.naming import checkpoint_reader
+
+        path = self.config.model["path"]
+        if read_slices_manifest(path) is not None:
+            return path
+        return checkpoint_reader(path, self.model_config, self.config.model_layout(), "model.config")
+
+    def _load_slices(self) -> None:
+        """This rank's slices of the base weights, by the compiled layouts (checked against the plan's)."""
+        from mindspore_llm.checkpoint import load_weights
+        from mindspore_llm.checkpoint_slices import differing_layouts, read_strategy
+        from mindspore_llm.parallel.plan import parameter_layouts
+
+        rank = self.context.rank
+        compiled = read_strategy(self._strategy_dir() / f"strategy_rank_{rank}.ckpt")
+        planned = parameter_layouts(self.base_shapes.items(), self.config.parallel,
+                                    self.model_config.num_hidden_layers, self.model_config.tie_word_embeddings)
+        differences = differing_layouts(compiled, planned, self.base_shapes, rank)
+        if differences:
+            raise ConfigError("parallel: the compiled strategy cuts parameters differently from the plan "
+                              "(mindspore_llm/parallel/plan.py):\n  " + "\n  ".join(differences[:20]))
+        load_weights(self.model, self._base_weights(), compiled, rank, shapes=self.base_shapes)
+
+    def _step_inputs(self, batch, step: int) -> list:
+        import mindspore as ms
+
+        inputs = [ms.Tensor(batch[key]) for key in BATCH_KEYS]
+        if self.teacher_topk is not None:  # the stored teacher logits of the batch's sequences
+            positions = self.dataset.sample_positions(step * self.rank_batch, self.rank_batch)
+            inputs += [ms.Tensor(a) for a in self.teacher_topk.rows(self.teacher_rows[positions])]
+        return inputs
 
     def _teacher_topk(self):
         """Offline distillation: the stored top-k file, and the file row of each of this rank's sequences (row r
@@ -234,27 +308,35 @@ class Trainer:
         setting = "auto" if resume_flag else self.config.checkpoint.resume
         directory = self.config.checkpoint_dir
         if setting == "never":
-            existing = checkpointing.latest_checkpoint(directory)
-            if existing is not None:
-                raise ConfigError(f"checkpoint.resume: {directory} already holds checkpoints (latest {existing.name});"
-                                  f" continue with --resume, or set output_dir / checkpoint.dir to a new directory")
+            existing = checkpointing.list_checkpoints(directory)
+            if existing:
+                raise ConfigError(f"checkpoint.resume: {directory} already holds checkpoints (latest "
+                                  f"{existing[-1].name}); continue with --resume, or set output_dir / checkpoint.dir "
+                                  f"to a new directory")
             return None
-        path = checkpointing.latest_checkpoint(directory) if setting == "auto" else Path(setting)
+        path = (checkpointing.latest_checkpoint(directory, self.context.rank) if setting == "auto"
+                else Path(setting))
         if path is None:
             log.info("no checkpoint in %s: starting from step 0", directory)
             return None
         from mindspore_llm.train.interop import read_state
 
         state = checkpointing.load_checkpoint(  # ours, or written in mindformers' naming (checkpoint.naming)
-            path, self.step_cell, self.context.rank,
+            path, self.step_cell, self.context.rank, skip=self.frozen_base,
+            read=None if self.naming is None else
             lambda file: read_state(file, self.step_cell, self.model, self.config.checkpoint.layout, str(file)))
         if state["rank_batch"] != self.rank_batch or state["data_world_size"] != self.context.data_world_size:
             raise CheckpointError(
                 f"{path}: written with {state['rank_batch']} samples per rank and step on "
                 f"{state['data_world_size']} data shards; this job has {self.rank_batch} on "
                 f"{self.context.data_world_size}, so the data position cannot be continued")
+        if state["seed"] != self.config.train.seed:
+            raise CheckpointError(f"{path}: written with train.seed {state['seed']}, this job has "
+                                  f"{self.config.train.seed}: its dropout masks and data order would differ")
+        if state.get("base") != (self.model.name_or_path if self.frozen_base else None):
+            raise CheckpointError(f"{path}: holds adapters trained on the base {state.get('base')!r}; this job's "
+                                  f"model.path is {self.config.model.get('path')!r}")
         self.start_step = state["step"]
-        self.rng.bit_generator.state = state["rng_state"]
         log.info("resumed from %s: step %d, sample %d", path, self.start_step, state["sample_index"])
         return path
 
@@ -264,14 +346,13 @@ class Trainer:
             "rank_batch": self.rank_batch,
             "data_world_size": self.context.data_world_size,
             "seed": self.config.train.seed,
-            "rng_state": self.rng.bit_generator.state,
+            "base": self.model.name_or_path if self.frozen_base else None,  # not saved: read from here
             "config": self.config.to_dict(),
         }
 
     def save(self, step: int) -> Path | None:
         """This rank's part of checkpoint `step` (data-parallel replicas are identical: rank 0 writes)."""
-        sharded = self.context.mode == "semi_auto_parallel"
-        if not (sharded or self.context.is_main):
+        if not (self.sliced or self.context.is_main):
             return None
         entries = None
         if self.naming is not None:
@@ -282,8 +363,33 @@ class Trainer:
                                           global_batch_size=self.global_batch)
         return checkpointing.save_checkpoint(
             self.config.checkpoint_dir, step, self.step_cell, self._trainer_state(step), rank=self.context.rank,
-            shards=self.context.world_size if sharded else 1, keep_last=self.config.checkpoint.keep_last,
-            entries=entries)
+            shards=self.context.world_size if self.sliced else 1, keep_last=self.config.checkpoint.keep_last,
+            skip=self.frozen_base, entries=entries)
+
+    def export(self, checkpoint: Path | None) -> Path | None:
+        """The final model (or PEFT adapter) directory: from the model in memory when it holds whole tensors;
+        under semi-auto parallel joined from every rank's slices of the last checkpoint, by the main rank."""
+        from mindspore_llm.peft import export_peft, write_adapter
+
+        config = self.config
+        if not self.context.is_main:
+            return None
+        if not self.sliced:
+            if config.lora is not None:
+                return export_peft(self.model, config.lora, config.final_model_dir, overwrite=True)
+            return checkpointing.save_model_directory(self.model, self.model_config, config.final_model_dir,
+                                                      config.data.tokenizer)
+        checkpointing.wait_for_checkpoint(checkpoint)  # every rank's slices
+        if config.lora is not None:
+            shapes = {n: s for n, s in self.full_shapes.items() if n.endswith(ADAPTER_SUFFIXES)}
+            adapters = checkpointing.adapters_from_slices(checkpoint, self._strategy_dir(), shapes)
+            modules = {name for name, _ in self.model.cells_and_names()}
+            return write_adapter(config.final_model_dir, config.lora, adapters, modules,
+                                 getattr(self.model, "name_or_path", None), overwrite=True)
+        weights = {p.name for p in self.model.weights()}
+        return checkpointing.export_from_slices(
+            checkpoint, self._strategy_dir(), self.model, self.model_config,
+            {n: s for n, s in self.full_shapes.items() if n in weights}, config.final_model_dir, config.data.tokenizer)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _throughput(self) -> Throughput:
@@ -297,7 +403,6 @@ class Trainer:
             peak_tflops_per_device=peak_tflops(peak) if peak is not None else None)
 
     def run(self) -> TrainResult:
-        import mindspore as ms
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -322,10 +427,8 @@ class Trainer:
             with StopRequest() as stop, logging_redirect_tqdm():  # log lines print above the bar
                 while step < self.total_steps:
                     batch = next(batches)
-                    inputs = [ms.Tensor(batch[key]) for key in BATCH_KEYS]
-                    if self.teacher_topk is not None:  # the stored teacher logits of the batch's sequences
-                        positions = self.dataset.sample_positions(step * self.rank_batch, self.rank_batch)
-                        inputs += [ms.Tensor(a) for a in self.teacher_topk.rows(self.teacher_rows[positions])]
+                    inputs = self._step_inputs(batch, step)
+                    set_dropout_key(self.model, config.train.seed, step, self.context.data_rank)
                     tick = time.perf_counter()
                     loss, grad_norm, overflow, loss_scale = self.compiled(*inputs)
                     # every rank learns the main rank's loss and whether any rank was asked to stop
@@ -373,16 +476,9 @@ class Trainer:
             result.seconds = time.perf_counter() - started
             if metrics is not None:
                 metrics.close()
-        if result.status == "completed" and main:
-            if config.lora is not None:
-                from mindspore_llm.peft import export_peft
-
-                result.final_model_dir = export_peft(self.model, config.lora, config.final_model_dir,
-                                                     overwrite=True)
-                result.adapter = True
-            else:
-                result.final_model_dir = checkpointing.save_model_directory(
-                    self.model, self.model_config, config.final_model_dir, config.data.tokenizer)
+        if result.status == "completed":
+            result.final_model_dir = self.export(result.checkpoint)
+            result.adapter = config.lora is not None and result.final_model_dir is not None
         return result
 
     def set_train(self, mode: bool) -> None:
