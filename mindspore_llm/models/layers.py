@@ -1,5 +1,6 @@
 """Layers every family shares: linear, RMSNorm, rotary embeddings (default/linear/dynamic/yarn), the attention
-mask, dot-product attention, grouped-query attention, the SwiGLU MLP, the decoder skeleton and the LM loss.
+mask, dot-product attention, grouped-query attention, the SwiGLU MLP, the decoder skeleton and the LM loss; and the
+key/value cache path that generation runs (``construct_cached``: the training forward never takes it).
 
 Precision policy: parameters live in ``param_dtype``; matmuls run in ``compute_dtype``; the activations between
 them (residual stream, MLP and rope products) are kept in ``activation_dtype`` (the compute dtype for O2, fp32
@@ -221,6 +222,19 @@ class AttentionMask(nn.Cell):
             query_doc = doc.reshape(doc.shape[0], 1, seq_len, 1)
             key_doc = doc.reshape(doc.shape[0], 1, 1, seq_len)
             allowed = ops.logical_and(allowed, ops.logical_and(query_doc == key_doc, key_doc != 0))
+        return self._bias(allowed)
+
+    def for_cache(self, key_mask, start, seq_len: int):
+        """(B, 1, S, L) for S queries at cache slots start .. start + S - 1 over a cache of L slots: query i sees
+        slot j when j <= start + i and ``key_mask`` (B, L) marks j as a token (0 = padding). Slots not yet written
+        lie after every query, so causality alone hides them."""
+        batch, length = key_mask.shape
+        query_slots = (ops.arange(seq_len, dtype=ms.int32) + start).reshape(1, 1, seq_len, 1)
+        key_slots = ops.arange(length, dtype=ms.int32).reshape(1, 1, 1, length)
+        allowed = ops.logical_and(key_slots <= query_slots, key_mask.reshape(batch, 1, 1, length) != 0)
+        return self._bias(allowed)
+
+    def _bias(self, allowed):
         return ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
                           ops.full(allowed.shape, self.min_value, dtype=ms.float32))
 
@@ -246,6 +260,16 @@ class DotProductAttention(nn.Cell):
         scores = self.add_bias(self.scale(scores, self.scaling), bias)
         probs = self.cast(self.softmax(scores), self.compute_dtype)
         return self.cast(self.pv_matmul(probs, self.cast(value, self.compute_dtype)), self.activation_dtype)
+
+
+def write_cache(cache, new, start):
+    """`cache` (B, h, L, d) with `new` (B, h, S, d) written at slots start .. start + S - 1; `start` is an int32
+    scalar Tensor, so one compiled graph serves every decoding step (a gather and a select: static shapes)."""
+    length, span = cache.shape[2], new.shape[2]
+    offset = ops.arange(length, dtype=ms.int32) - start
+    placed = ops.gather(new, ops.clip(offset, 0, span - 1), 2)
+    inside = ops.logical_and(offset >= 0, offset < span).reshape(1, 1, length, 1)
+    return ops.select(ops.broadcast_to(inside, cache.shape), placed.astype(cache.dtype), cache)
 
 
 class GroupedQueryAttention(nn.Cell):
@@ -285,14 +309,32 @@ class GroupedQueryAttention(nn.Cell):
         x = self.repeat_kv(x.expand_dims(2), (1, 1, groups, 1, 1))
         return x.reshape(batch, self.num_heads, seq_len, dim)
 
-    def construct(self, hidden, cos, sin, bias):
-        batch, seq_len, _ = hidden.shape
+    def _project(self, hidden, cos, sin):
         query = self.rotary(self._heads(self.q_proj(hidden), self.num_heads, self.q_norm), cos, sin)
         key = self.rotary(self._heads(self.k_proj(hidden), self.num_kv_heads, self.k_norm), cos, sin)
         value = self._heads(self.v_proj(hidden), self.num_kv_heads, None)
+        return query, key, value
+
+    def _attend(self, query, key, value, bias):
+        batch, _, seq_len, _ = query.shape
         out = self.attention(query, self._expand_kv(key), self._expand_kv(value), bias)
         out = self.merge_transpose(out, (0, 2, 1, 3)).reshape(batch, seq_len, self.num_heads * self.head_dim)
         return self.o_proj(out)
+
+    def construct(self, hidden, cos, sin, bias):
+        query, key, value = self._project(hidden, cos, sin)
+        return self._attend(query, key, value, bias)
+
+    def cache_shapes(self, batch: int, length: int) -> tuple[tuple[int, ...], ...]:
+        """The cache of one layer: keys and values after rope, (B, num_key_value_heads, L, head_dim) each."""
+        return ((batch, self.num_kv_heads, length, self.head_dim),) * 2
+
+    def construct_cached(self, hidden, cos, sin, bias, cache, start):
+        """Generation: the S new positions' keys and values written into ``cache`` = (keys, values) at slots
+        start .., then attention over the whole cache (``bias`` from ``AttentionMask.for_cache``)."""
+        query, key, value = self._project(hidden, cos, sin)
+        keys, values = write_cache(cache[0], key, start), write_cache(cache[1], value, start)
+        return self._attend(query, keys, values, bias), (keys, values)
 
 
 class SwiGLU(nn.Cell):
@@ -325,6 +367,13 @@ class DecoderLayer(nn.Cell):
 
     def construct(self, x, cos, sin, bias):
         h = self.attn_residual(x, self.self_attn(self.input_layernorm(x), cos, sin, bias))
+        return self._mlp_block(h)
+
+    def construct_cached(self, x, cos, sin, bias, cache, start):
+        attended, cache = self.self_attn.construct_cached(self.input_layernorm(x), cos, sin, bias, cache, start)
+        return self._mlp_block(self.attn_residual(x, attended)), cache
+
+    def _mlp_block(self, h):
         return self.mlp_residual(h, self.mlp(self.post_attention_layernorm(h)))
 
 
@@ -350,6 +399,18 @@ class DecoderModel(nn.Cell):
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, bias)
         return self.norm(hidden)
+
+    def construct_cached(self, input_ids, position_ids, key_mask, start, caches):
+        """Hidden states of S new tokens at cache slots start .., and every layer's cache with them written in.
+        ``key_mask`` (B, L) marks the slots that hold tokens (0 = prompt padding), ``caches`` one per layer."""
+        cos, sin = self.rotary_emb(position_ids)
+        bias = self.attention_mask.for_cache(key_mask, start, input_ids.shape[1])
+        hidden = self.embed_tokens(input_ids)
+        written = ()
+        for index in range(len(self.layers)):
+            hidden, cache = self.layers[index].construct_cached(hidden, cos, sin, bias, caches[index], start)
+            written += (cache,)
+        return self.norm(hidden), written
 
 
 class LMHead(nn.Cell):
@@ -421,8 +482,21 @@ class CausalLM(nn.Cell):
         self.loss_fn = CausalLMLoss()
 
     def construct(self, input_ids, attention_mask=None, position_ids=None):
-        hidden = self.model(input_ids, attention_mask, position_ids)
+        return self.head(self.model(input_ids, attention_mask, position_ids))
+
+    def head(self, hidden):
+        """fp32 logits (B, S, V) of final hidden states (B, S, hidden)."""
         return self.lm_head(hidden, self.model.embed_tokens.weight)
+
+    def cache_shapes(self, batch: int, length: int) -> list[tuple[tuple[int, ...], ...]]:
+        """Per layer, the shapes of its generation cache for `batch` rows of `length` slots."""
+        return [layer.self_attn.cache_shapes(batch, length) for layer in self.model.layers]
+
+    def construct_cached(self, input_ids, position_ids, key_mask, start, caches):
+        """Generation: fp32 logits (B, 1, V) of the last of the S new tokens at slots start .., and the caches
+        with their keys and values written in (``DecoderModel.construct_cached``)."""
+        hidden, caches = self.model.construct_cached(input_ids, position_ids, key_mask, start, caches)
+        return self.head(hidden[:, -1:]), caches
 
     def weights(self) -> list[Parameter]:
         """The parameters a model checkpoint holds: everything but the statistics buffers."""
