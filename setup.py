@@ -25,6 +25,7 @@ setup(
         "tqdm",
         "tensorboardX",  # TensorBoard event files of training metrics (pure Python)
         "matplotlib",  # the loss-curve PNG at the end of training
+        "math-verify>=0.9,<1",  # math_accuracy: Hugging Face's answer grader (sympy), offline, as open-r1 and TRL grade
     ],
     extras_require={
         # The reference implementation for parity tests. torch is pinned exactly: 2.13.0 is the CPU wheel here,

@@ -21,6 +21,7 @@ from mindspore_llm.distill import DistillConfig
 from mindspore_llm.lora import LoraConfig
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.memory import DTYPE_BYTES, PlanInputs, Workload
+from mindspore_llm.rl.grpo import GRPOConfig
 from mindspore_llm.train.optim import OptimizerConfig
 from mindspore_llm.train.schedule import ScheduleConfig
 from mindspore_llm.train.step import PrecisionConfig
@@ -114,7 +115,11 @@ class LoggingConfig:
 class TrainConfig:
     # a model directory (`path:`, Hugging Face or converted) or inline dimensions with `architecture:`
     model: dict[str, Any]
-    data: DataConfig
+    # lm: the next-token loss on `data:` (pretraining or SFT); grpo: reinforcement learning on the prompts and
+    # rewards of `grpo:`, starting from the model at `model.path`
+    kind: Literal["lm", "grpo"] = "lm"
+    data: DataConfig | None = None  # kind lm
+    grpo: GRPOConfig | None = None  # kind grpo
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -132,6 +137,28 @@ class TrainConfig:
 
     def validate(self) -> None:
         require(bool(self.model), "model: give `path:` (a model directory) or inline dimensions with `architecture:`")
+        if self.kind == "lm":
+            require(self.data is not None, "data: kind lm trains on a data set; give the data section")
+            require(self.grpo is None, "grpo: set kind: grpo to train with it")
+        else:
+            require(self.grpo is not None, "grpo: kind grpo needs the grpo section (prompts, rewards, ...)")
+            require(self.data is None, "data: kind grpo reads its prompts from grpo.prompts; remove the data section")
+            require("path" in self.model, "model.path: GRPO starts from a trained model directory")
+            require(self.distill is None, "distill: does not combine with kind grpo")
+
+    @property
+    def seq_length(self) -> int:
+        """Tokens per training sequence: data.seq_length, or GRPO's prompt and completion slots."""
+        if self.kind == "grpo":
+            return self.grpo.max_prompt_length + self.grpo.max_new_tokens
+        return self.data.seq_length
+
+    @property
+    def tokenizer(self) -> str:
+        """The tokenizer directory or file (the final model directory gets a copy)."""
+        if self.kind == "grpo":
+            return self.grpo.tokenizer or self.model["path"]
+        return self.data.tokenizer
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -197,11 +224,12 @@ def _resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str):
         model["path"] = str(base / model["path"])
-    distill = raw.get("distill")
-    if isinstance(distill, dict):
-        for key in ("teacher", "teacher_logits"):
-            if isinstance(distill.get(key), str):
-                distill[key] = str(base / distill[key])
+    for section, keys in (("distill", ("teacher", "teacher_logits")), ("grpo", ("prompts", "tokenizer"))):
+        values = raw.get(section)
+        if isinstance(values, dict):
+            for key in keys:
+                if isinstance(values.get(key), str):
+                    values[key] = str(base / values[key])
     return raw
 
 
@@ -210,7 +238,8 @@ def train_config_from_dict(raw: dict[str, Any], source: str, base_dir: str | Pat
     base = Path(base_dir).resolve()
     config = from_dict(TrainConfig, _resolve_input_paths(copy.deepcopy(raw), base), source)
     config.schedule_follows_run = "total_steps" not in (raw.get("schedule") or {})
-    config.data = config.data.resolve_paths(base)
+    if config.data is not None:
+        config.data = config.data.resolve_paths(base)
     config.model_config(f"{source}: model")  # the model section's errors surface before anything starts
     return config
 
@@ -224,7 +253,7 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 def plan_inputs(config: TrainConfig, source: str) -> PlanInputs:
     """What the memory planner needs from a training config: plain numbers and the family configs."""
     precision, run = config.precision, config.train
-    work = Workload(config.data.seq_length, run.micro_batch_size, DTYPE_BYTES[precision.compute_dtype],
+    work = Workload(config.seq_length, run.micro_batch_size, DTYPE_BYTES[precision.compute_dtype],
                     DTYPE_BYTES["fp32"] if precision.level == "O1" else None)
     distill = config.distill
     from mindspore_llm.models.auto import load_config
@@ -232,7 +261,7 @@ def plan_inputs(config: TrainConfig, source: str) -> PlanInputs:
     teacher = load_config(distill.teacher) if distill is not None and distill.mode == "online" else None
     return PlanInputs(source, config.model_config(f"{source}: model"), config.parallel, work,
                       run.global_batch_size, run.micro_batch_size, run.gradient_accumulation_steps, config.lora,
-                      distill, teacher)
+                      distill, teacher, config.grpo)
 
 
 def load_plan_inputs(path: str | Path) -> PlanInputs:

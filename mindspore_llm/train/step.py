@@ -175,17 +175,25 @@ class TrainStep(nn.Cell):
                                           self._pick(teacher_indices, k))
             loss_total = loss_total + ops.stop_gradient(scaled) / multiplier
             grads = micro_grads if grads is None else self.hyper_map(self.add, grads, micro_grads)
-        if self.grad_reducer is not None:
-            grads = self.grad_reducer(grads)
         if self.all_reduce is not None:
             loss_total = self.all_reduce(loss_total)
+        grad_norm, finite, updated = self.apply_gradients(grads, scale)
+        loss = ops.depend(loss_total / tokens, updated)
+        return loss, grad_norm, ops.logical_not(finite), self.scale.value()
+
+    def apply_gradients(self, grads, scale):
+        """The update from accumulated gradients of the loss times `scale`: reduced over the ranks, unscaled,
+        checked (the global norm), clipped, applied when finite; then the loss scale moves. Returns
+        (grad_norm, finite, the optimizer's output for ``ops.depend``). Steps with another loss share it."""
+        if self.grad_reducer is not None:
+            grads = self.grad_reducer(grads)
         grads = self.hyper_map(ops.partial(_scale_grad, 1.0 / scale), grads)
         grad_norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
         finite = ops.isfinite(grad_norm)
         if self.clip_grad_norm is not None:
             coef = ops.minimum(self.clip_grad_norm / (grad_norm + 1e-6), 1.0)
             grads = self.hyper_map(ops.partial(_scale_grad, coef), grads)
-        loss = ops.depend(loss_total / tokens, self.optimizer(grads, finite))
+        updated = self.optimizer(grads, finite)
         if self.dynamic:
             clean = ops.select(finite, self.clean_steps + 1, ops.zeros_like(self.clean_steps))
             grow = clean >= self.growth_interval
@@ -193,4 +201,4 @@ class TrainStep(nn.Cell):
                                    ops.maximum(scale * self.backoff_factor, 1.0))
             ops.assign(self.clean_steps, ops.select(grow, ops.zeros_like(clean), clean))
             ops.assign(self.scale, new_scale)
-        return loss, grad_norm, ops.logical_not(finite), self.scale.value()
+        return grad_norm, finite, updated

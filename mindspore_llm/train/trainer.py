@@ -97,13 +97,11 @@ class Trainer:
         import mindspore as ms
 
         from mindspore_llm.checkpoint import load_weights
-        from mindspore_llm.data.dataset import build_dataset
         from mindspore_llm.lora import apply_lora
         from mindspore_llm.models.auto import build_model
         from mindspore_llm.models.deepseek_v3 import moe_blocks
         from mindspore_llm.parallel.plan import apply_plan, validate_plan
         from mindspore_llm.train.optim import AdamW
-        from mindspore_llm.train.step import TrainStep
 
         self.config = config
         self.context = setup_parallel(config.parallel, config.device_target)  # before any Tensor exists
@@ -122,15 +120,16 @@ class Trainer:
         self.rank_batch = (run.rank_batch_size(micro_batches) * self.context.data_parallel
                            // self.context.data_world_size)
 
-        self.dataset = build_dataset(config.data, self.context.data_rank, self.context.data_world_size)
+        self.dataset = self._build_dataset()
         self.total_steps = run.total_steps(len(self.dataset) * self.context.data_world_size
                                            // self.context.data_parallel, micro_batches)
-        if config.schedule_follows_run:
-            config.schedule.total_steps = self.total_steps
+        if config.schedule_follows_run:  # the schedule counts optimizer updates
+            config.schedule.total_steps = self.total_steps * self.updates_per_step
             try:
                 config.schedule.validate()
             except ConfigError as err:
-                raise ConfigError(f"schedule: {err} (total_steps is the run's length, {self.total_steps} steps)")
+                raise ConfigError(f"schedule: {err} (total_steps is the run's length, "
+                                  f"{config.schedule.total_steps} updates)")
 
         ms.set_seed(run.seed)
         self.rng = np.random.default_rng(run.seed)
@@ -139,7 +138,7 @@ class Trainer:
             checkpointing.hf_config(self.model_config)  # the final config.json must be writable: fail now, not then
         if self.context.mode == "semi_auto_parallel":
             validate_plan(self.model_config, config.parallel, self.context.world_size, self.global_batch,
-                          run.micro_batch_size, run.gradient_accumulation_steps, config.data.seq_length)
+                          run.micro_batch_size, run.gradient_accumulation_steps, config.seq_length)
         self.model = build_model(self.model_config, config.precision.model_precision())
         if "path" in config.model:
             load_weights(self.model, config.model["path"])
@@ -164,13 +163,55 @@ class Trainer:
             trained = DistillationModel(self.model, config.distill, teacher)
         self.moe = bool(moe_blocks(self.model))
         optimizer = AdamW(self.model.trainable_params(), config.optimizer, config.schedule)
-        self.step_cell = TrainStep(trained, optimizer, config.precision, run.gradient_accumulation_steps,
-                                   config.optimizer.clip_grad_norm, self.context.grad_reducer(optimizer.parameters),
-                                   self.context.wrap_loss)
+        self.step_cell = self._build_step(trained, optimizer)
         self.compiled = self.context.wrap_step(self.step_cell, config.checkpoint_dir / "strategy", config.parallel)
 
         self.start_step = 0
         self.resumed_from = self._resume(resume)
+
+    # -- what a kind of training defines (``train/grpo.py`` defines them for kind grpo) ---------------------------
+    updates_per_step = 1  # optimizer updates per step of the run
+    curves = ("loss",)  # logged values drawn as <name>.png at the end
+
+    def _build_dataset(self):
+        """This rank's samples: ``len()`` and ``batches(rank_batch, start)``, resumable at any sample index."""
+        from mindspore_llm.data.dataset import build_dataset
+
+        return build_dataset(self.config.data, self.context.data_rank, self.context.data_world_size)
+
+    def _build_step(self, trained, optimizer):
+        from mindspore_llm.train.step import TrainStep
+
+        config = self.config
+        return TrainStep(trained, optimizer, config.precision, config.train.gradient_accumulation_steps,
+                         config.optimizer.clip_grad_norm, self.context.grad_reducer(optimizer.parameters),
+                         self.context.wrap_loss)
+
+    def _run_step(self, step: int, batch, stop_requested: bool) -> tuple[dict, bool]:
+        """Step `step` (counted from 0) on `batch`: (the values to log, whether any rank asked to stop)."""
+        import mindspore as ms
+
+        inputs = [ms.Tensor(batch[key]) for key in BATCH_KEYS]
+        if self.teacher_topk is not None:  # the stored teacher logits of the batch's sequences
+            positions = self.dataset.sample_positions(step * self.rank_batch, self.rank_batch)
+            inputs += [ms.Tensor(a) for a in self.teacher_topk.rows(self.teacher_rows[positions])]
+        tick = time.perf_counter()
+        loss, grad_norm, overflow, loss_scale = self.compiled(*inputs)
+        # loss summed over ranks for the mean; the stop flag summed so that every rank stops together
+        reduced = self.context.sum_over_ranks(np.array([float(loss.asnumpy()), float(stop_requested)]))
+        seconds = time.perf_counter() - tick
+        values = {
+            "loss": float(reduced[0]) / self.context.data_parallel
+            if self.context.mode == "data_parallel" else float(reduced[0]),
+            # the rate this update used (the optimizer's schedule, counted from 1)
+            "lr": self._current_lr(),
+            "grad_norm": float(grad_norm.asnumpy()),
+            "loss_scale": float(loss_scale.asnumpy()),
+            "overflow": bool(overflow.asnumpy()),
+            "step_time_s": seconds,
+            **self.throughput(seconds),
+        }
+        return values, reduced[1] > 0
 
     def _teacher_topk(self):
         """Offline distillation: the stored top-k file, and the file row of each of this rank's sequences (row r
@@ -239,21 +280,20 @@ class Trainer:
 
         peak = self.config.logging.peak_tflops
         return Throughput(
-            tokens_per_step=self.global_batch * self.config.data.seq_length,
+            tokens_per_step=self.global_batch * self.config.seq_length,
             world_size=self.context.world_size,
-            flops_per_token=flops_per_token(self.model_config, self.config.data.seq_length),
+            flops_per_token=flops_per_token(self.model_config, self.config.seq_length),
             peak_tflops_per_device=peak_tflops(peak) if peak is not None else None)
 
     def run(self) -> TrainResult:
-        import mindspore as ms
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         config, main = self.config, self.context.is_main
         started = time.perf_counter()
         metrics = (MetricsLogger(config.logging_dir, config.logging.tensorboard, config.logging.plot,
-                                 resume_step=self.start_step) if main else None)
-        throughput = self._throughput()
+                                 resume_step=self.start_step, curves=self.curves) if main else None)
+        self.throughput = self._throughput()
         watch = LossScaleWatch() if config.precision.loss_scale == "dynamic" else None
         result = TrainResult("completed", self.start_step, metrics_dir=config.logging_dir if main else None)
         batches = self.dataset.batches(self.rank_batch, start=self.start_step * self.rank_batch)
@@ -263,33 +303,13 @@ class Trainer:
             log.info("training %s from step %d to %d: global batch %d (micro %d x accumulation %d x data-parallel "
                      "%d), seq_length %d", self.model_config.architecture, self.start_step, self.total_steps,
                      self.global_batch, config.train.micro_batch_size, config.train.gradient_accumulation_steps,
-                     self.context.data_parallel, config.data.seq_length)
+                     self.context.data_parallel, config.seq_length)
         step = self.start_step
         try:
             with StopRequest() as stop, logging_redirect_tqdm():  # log lines print above the bar
                 while step < self.total_steps:
-                    batch = next(batches)
-                    inputs = [ms.Tensor(batch[key]) for key in BATCH_KEYS]
-                    if self.teacher_topk is not None:  # the stored teacher logits of the batch's sequences
-                        positions = self.dataset.sample_positions(step * self.rank_batch, self.rank_batch)
-                        inputs += [ms.Tensor(a) for a in self.teacher_topk.rows(self.teacher_rows[positions])]
-                    tick = time.perf_counter()
-                    loss, grad_norm, overflow, loss_scale = self.compiled(*inputs)
-                    # loss summed over ranks for the mean; the stop flag summed so that every rank stops together
-                    reduced = self.context.sum_over_ranks(np.array([float(loss.asnumpy()), float(stop.requested)]))
-                    seconds = time.perf_counter() - tick
+                    values, stopping = self._run_step(step, next(batches), stop.requested)
                     step += 1
-                    values = {
-                        "loss": float(reduced[0]) / self.context.data_parallel
-                        if self.context.mode == "data_parallel" else float(reduced[0]),
-                        # the rate this update used (the optimizer's schedule, counted from 1)
-                        "lr": self._current_lr(),
-                        "grad_norm": float(grad_norm.asnumpy()),
-                        "loss_scale": float(loss_scale.asnumpy()),
-                        "overflow": bool(overflow.asnumpy()),
-                        "step_time_s": seconds,
-                        **throughput(seconds),
-                    }
                     if self.moe:
                         values.update(self._balance_experts())
                     result.losses.append((step, values["loss"]))
@@ -306,7 +326,6 @@ class Trainer:
                     if main and warning:
                         log.warning(warning)
                         metrics.log(step, {"warning": warning})
-                    stopping = reduced[1] > 0
                     if stopping or step % config.checkpoint.every_n_steps == 0 or step == self.total_steps:
                         saved = self.save(step)
                         result.checkpoint = saved or result.checkpoint
@@ -328,7 +347,7 @@ class Trainer:
                 result.adapter = True
             else:
                 result.final_model_dir = checkpointing.save_model_directory(
-                    self.model, self.model_config, config.final_model_dir, config.data.tokenizer)
+                    self.model, self.model_config, config.final_model_dir, config.tokenizer)
         return result
 
     def _balance_experts(self) -> dict[str, float]:
