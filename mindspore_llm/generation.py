@@ -256,9 +256,10 @@ def decode_completions(tokenizer, generation: Generation, stop_ids: Sequence[int
 
 
 def generate_all(generator: Generator, prompts: Sequence[Sequence[int]], seed: int | Sequence[int] = 0,
-                 num_return_sequences: int = 1, progress: bool = False) -> Generation:
+                 num_return_sequences: int = 1, progress: bool = False, first_row: int = 0) -> Generation:
     """Every prompt `num_return_sequences` times (prompt i's sequences are rows i*n .. i*n + n - 1), in calls of
-    ``generator.batch_size`` rows; the call starting at row r draws its numbers from the seed (seed..., r)."""
+    ``generator.batch_size`` rows; the call starting at row r draws its numbers from the seed
+    (seed..., first_row + r)."""
     from tqdm import tqdm
 
     rows = [prompt for prompt in prompts for _ in range(num_return_sequences)]
@@ -266,6 +267,6 @@ def generate_all(generator: Generator, prompts: Sequence[Sequence[int]], seed: i
     parts = []
     with tqdm(total=len(rows), desc="generate", unit=" rows", disable=not progress) as bar:
         for start in range(0, len(rows), generator.batch_size):
-            parts.append(generator.generate(rows[start:start + generator.batch_size], seed=seeds + [start]))
+            parts.append(generator.generate(rows[start:start + generator.batch_size], seed=seeds + [first_row + start]))
             bar.update(len(parts[-1].lengths))
     return Generation.concatenate(parts)

@@ -2,8 +2,9 @@
 log-probabilities it reports, per-row stops, seeds; `msllm generate` on a batch of prompts.
 
 Tolerances: greedy tokens equal exactly; a sampled token's log-probability within 1e-5 of a full forward pass of
-the finished sequence (measured <= 4e-6 on Qwen2, Qwen3 and DeepSeek-V3); sampling frequencies from stratified uniforms within 1/rows of
-transformers' warped distribution (the inverse CDF is exact; 1/rows is the quantisation of the uniforms).
+the finished sequence (measured <= 4e-6 on Qwen2, Qwen3 and DeepSeek-V3); sampling frequencies from stratified
+uniforms within 1/rows of transformers' warped distribution (the inverse CDF is exact; 1/rows is the quantisation
+of the uniforms).
 """
 import json
 

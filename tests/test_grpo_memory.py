@@ -7,8 +7,7 @@ import pytest
 from mindspore_llm.lora import LoraConfig
 from mindspore_llm.models.qwen import QwenConfig
 from mindspore_llm.parallel.config import ParallelConfig
-from mindspore_llm.parallel.memory import (GB, TRAINING_TRANSIENT, PlanInputs, Workload, estimate_memory,
-                                           plan_report)
+from mindspore_llm.parallel.memory import GB, TRAINING_TRANSIENT, PlanInputs, Workload, estimate_memory, plan_report
 from mindspore_llm.rl.grpo import GRPOConfig
 
 TINY_QWEN = QwenConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -3,7 +3,8 @@
 One step of the run (``GRPOTrainer._run_step``):
 
     rollouts    the step's prompts, G slots each, through the KV-cache generator (sampled at grpo.temperature,
-                seeded by (train.seed, step, rank): a resumed run samples what the uninterrupted one did)
+                seeded by (train.seed, step, row in the global batch): a resumed run samples what the
+                uninterrupted one did, and data parallelism does not change the samples)
     rewards     the weighted sum of grpo.rewards per completion, then group-relative advantages
     reference   log pi_ref of every completion token when beta > 0: the base model with the adapters off (LoRA),
                 else a frozen copy of model.path
@@ -28,6 +29,7 @@ from mindspore import ops
 from mindspore_llm.common import ConfigError
 from mindspore_llm.fileio import atomic_path
 from mindspore_llm.generation import GenerationConfig, Generator, decode_completions, generate_all, position_ids
+from mindspore_llm.models.deepseek_v3 import moe_blocks
 from mindspore_llm.rl.grpo import CompletionLogProbs, GRPOLoss, adapters_disabled, group_advantages, token_weights
 from mindspore_llm.rl.prompts import PromptDataset, load_prompts
 from mindspore_llm.rl.rewards import Rewards
@@ -151,8 +153,9 @@ class GRPOTrainer(Trainer):
 
     def _run_step(self, step: int, batch, stop_requested: bool) -> tuple[dict, bool]:
         cfg, context = self.config.grpo, self.context
+        # seeded by the rollouts' place in the step's global batch: the same samples however the job is split
         generation = generate_all(self.generator, [p.ids for p in batch],
-                                  seed=[self.config.train.seed, step, context.rank])
+                                  seed=[self.config.train.seed, step], first_row=context.data_rank * self.rank_batch)
         completions = decode_completions(self.tokenizer, generation, self.generation.eos_token_id)
         scores = self.rewards.score([p.text for p in batch], completions, [p.answer for p in batch])
         rewards = self.rewards.total(scores)
@@ -170,6 +173,9 @@ class GRPOTrainer(Trainer):
                 arrays["ref_log_probs"] = self._micro_batch_calls(self.reference_log_probs, arrays,
                                                                   ("input_ids", "attention_mask", "position_ids"))
         reference_seconds = time.perf_counter() - tick
+        if self.moe:  # DeepSeek's bias update balances the updates' tokens: forget those generation routed
+            for _, block in moe_blocks(self.model):
+                block.tokens_per_expert.set_data(ms.Tensor(np.zeros(block.tokens_per_expert.shape, np.float32)))
         # global counts (every rank's rollouts) for the aggregation weights, the metrics and the stop flag
         completion_tokens = generation.completion_mask.sum()
         sums = [len(batch), completion_tokens, rewards.sum(), (rewards ** 2).sum(), float(stop_requested)]
