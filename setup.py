@@ -30,7 +30,9 @@ setup(
     extras_require={
         # The reference implementation for parity tests. torch is pinned exactly: 2.13.0 is the CPU wheel here,
         # any other version would pull a multi-GB CUDA build. Parity tests were run with transformers 5.23.
-        "test": ["pytest", "torch==2.13.0", "transformers>=5.0,<6", "peft"],
+        # bitsandbytes: the QLoRA reference (NF4 quantize/dequantize, BitsAndBytesConfig models), run on the CPU;
+        # 0.50 is the first release whose CPU backend runs them (tests/test_qlora.py was run with 0.50.2).
+        "test": ["pytest", "torch==2.13.0", "transformers>=5.0,<6", "peft", "bitsandbytes>=0.50,<0.51"],
     },
     entry_points={
         "console_scripts": [

@@ -46,18 +46,22 @@ def vm_rss() -> int:
 
 def make_checkpoint(directory: Path, size_gb: float) -> dict:
     """Qwen2-1.5B-like shapes (hidden 1536, vocab 151936); layers added until the size is reached."""
-    from ckpt_tools.naming import name_map
     from ckpt_tools.writer import OutTensor, write_checkpoint
     from ckpt_tools.convert import LAYOUTS
     from mindspore_llm.checkpoint import float32_to_bf16_bits
+    from mindspore_llm.models.auto import config_from_hf
+    from mindspore_llm.models.naming import OURS, tensor_layout
+
+    def shapes_of(config):
+        return tensor_layout(config_from_hf(config, "bench"), OURS).hf_shapes
 
     config = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidden_size": 1536,
               "intermediate_size": 8960, "num_attention_heads": 12, "num_key_value_heads": 2,
               "tie_word_embeddings": False, "max_position_embeddings": 4096, "num_hidden_layers": 1}
-    per_layer = 2 * sum(int(np.prod(s)) for n, s in name_map(config, "bench").expected().items() if ".layers." in n)
+    per_layer = 2 * sum(int(np.prod(s)) for n, s in shapes_of(config).items() if ".layers." in n)
     fixed = 2 * 2 * 151936 * 1536 + 2 * 1536
     config["num_hidden_layers"] = max(1, round((size_gb * GB - fixed) / per_layer))
-    shapes = name_map(config, "bench").expected()
+    shapes = shapes_of(config)
     tensors = [OutTensor(name, shape, "BF16") for name, shape in shapes.items()]
     # One random block, repeated: random bytes defeat nothing here (no compression), and this is fast to make.
     block = float32_to_bf16_bits(np.random.default_rng(0).standard_normal(16 << 20, np.float32) * 0.02)
@@ -103,8 +107,10 @@ def child(job: dict) -> dict:
         return {"seconds": time.perf_counter() - start, "peak_above_baseline": vm_hwm() - before,
                 "bytes_written": (dst / "shard.ckpt").stat().st_size}
     else:
+        from mindspore_llm.models.naming import LayoutOptions
+
         convert(src, dst, target_naming=job["naming"], layout=LAYOUTS[tuple(job["layout"])], dtype=job.get("dtype"),
-                max_shard_bytes=job["max_shard"], quiet=True)
+                max_shard_bytes=job["max_shard"], quiet=True, options=LayoutOptions(**job.get("options", {})))
     seconds = time.perf_counter() - start
     written = sum(f.stat().st_size for f in dst.iterdir() if f.suffix in (".ckpt", ".safetensors"))
     return {"seconds": seconds, "peak_above_baseline": vm_hwm() - baseline, "bytes_written": written}
@@ -143,8 +149,15 @@ def main() -> None:
                            "layout": ["ckpt", "ms"], "max_shard": shard},
             "hf2ms safetensors": {"kind": "convert", "src": str(hf), "dst": str(work / "ms_st"),
                                   "naming": "mindspore_llm", "layout": ["safetensors", "ms"], "max_shard": shard},
-            "ms2hf": {"kind": "convert", "src": str(work / "ms"), "dst": str(work / "back"), "naming": "hf",
-                      "layout": ["safetensors", "hf"], "max_shard": shard},
+            "ms2hf": {"kind": "convert", "src": str(work / "ms"), "dst": str(work / "back"),
+                      "naming": "mindspore_llm", "layout": ["safetensors", "hf"], "max_shard": shard},
+            # fused tensors: w_qkv per KV group, w_gate_hidden interleaved row by row, streamed in slabs
+            "hf2ms --naming mindformers --qkv-concat": {"kind": "convert", "src": str(hf), "dst": str(work / "mf"),
+                                                        "naming": "mindformers", "layout": ["ckpt", "ms"],
+                                                        "max_shard": shard, "options": {"qkv_concat": True}},
+            "ms2hf (of the qkv_concat output)": {"kind": "convert", "src": str(work / "mf"),
+                                                 "dst": str(work / "mf_back"), "naming": "mindspore_llm",
+                                                 "layout": ["safetensors", "hf"], "max_shard": shard},
             "hf2ms ckpt --dtype fp32": {"kind": "convert", "src": str(hf), "dst": str(work / "ms32"),
                                         "naming": "mindspore_llm", "layout": ["ckpt", "ms"], "max_shard": shard,
                                         "dtype": "fp32"},
@@ -155,10 +168,12 @@ def main() -> None:
         for name, job in jobs.items():
             os.sync()  # start each job with no dirty pages left by the previous one
             results[name] = run_child(job)
-            if name != "hf2ms ckpt":  # its output is ms2hf's input
+            if name not in ("hf2ms ckpt", "hf2ms --naming mindformers --qkv-concat"):  # the next job's input
                 shutil.rmtree(job["dst"], ignore_errors=True)
             if name == "ms2hf":
                 shutil.rmtree(work / "ms", ignore_errors=True)
+            if name == "ms2hf (of the qkv_concat output)":
+                shutil.rmtree(work / "mf", ignore_errors=True)
         copy = results["copy"]
         print(f"\n{'job':38s} {'seconds':>8s} {'GB/s':>6s} {'vs copy':>8s} {'peak RSS':>10s} {'/ largest':>10s}")
         for name, r in results.items():

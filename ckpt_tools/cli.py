@@ -52,23 +52,59 @@ def common_options(function):
     return function
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
-    """Convert checkpoints between Hugging Face safetensors and MindSpore, streaming tensor by tensor.
+# How mindformers mcore checkpoints lay fused tensors out where the names do not show it; the defaults are
+# mindformers' (mf_model_config.py). Set them as in the mindformers YAML the checkpoint was trained with.
+_mcore_layout = [
+    click.option("--use-contiguous-weight-layout-attention", "contiguous_attention", is_flag=True,
+                 help="mindformers-mcore linear_qkv holds all q, then all k, then all v rows (default: per KV group "
+                      "its q heads, then k, then v: Megatron's layout, mindformers' default)."),
+    click.option("--use-interleaved-weight-layout-mlp/--no-use-interleaved-weight-layout-mlp", "interleaved_mlp",
+                 default=True, show_default=True,
+                 help="mindformers-mcore linear_fc1 (dense and shared-expert MLPs) interleaves gate and up rows "
+                      "(mindformers' default); off: all gate rows, then all up rows."),
+]
 
-    Memory stays bounded by a 64 MB working chunk whatever the model size; FP8 (e4m3) weights with 128x128
-    block scales are dequantized on the way. Outputs appear only when complete.
+
+def mcore_layout_options(function):
+    for option in reversed(_mcore_layout):
+        function = option(function)
+    return function
+
+
+def layout_options(contiguous_attention: bool, interleaved_mlp: bool, qkv_concat: bool = False,
+                   mla_qkv_concat: bool = False):
+    from mindspore_llm.models.naming import LayoutOptions
+
+    return LayoutOptions(qkv_concat=qkv_concat, mla_qkv_concat=mla_qkv_concat,
+                         use_contiguous_weight_layout_attention=contiguous_attention,
+                         use_interleaved_weight_layout_mlp=interleaved_mlp)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mindspore_llm")
+def main():
+    """Convert checkpoints between Hugging Face safetensors and MindSpore, tensor by tensor; FP8 (e4m3) weights
+    with 128x128 block scales are dequantized on the way. Outputs appear only when complete.
+
+    \b
+    Memory, whatever the model size:
+      hf2ms, ms2hf, verify, inspect   a few 64 MB working chunks (streamed tensor by tensor)
+      merge-lora, export-peft         the largest adapted weight in float32 (+ the adapters)
+      merge-slices, reshard,          the whole checkpoint: mindspore.parallel.transform_checkpoints
+      ms2hf --strategy                loads the slices it combines (plan RAM for the full model)
 
     \b
     Examples:
       msllm-ckpt hf2ms ./Qwen2.5-7B ./qwen-ms                      .ckpt shards for mindspore_llm
       msllm-ckpt hf2ms ./DeepSeek-V3 ./dsv3-ms --dtype bf16        FP8 -> bf16
-      msllm-ckpt hf2ms ./Qwen2.5-7B ./qwen-mf --naming mindformers for mindformers
+      msllm-ckpt hf2ms ./Qwen2.5-7B ./qwen-mf --naming mindformers for mindformers 1.x
+      msllm-ckpt hf2ms ./Qwen3-8B ./qwen3-mf --naming mindformers-mcore   for mindformers' mcore Qwen3
       msllm-ckpt ms2hf ./qwen-ms ./qwen-hf                         back to Hugging Face
       msllm-ckpt verify ./Qwen2.5-7B ./qwen-hf                     exit 1 on any difference
       msllm-ckpt inspect ./qwen-ms
       msllm-ckpt export-peft ./runs/lora/checkpoints/step_00001000/rank_0/train_state.ckpt ./adapter --alpha 16
       msllm-ckpt merge-lora ./Qwen2.5-7B ./adapter ./qwen-merged    LoRA folded into the weights
+      msllm-ckpt quantize ./Qwen2.5-7B ./qwen-nf4 --double-quant    NF4 base for QLoRA and inference
       msllm-ckpt merge-slices ./step_00001000 ./full --strategy strategy_rank_0.ckpt   per-rank slices -> full
     """
 
@@ -77,28 +113,50 @@ def main():
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @common_options
-@click.option("--naming", type=click.Choice(["mindspore_llm", "mindformers"]), default="mindspore_llm",
-              show_default=True, help="Parameter names to write: ours (= Hugging Face's) or mindformers' 1.x names.")
+@click.option("--naming", type=click.Choice(["mindspore_llm", "mindformers", "mindformers-mcore"]),
+              default="mindspore_llm", show_default=True,
+              help="Parameter names and layout to write. mindspore_llm: ours (= Hugging Face's), every family. "
+                   "mindformers: mindformers 1.x (research/qwen2_5), Qwen2/2.5 only (add --qkv-concat for its fused "
+                   "w_qkv / w_gate_hidden). mindformers-mcore: mindformers' Megatron-style models, Qwen3 (fused "
+                   "linear_qkv and linear_fc1) and DeepSeek-V3 (as its convert_deepseekv3_hf_weight.py writes it: "
+                   "stacked experts, interleaved linear_fc1).")
+@click.option("--qkv-concat", is_flag=True,
+              help="--naming mindformers: fuse q/k/v into attention.w_qkv (per KV group) and gate/up into "
+                   "feed_forward.w_gate_hidden (interleaved), as mindformers' qkv_concat: true configs load them.")
+@click.option("--mla-qkv-concat", is_flag=True,
+              help="--naming mindformers-mcore, DeepSeek-V3: fuse q and kv down projections into "
+                   "self_attention.linear_qkv (with linear_qb / linear_kvb / k_layernorm), mindformers' "
+                   "mla_qkv_concat: true layout.")
+@mcore_layout_options
 @click.option("--format", "file_format", type=click.Choice(["ckpt", "safetensors"]), default="ckpt",
-              show_default=True, help="MindSpore .ckpt, or MindSpore's safetensors flavour.")
+              show_default=True, help="MindSpore .ckpt, or MindSpore's safetensors flavour (with mindformers' "
+                                      "param_name_map.json beside the index).")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept pytorch_model.bin (read with torch.load(weights_only=True)).")
-def hf2ms(src, dst, dtype, max_shard_size, overwrite, quiet, naming, file_format, allow_pickle):
-    """Hugging Face model directory SRC -> MindSpore checkpoint directory DST.
+def hf2ms(src, dst, dtype, max_shard_size, overwrite, quiet, naming, qkv_concat, mla_qkv_concat,
+          contiguous_attention, interleaved_mlp, file_format, allow_pickle):
+    """Hugging Face model directory SRC -> MindSpore checkpoint directory DST, tensor by tensor.
 
     DST gets mindspore_model-0000N-of-0000M.ckpt (or .safetensors) shards loadable by mindspore.load_checkpoint,
     mindspore_model.index.json (name -> file), manifest.json (shape, dtype, CRC32 per tensor), and config,
-    tokenizer and generation files. `AutoModelForCausalLM.from_pretrained(DST)` loads it.
+    tokenizer and generation files. `AutoModelForCausalLM.from_pretrained(DST)` loads it in any naming.
 
     \b
-    Example:
+    Examples:
       msllm-ckpt hf2ms ./DeepSeek-R1-Distill-Qwen-32B ./r1-32b-ms --max-shard-size 2GB
+      msllm-ckpt hf2ms ./Qwen2.5-72B ./qwen-mf --naming mindformers --qkv-concat
+      msllm-ckpt hf2ms ./Qwen3-8B ./qwen3-mf --naming mindformers-mcore --format safetensors
     """
     from ckpt_tools.convert import LAYOUTS, convert
 
+    if qkv_concat and naming != "mindformers":
+        raise UserError("--qkv-concat is a mindformers 1.x layout: give --naming mindformers")
+    if mla_qkv_concat and naming != "mindformers-mcore":
+        raise UserError("--mla-qkv-concat is a mindformers-mcore layout: give --naming mindformers-mcore")
     _run(convert, src, dst, target_naming=naming, layout=LAYOUTS[(file_format, "ms")], dtype=dtype,
          max_shard_bytes=max_shard_size, overwrite=overwrite, allow_pickle=allow_pickle, quiet=quiet,
-         description="hf2ms")
+         description="hf2ms",
+         options=layout_options(contiguous_attention, interleaved_mlp, qkv_concat, mla_qkv_concat))
 
 
 @main.command()
@@ -109,15 +167,21 @@ def hf2ms(src, dst, dtype, max_shard_size, overwrite, quiet, naming, file_format
 @click.option("--strategy", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="SRC holds per-rank slices (rank_0/, rank_1/, ...) saved with this strategy file: merge first.")
 @common_options
-def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, quiet):
-    """MindSpore checkpoint SRC (directory or one .ckpt/.safetensors file, mindspore_llm or mindformers names,
-    detected) -> Hugging Face directory DST.
+@mcore_layout_options
+def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, quiet, contiguous_attention,
+          interleaved_mlp):
+    """MindSpore checkpoint SRC (directory or one .ckpt/.safetensors file) -> Hugging Face directory DST, tensor by
+    tensor (with --strategy: the slices are merged in memory first, see merge-slices).
 
-    DST gets model-0000N-of-0000M.safetensors, model.safetensors.index.json and the config/tokenizer files;
-    transformers' AutoModelForCausalLM.from_pretrained(DST) loads it. A tied lm_head is not written.
+    SRC may be in any naming, detected from its names: ours, mindformers 1.x with or without qkv_concat, or
+    mindformers-mcore (Qwen3, DeepSeek-V3; for how its fused tensors are laid out where the names do not tell,
+    see the two layout options). DST gets model-0000N-of-0000M.safetensors, model.safetensors.index.json and the
+    config/tokenizer files; transformers' AutoModelForCausalLM.from_pretrained(DST) loads it. A tied lm_head is
+    not written.
 
     \b
-    A training checkpoint works too: its optimizer and loss-scale entries are left out.
+    A training checkpoint works too (ours or mindformers'): its optimizer and loss-scale entries (optimizer.*,
+    adam_m.*, adam_v.*, global_step, scale_sense, ...) are left out with a notice naming them.
 
     \b
     Examples:
@@ -129,16 +193,18 @@ def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, qui
     from ckpt_tools.slices import merged_slices
 
     def run(source):
-        return convert(source, dst, target_naming="hf", layout=LAYOUTS[("safetensors", "hf")], dtype=dtype,
+        return convert(source, dst, target_naming="mindspore_llm", layout=LAYOUTS[("safetensors", "hf")], dtype=dtype,
                        max_shard_bytes=max_shard_size, config_path=config_path or (src if strategy else None),
-                       overwrite=overwrite,
-                       quiet=quiet, description="ms2hf")
+                       overwrite=overwrite, quiet=quiet, description="ms2hf",
+                       options=layout_options(contiguous_attention, interleaved_mlp))
 
-    if strategy is None:
-        _run(run, src)
-        return
-    with merged_slices(src, strategy) as full:
-        _run(run, full)
+    def convert_source():  # all inside _run: bad slices are one clear line, as in merge-slices
+        if strategy is None:
+            return run(src)
+        with merged_slices(src, strategy) as full:
+            return run(full)
+
+    _run(convert_source)
 
 
 @main.command("merge-slices")
@@ -151,7 +217,7 @@ def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, qui
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 def merge_slices(src, dst, strategy, config_path, overwrite):
     """Per-rank slices SRC/rank_N/*.ckpt -> DST/mindspore_model.ckpt with the full tensors
-    (mindspore.parallel.transform_checkpoints).
+    (mindspore.parallel.transform_checkpoints, which holds the whole checkpoint in memory).
 
     \b
     Example:
@@ -165,12 +231,14 @@ def merge_slices(src, dst, strategy, config_path, overwrite):
 @main.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--src-strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--src-strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Strategy file the run that saved SRC wrote.")
 @click.option("--dst-strategy", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Strategy file of the target layout (e.g. from a run on another device count).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (only once the new one is complete).")
 def reshard(src, dst, src_strategy, dst_strategy, overwrite):
-    """Per-rank slices SRC in one layout -> DST/rank_N/ slices in another (e.g. 16 devices -> 8).
+    """Per-rank slices SRC in one layout -> DST/rank_N/ slices in another (e.g. 16 devices -> 8), with
+    mindspore.parallel.transform_checkpoints (memory: the slices a target rank combines, up to the whole model).
 
     \b
     Example:
@@ -188,8 +256,11 @@ def reshard(src, dst, src_strategy, dst_strategy, overwrite):
 @click.option("--ignore-dtype", is_flag=True, help="Compare values only (e.g. fp32 against bf16 with --atol).")
 @click.option("--config", "config_path", type=click.Path(exists=True, path_type=Path),
               help="config.json used to match names across namings when A or B has none beside it.")
-def verify(a, b, atol, ignore_dtype, config_path):
-    """Compare checkpoints A and B (either format and naming) tensor by tensor: names, shapes, dtypes, max |Δ|.
+@mcore_layout_options
+def verify(a, b, atol, ignore_dtype, config_path, contiguous_attention, interleaved_mlp):
+    """Compare checkpoints A and B (either format and naming) tensor by tensor: names, shapes, dtypes, max |Δ|,
+    in 64 MB pieces. An FP8 original's weights are dequantized with their block scales as hf2ms does, so a
+    DeepSeek-V3 checkpoint verifies against its conversion.
 
     Exit code 0 if they agree, 1 on any mismatch, 2 on unreadable input.
 
@@ -200,7 +271,7 @@ def verify(a, b, atol, ignore_dtype, config_path):
     """
     from ckpt_tools.compare import verify as compare
 
-    report = _run(compare, a, b, atol, ignore_dtype, config_path)
+    report = _run(compare, a, b, atol, ignore_dtype, config_path, layout_options(contiguous_attention, interleaved_mlp))
     click.echo("\n".join(report.lines))
     if report.mismatches:
         sys.exit(1)
@@ -219,6 +290,37 @@ def inspect(path, allow_pickle):
     from ckpt_tools.compare import inspect as listing
 
     click.echo("\n".join(_run(listing, path, allow_pickle)))
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(["nf4", "int8"]), default="nf4", show_default=True,
+              help="nf4: QLoRA's 4-bit NormalFloat, one absmax per 64 weights; int8: one absmax per output row.")
+@click.option("--double-quant", is_flag=True,
+              help="nf4: store the absmax values in 8 bits too (QLoRA's double quantization, ~0.37 bit/weight less).")
+@common_options
+def quantize(src, dst, method, double_quant, dtype, max_shard_size, overwrite, quiet):
+    """Model directory SRC -> DST with every linear layer's weight quantized, for QLoRA and inference.
+
+    The weights of the decoder's linear layers become NF4 codes with their block scales (or int8 with row
+    scales), computed exactly as bitsandbytes computes them; embeddings, norms and the LM head stay as stored
+    (or --dtype). DST is written as transformers writes a bitsandbytes model (config.json quantization_config,
+    model-0000N-of-0000M.safetensors): `AutoModelForCausalLM.from_pretrained(DST)` loads it quantized without
+    SRC, and so does transformers with bitsandbytes installed. One weight is held in float32 at a time.
+
+    \b
+    Examples:
+      msllm-ckpt quantize ./DeepSeek-R1-Distill-Qwen-32B ./r1-32b-nf4 --double-quant
+      msllm-ckpt quantize ./Qwen2.5-7B ./qwen-7b-int8 --method int8 --dtype bf16
+    """
+    from ckpt_tools.quantize import quantize_checkpoint
+    from mindspore_llm.quant import QuantizationConfig
+
+    config = _run(QuantizationConfig.of, QuantizationConfig(method=method, double_quant=double_quant))
+    manifest = _run(quantize_checkpoint, src, dst, config, dtype=dtype, max_shard_bytes=max_shard_size,
+                    overwrite=overwrite, quiet=quiet)
+    click.echo(f"wrote {dst}: {manifest['total_size'] / 2 ** 20:.1f} MiB of tensors")
 
 
 @main.command("export-peft")
@@ -266,8 +368,9 @@ def merge_lora(base, adapter, dst, dtype, max_shard_size, overwrite, quiet):
     """Base model BASE + PEFT LoRA adapter ADAPTER -> Hugging Face model directory DST with merged weights.
 
     Each adapted weight becomes W + (B @ A) * lora_alpha / r (computed in float32, stored in the base's dtype or
-    --dtype); every other tensor is copied. BASE is a Hugging Face directory or `msllm-ckpt hf2ms` output. DST
-    loads with transformers' AutoModelForCausalLM.from_pretrained, no peft needed.
+    --dtype; memory: one such weight in float32); every other tensor is copied in 64 MB chunks. BASE is a Hugging
+    Face directory or `msllm-ckpt hf2ms` output. DST loads with transformers' AutoModelForCausalLM.from_pretrained,
+    no peft needed.
 
     \b
     Example:

@@ -3,46 +3,72 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from ckpt_tools.convert import open_files, read_config, to_float32
-from ckpt_tools.naming import name_map
+from ckpt_tools.convert import cast, open_files, read_config, to_float32, view_of
+from mindspore_llm.models.auto import config_from_hf
+from mindspore_llm.models.naming import HFTensors, LayoutOptions
 from mindspore_llm.checkpoint import SAFETENSORS_DTYPES, TensorFile
 
-COMPARE_ELEMENTS = 16 << 20
+COMPARE_BYTES = 64 << 20  # per tensor and side, whatever the tensor's size
+FP8 = "F8_E4M3"
 
 
-def hf_named(path: Path, config: Path | None) -> dict[str, tuple[str, TensorFile]]:
-    """HF name -> (stored name, file): names are translated through the family table when a config.json is
-    found (next to the checkpoint or given), so checkpoints in different namings compare."""
+def hf_named(path: Path, config: Path | None, options: LayoutOptions = LayoutOptions()
+             ) -> dict[str, tuple[str, TensorFile]]:
+    """HF name -> (stored name, reader): with a config.json (next to the checkpoint or given), tensors of any naming
+    are read as Hugging Face's (fused ones split), so checkpoints in different namings compare; what the naming
+    does not explain is compared by its stored name."""
     files = open_files(path, allow_pickle=False)
     config = config or (path if path.is_dir() else path.parent)
     if not (config.is_file() or (config / "config.json").is_file()):
         return {name: (name, file) for name, file in files.items()}
-    names = name_map(read_config(config), str(config))
-    naming = names.detect(list(files))
-    out = {}
-    for name, file in files.items():
-        renamed = names.rename(name, naming, "hf")
-        out[renamed[0] if renamed else name] = (name, file)
+    view = view_of(files, config_from_hf(read_config(config), str(config)), options, str(config), strict=False)
+    out = {name: (name, view) for name in view.names()}
+    out.update({name: (name, files[name]) for name in view.unexplained + view.training_state})
     return out
 
 
-def max_abs_difference(a: tuple[str, TensorFile], b: tuple[str, TensorFile]) -> float:
-    (name_a, file_a), (name_b, file_b) = a, b
-    flat_a, flat_b = file_a.raw(name_a).reshape(-1), file_b.raw(name_b).reshape(-1)
-    worst = 0.0
-    for start in range(0, len(flat_a), COMPARE_ELEMENTS):
-        x = to_float32(np.asarray(flat_a[start:start + COMPARE_ELEMENTS]), file_a.dtype(name_a))
-        y = to_float32(np.asarray(flat_b[start:start + COMPARE_ELEMENTS]), file_b.dtype(name_b))
-        nan_x, nan_y = np.isnan(x), np.isnan(y)
+def float32_chunks(entry: tuple[str, TensorFile | HFTensors], as_dtype: str | None = None) -> Iterator[np.ndarray]:
+    """A tensor's values as flat float32 pieces of about COMPARE_BYTES (whole rows), first stored as `as_dtype`
+    if given (as ``hf2ms --dtype`` writes a dequantized FP8 weight)."""
+    name, file = entry
+    shape = file.shape(name)
+    if not shape:  # a scalar
+        yield to_float32(np.asarray(file.raw(name)).reshape(-1), file.dtype(name))
+        return
+    itemsize = np.dtype(SAFETENSORS_DTYPES[file.dtype(name)]).itemsize
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
+    step = max(1, COMPARE_BYTES // row_bytes)
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        if isinstance(file, HFTensors):
+            raw, tag = file.rows(name, start, stop)
+        else:
+            raw, tag = file.rows(name, start, stop), file.dtype(name)
+        raw = raw.reshape(-1)
+        if as_dtype is not None:
+            raw, tag = cast(raw, tag, as_dtype), as_dtype
+        yield to_float32(raw, tag)
+
+
+def max_abs_difference(a: Iterator[np.ndarray], b: Iterator[np.ndarray]) -> float:
+    """Largest |a - b| over two streams of the same values cut into pieces of any sizes (inf if NaNs differ)."""
+    worst, x, y = 0.0, np.empty(0, np.float32), np.empty(0, np.float32)
+    while True:
+        x = x if len(x) else next(a, None)
+        y = y if len(y) else next(b, None)
+        if x is None or y is None:
+            return worst
+        n = min(len(x), len(y))
+        nan_x, nan_y = np.isnan(x[:n]), np.isnan(y[:n])
         if (nan_x != nan_y).any():
             return float("inf")
-        difference = np.abs(np.where(nan_x, 0, x - y))
-        if difference.size:
-            worst = max(worst, float(difference.max()))
-    return worst
+        if n:
+            worst = max(worst, float(np.abs(np.where(nan_x, 0, x[:n] - y[:n])).max()))
+        x, y = x[n:], y[n:]
 
 
 @dataclass
@@ -51,8 +77,13 @@ class Report:
     mismatches: int
 
 
-def verify(a: Path, b: Path, atol: float, ignore_dtype: bool, config: Path | None = None) -> Report:
-    left, right = hf_named(a, config), hf_named(b, config)
+def verify(a: Path, b: Path, atol: float, ignore_dtype: bool, config: Path | None = None,
+           options: LayoutOptions = LayoutOptions()) -> Report:
+    """Tensor by tensor: names, shapes, dtypes, max |Δ|. An FP8 weight (read with its weight_scale_inv block
+    scales) compared with a weight that is not FP8 is dequantized into the other's dtype first, as `hf2ms` writes
+    it."""
+    left, right = hf_named(a, config, options), hf_named(b, config, options)
+    dequantized = 0
     lines, mismatches = [], 0
     for name in sorted(set(left) - set(right)):
         lines.append(f"only in {a}: {left[name][0]}")
@@ -66,16 +97,34 @@ def verify(a: Path, b: Path, atol: float, ignore_dtype: bool, config: Path | Non
             lines.append(f"{name}: shape {list(file_a.shape(name_a))} vs {list(file_b.shape(name_b))}")
             mismatches += 1
             continue
-        if file_a.dtype(name_a) != file_b.dtype(name_b) and not ignore_dtype:
-            lines.append(f"{name}: dtype {file_a.dtype(name_a)} vs {file_b.dtype(name_b)}")
-            mismatches += 1
-        difference = max_abs_difference(left[name], right[name])
+        dtype_a, dtype_b = file_a.dtype(name_a), file_b.dtype(name_b)
+        if _dequantized_fp8(left[name]) != _dequantized_fp8(right[name]):
+            dequantized += 1  # the FP8 side is rounded to the other's dtype, as hf2ms writes it
+            chunks = [float32_chunks(left[name], dtype_b if _dequantized_fp8(left[name]) else None),
+                      float32_chunks(right[name], dtype_a if _dequantized_fp8(right[name]) else None)]
+        else:
+            chunks = [float32_chunks(left[name]), float32_chunks(right[name])]
+            if dtype_a != dtype_b and not ignore_dtype:
+                lines.append(f"{name}: dtype {dtype_a} vs {dtype_b}")
+                mismatches += 1
+        difference = max_abs_difference(*chunks)
         worst = max(worst, difference)
         if difference > atol:
             lines.append(f"{name}: max |Δ| = {difference:.6g} > atol {atol:g}")
             mismatches += 1
-    lines.append(f"{len(set(left) & set(right))} common tensor(s), max |Δ| = {worst:.6g}, {mismatches} mismatch(es)")
+    fp8 = f", {dequantized} FP8 weight(s) dequantized" if dequantized else ""
+    lines.append(f"{len(set(left) & set(right))} common tensor(s){fp8}, max |Δ| = {worst:.6g}, "
+                 f"{mismatches} mismatch(es)")
     return Report(lines, mismatches)
+
+
+def _dequantized_fp8(entry: tuple[str, TensorFile | HFTensors]) -> bool:
+    """A weight stored as FP8 and read dequantized (with its block scales) through a checkpoint view."""
+    name, file = entry
+    if not isinstance(file, HFTensors):
+        return False
+    stored = file.layout.where[name][0]
+    return file.files[stored].dtype(stored) == FP8
 
 
 def inspect(path: Path, allow_pickle: bool = False) -> list[str]:

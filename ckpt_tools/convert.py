@@ -3,8 +3,8 @@ check it against config.json, rename, cast (dequantizing FP8 block-scaled weight
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,29 +12,25 @@ from typing import Iterator
 
 import numpy as np
 
-from ckpt_tools.naming import NameMap, name_map
 from ckpt_tools.writer import Layout, OutTensor, write_checkpoint
-from mindspore_llm.checkpoint import (HF_INDEX, MS_INDEX, NON_PARAMETER_SUFFIXES, SAFETENSORS_DTYPES,
-                                      TRAINING_STATE_PREFIXES, TensorFile, bf16_bits_to_float32, float32_to_bf16_bits,
+from mindspore_llm.checkpoint import (HF_INDEX, MS_INDEX, SAFETENSORS_DTYPES, TensorFile, float32_to_bf16_bits,
                                       open_tensor_file, weight_files)
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory
+from mindspore_llm.models.naming import (CheckpointView, HFTensors, LayoutOptions, StoredRows, StoredTensor,
+                                         TensorLayout, tensor_layout)
+from mindspore_llm.models.naming import to_float32 as naming_float32
+from mindspore_llm.tokenizer import tokenizer_files
 
-log = logging.getLogger("mindspore_llm")
-CHUNK_BYTES = 64 << 20  # per read/convert/write step; bounds memory independently of tensor and model size
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-FLOAT_TAGS = ("F64", "F32", "F16", "BF16", "F8_E4M3")
-# Files a model directory carries besides its weights, copied along so the output is usable as it is.
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-              "merges.txt", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-              "chat_template.json")
 FP8_BLOCK = 128  # DeepSeek-V3's weight_scale_inv covers 128 x 128 blocks (config quantization_config.weight_block_size)
 SCALE_SUFFIX = "_scale_inv"
+PARAM_NAME_MAP = "param_name_map.json"  # mindformers' reverse converters find MindSpore safetensors shards by it
 
 LAYOUTS = {
     ("ckpt", "ms"): Layout("mindspore_model", "ckpt", MS_INDEX, {}),
     # MindSpore's safetensors flavour: its save_checkpoint(format="safetensors") marks files {"format": "ms"}.
-    ("safetensors", "ms"): Layout("mindspore_model", "safetensors", MS_INDEX, {"format": "ms"}),
+    ("safetensors", "ms"): Layout("mindspore_model", "safetensors", MS_INDEX, {"format": "ms"}, PARAM_NAME_MAP),
     ("safetensors", "hf"): Layout("model", "safetensors", HF_INDEX, {"format": "pt"}),
 }
 
@@ -54,11 +50,7 @@ E4M3FN = e4m3fn_table()
 
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return bf16_bits_to_float32(raw)
-    if dtype == "F8_E4M3":
-        return E4M3FN[raw]
-    return raw.astype(np.float32, copy=False)
+    return E4M3FN[raw] if dtype == "F8_E4M3" else naming_float32(raw, dtype)
 
 
 def cast(raw: np.ndarray, source: str, target: str) -> np.ndarray:
@@ -77,50 +69,86 @@ def dequantize_fp8(rows: np.ndarray, scale: np.ndarray, first_row: int, columns:
     DeepSeek's reference ``weight_dequant`` (fp32 multiply; edge blocks are partial)."""
     values = E4M3FN[rows.reshape(-1, columns)]
     column_scale = np.repeat(scale, FP8_BLOCK, axis=1)[:, :columns]
-    for start in range(0, len(values), FP8_BLOCK):
-        values[start:start + FP8_BLOCK] *= column_scale[(first_row + start) // FP8_BLOCK]
+    row, stop = first_row, first_row + len(values)
+    while row < stop:
+        block_end = min((row // FP8_BLOCK + 1) * FP8_BLOCK, stop)
+        values[row - first_row:block_end - first_row] *= column_scale[row // FP8_BLOCK]
+        row = block_end
     return values
+
+
+class DequantizedRows:
+    """Rows of an FP8 weight as float32, times their 128 x 128 block scales (`name` + ``_scale_inv``)."""
+    dtype = "F32"
+
+    def __init__(self, file: TensorFile, name: str, scale_file: TensorFile, scale_name: str):
+        self.file, self.name = file, name
+        rows, columns = file.shape(name)
+        self.scale = scale_file.float32(scale_name)
+        expected = (-(-rows // FP8_BLOCK), -(-columns // FP8_BLOCK))
+        if self.scale.shape != expected:
+            raise CheckpointError(f"{scale_file.path}: tensor {scale_name} has shape {self.scale.shape}, the "
+                                  f"{rows}x{columns} weight {name} needs {expected} ({FP8_BLOCK}x{FP8_BLOCK} blocks)")
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return dequantize_fp8(self.file.rows(self.name, start, stop), self.scale, start, self.file.shape(self.name)[1])
+
+
+def row_reader(files: dict[str, TensorFile]):
+    """The CheckpointView reader: FP8 weights are dequantized with their block scales from `files`."""
+    def reader(file: TensorFile, name: str):
+        if file.dtype(name) != "F8_E4M3":
+            return StoredRows(file, name)
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in files:
+            raise CheckpointError(f"{file.path}: FP8 tensor {name} has no {scale_name} block scales")
+        return DequantizedRows(file, name, files[scale_name], scale_name)
+    return reader
 
 
 @dataclass
 class Source:
-    """One tensor to write: where it is read and how it is turned into the output."""
+    """One tensor to write: its name, shape and dtype, and the Hugging Face tensors of `view` it is made of."""
     out: OutTensor
-    file: TensorFile
-    name: str
-    scale: tuple[TensorFile, str] | None = None  # FP8 block scales
+    stored: StoredTensor
+    view: HFTensors
+
+    @property
+    def name(self) -> str:
+        return self.out.name
+
+    @property
+    def dequantized(self) -> bool:
+        return any(self.view.dtype(part) == "F32" and self.view.files[self.view.layout.where[part][0]].dtype(
+            self.view.layout.where[part][0]) == "F8_E4M3" for part in self.stored.parts)
 
 
 def source_chunks(source: Source) -> Iterator[np.ndarray]:
-    file, name, target = source.file, source.name, source.out.dtype
-    dtype = file.dtype(name)
-    if source.scale is None:
-        itemsize = np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
-        # Read as many elements as make CHUNK_BYTES of output, whichever of the two is wider.
-        out_itemsize = np.dtype(SAFETENSORS_DTYPES[target]).itemsize
-        for raw in file.chunks(name, CHUNK_BYTES * itemsize // max(itemsize, out_itemsize)):
-            yield cast(raw, dtype, target)
-        return
-    scale_file, scale_name = source.scale
-    scale = scale_file.float32(scale_name)
-    rows, columns = file.shape(name)
-    expected = (-(-rows // FP8_BLOCK), -(-columns // FP8_BLOCK))
-    if scale.shape != expected:
-        raise CheckpointError(f"{scale_file.path}: tensor {scale_name} has shape {scale.shape}, the {rows}x{columns} "
-                              f"weight {name} needs {expected} ({FP8_BLOCK}x{FP8_BLOCK} blocks)")
-    # Whole 128-row blocks per chunk, sized so the float32 values stay near CHUNK_BYTES.
-    block_rows = max(CHUNK_BYTES // (4 * columns) // FP8_BLOCK, 1) * FP8_BLOCK
-    first_row = 0
-    for raw in file.chunks(name, block_rows * columns):
-        values = dequantize_fp8(raw, scale, first_row, columns)
-        first_row += len(values)
-        yield values if target == "F32" else cast(values, "F32", target)
+    for array, tag in source.stored.slabs(source.view.rows):
+        yield cast(array.reshape(-1), tag, source.out.dtype)
+
+
+def read_float32(source: Source) -> np.ndarray:
+    """The whole tensor of `source` as float32 (FP8 dequantized), read chunk by chunk into one array."""
+    values = np.empty(source.out.shape, np.float32).reshape(-1)
+    start = 0
+    as_float32 = dataclasses.replace(source, out=dataclasses.replace(source.out, dtype="F32"))
+    for chunk in source_chunks(as_float32):  # each chunk is only valid until the next: copy it out
+        values[start:start + chunk.size] = chunk
+        start += chunk.size
+    return values.reshape(source.out.shape)
 
 
 def read_config(path: Path) -> dict:
     from mindspore_llm.models.auto import read_hf_config
+    from mindspore_llm.quant import read_hf_quantization
 
-    return read_hf_config(path, hint="; pass --config with the model's config.json")[0]
+    hf, file = read_hf_config(path, hint="; pass --config with the model's config.json")
+    if read_hf_quantization(hf, str(file)) is not None:
+        raise CheckpointError(f"{file}: the model is saved quantized (bitsandbytes quantization_config); these tools "
+                              f"read float checkpoints: use the original-precision model (a LoRA adapter trained on "
+                              f"a quantized base merges into it), or load this one with from_pretrained")
+    return hf
 
 
 def open_files(src: Path, allow_pickle: bool) -> dict[str, TensorFile]:
@@ -144,94 +172,70 @@ def open_files(src: Path, allow_pickle: bool) -> dict[str, TensorFile]:
     return files
 
 
-def plan(files: dict[str, TensorFile], names: NameMap, target_naming: str, dtype: str | None) -> list[Source]:
-    """Every output tensor, in source order, after checking the source against the config (names, shapes,
-    dtypes, completeness); errors name the file and tensor."""
-    source_naming = names.detect([n for n in files
-                                  if not n.endswith(SCALE_SUFFIX) and not n.startswith(TRAINING_STATE_PREFIXES)])
-    expected = names.expected()
-    sources, seen, skipped, training_state = [], set(), [], 0
-    for name, file in files.items():
-        if name.endswith(SCALE_SUFFIX) or name.endswith(NON_PARAMETER_SUFFIXES):
-            continue  # block scales are consumed with their weight
-        if name.startswith(TRAINING_STATE_PREFIXES):
-            training_state += 1  # a training checkpoint: its optimizer state does not leave with the weights
-            continue
-        if names.skipped(name):
-            skipped.append(name)
-            continue
-        renamed = names.rename(name, source_naming, "hf")
-        if renamed is None or renamed[0] not in expected and renamed[1]:
-            raise CheckpointError(f"{file.path}: tensor {name} is unknown: not a parameter of the model "
-                                  f"{names.source} describes (read with {source_naming} names)")
-        hf_name, exists = renamed
-        if not exists:
-            if names.is_tied(name, source_naming):
-                continue  # a tied head some checkpoints still store: the embedding is the head
-            raise CheckpointError(f"{file.path}: tensor {name} is not expected by {names.source}")
-        if file.shape(name) != expected[hf_name]:
-            raise CheckpointError(f"{file.path}: tensor {name} has shape {list(file.shape(name))}, {names.source} "
-                                  f"implies {list(expected[hf_name])}")
-        stored = file.dtype(name)
-        if stored not in FLOAT_TAGS:
-            raise CheckpointError(f"{file.path}: tensor {name} has unsupported dtype {stored} for a weight")
-        scale = None
-        if stored == "F8_E4M3":
-            scale_name = name + SCALE_SUFFIX
-            if scale_name not in files:
-                raise CheckpointError(f"{file.path}: FP8 tensor {name} has no {scale_name} block scales")
-            scale = (files[scale_name], scale_name)
-        out_dtype = dtype or ("BF16" if stored == "F8_E4M3" else "F32" if stored == "F64" else stored)
-        seen.add(hf_name)
-        sources.append(Source(OutTensor(names.rename(name, source_naming, target_naming)[0], file.shape(name),
-                                        out_dtype), file, name, scale))
-    if training_state:
-        log.warning("leaving out %d optimizer/loss-scale entries of the training checkpoint", training_state)
-    if skipped:
-        log.warning("skipping %d tensor(s) of layers >= %d (%s...): %s", len(skipped), names.ranges["layer"],
-                    skipped[0], names.family.skip_extra_layers)
-    missing = sorted(set(expected) - seen)
-    if missing:
-        where = sorted({str(f.path) for f in files.values()})
-        raise CheckpointError(f"{', '.join(where[:3])}: missing {len(missing)} tensor(s) that {names.source} calls "
-                              f"for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    return sources
+def view_of(files: dict[str, TensorFile], config, options: LayoutOptions, source: str,
+            strict: bool = True) -> CheckpointView:
+    """`files` (any naming; FP8 block scales consumed with their weights) as the Hugging Face tensors of `config`."""
+    weights = {name: file for name, file in files.items() if not name.endswith(SCALE_SUFFIX)}
+    return CheckpointView(weights, config, options, source, row_reader(files), strict)
+
+
+def out_dtype(stored: StoredTensor, view: HFTensors, dtype: str | None) -> str:
+    """The requested dtype, or the source's (FP8 -> bf16, float64 -> float32); float32 for the rows kept so."""
+    if stored.fp32:
+        return "F32"
+    if dtype:
+        return dtype
+    first = view.layout.where[stored.parts[0]][0]
+    stored_dtype = view.files[first].dtype(first)
+    return {"F8_E4M3": "BF16", "F64": "F32"}.get(stored_dtype, stored_dtype)
+
+
+def plan(view: CheckpointView, target: TensorLayout, dtype: str | None) -> list[Source]:
+    """Every output tensor of `target`, in the source's order."""
+    position = {name: i for i, name in enumerate(view.names())}
+    tensors = sorted(target.tensors.values(), key=lambda t: min(position[p] for p in t.parts))
+    return [Source(OutTensor(t.name, t.shape, out_dtype(t, view, dtype)), t, view) for t in tensors]
 
 
 def write_side_files(hf_config: dict, directories: list[Path], out: Path, dequantized: bool) -> None:
-    """config.json, plus the tokenizer and generation files found first in `directories`."""
+    """config.json, plus generation_config.json and the tokenizer (its files and chat template together) of the
+    first of `directories` that has them, so the output is usable as it is."""
     config = dict(hf_config)
     if dequantized:
         # The weights are no longer FP8: a kept quantization_config would make loaders expect FP8.
         config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for file_name in SIDE_FILES:
-        for directory in directories:
-            if (directory / file_name).is_file():
-                shutil.copyfile(directory / file_name, out / file_name)
-                break
+    generation = [d / "generation_config.json" for d in directories if (d / "generation_config.json").is_file()]
+    tokenizers = [files for files in map(tokenizer_files, directories) if files]
+    for file in generation[:1] + (tokenizers[0] if tokenizers else []):
+        shutil.copyfile(file, out / file.name)
 
 
 def convert(src: Path, dst: Path, *, target_naming: str, layout: Layout, dtype: str | None, max_shard_bytes: int,
             config_path: Path | None = None, overwrite: bool = False, allow_pickle: bool = False,
-            quiet: bool = False, description: str = "convert") -> dict:
-    """Convert checkpoint `src` into directory `dst`; returns the manifest written."""
+            quiet: bool = False, description: str = "convert", options: LayoutOptions = LayoutOptions()) -> dict:
+    """Convert checkpoint `src` (any naming, detected) into directory `dst` in `target_naming` with `options`
+    (the mcore switches also tell how `src` is laid out when it is mcore); returns the manifest written."""
     from tqdm import tqdm
+
+    from mindspore_llm.models.auto import config_from_hf
 
     config_path = config_path or (src if src.is_dir() else src.parent)
     hf_config = read_config(config_path)
     config_file = str(config_path / "config.json" if config_path.is_dir() else config_path)
-    names = name_map(hf_config, config_file)
-    files = open_files(src, allow_pickle)
-    sources = plan(files, names, target_naming, DTYPES.get(dtype))
+    config = config_from_hf(hf_config, config_file)
+    target = tensor_layout(config, target_naming, options, config_file)
+    view = view_of(open_files(src, allow_pickle), config, options, config_file)
+    view.notice()
+    sources = plan(view, target, DTYPES.get(dtype))
     by_name = {s.out.name: s for s in sources}
     total = sum(s.out.nbytes for s in sources)
     with atomic_directory(dst, overwrite=overwrite) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, disable=quiet) as bar:
         manifest = write_checkpoint(
             tmp, [s.out for s in sources], layout, max_shard_bytes, lambda t: source_chunks(by_name[t.name]), bar,
-            {"format": layout.extension, "naming": target_naming, "architecture": hf_config["architectures"][0],
-             "source": str(src)})
+            {"format": layout.extension, "naming": target.describe(), "source_naming": view.layout.describe(),
+             "architecture": hf_config["architectures"][0], "source": str(src)})
         side = [config_path if config_path.is_dir() else config_path.parent, src if src.is_dir() else src.parent]
-        write_side_files(hf_config, side, tmp, any(s.scale for s in sources))
+        write_side_files(hf_config, side, tmp, any(s.dequantized for s in sources))
     return manifest

@@ -4,18 +4,19 @@ base as a Hugging Face model directory (streamed, tensor by tensor). The PEFT fo
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from ckpt_tools.convert import DTYPES, LAYOUTS, cast, open_files, plan, read_config, source_chunks, write_side_files
-from ckpt_tools.naming import name_map
+from ckpt_tools.convert import (DTYPES, LAYOUTS, cast, open_files, plan, read_config, read_float32, source_chunks,
+                                view_of, write_side_files)
 from ckpt_tools.writer import write_checkpoint
 from mindspore_llm.checkpoint import iter_tensors
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory
 from mindspore_llm.lora import ADAPTER_SUFFIXES, LoraConfig
+from mindspore_llm.models.auto import config_from_hf
+from mindspore_llm.models.naming import OURS, LayoutOptions, tensor_layout
 from mindspore_llm.peft import adapter_module, read_adapter, write_adapter
 
 
@@ -50,8 +51,9 @@ def merge_adapter(base: str | Path, adapter: str | Path, dst: str | Path, *, dty
     base, adapter = Path(base), Path(adapter)
     cfg, tensors = read_adapter(adapter)
     hf_config = read_config(base)
-    files = open_files(base, allow_pickle=False)
-    sources = plan(files, name_map(hf_config, str(base / "config.json")), "hf", DTYPES.get(dtype))
+    config = config_from_hf(hf_config, str(base / "config.json"))
+    view = view_of(open_files(base, allow_pickle=False), config, LayoutOptions(), str(base / "config.json"))
+    sources = plan(view, tensor_layout(config, OURS), DTYPES.get(dtype))
     by_name = {s.out.name: s for s in sources}
     adapted = sorted({adapter_module(name) for name in tensors})
     for path in adapted:
@@ -69,13 +71,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, dst: str | Path, *, dty
             yield from source_chunks(source)
             return
         path = tensor.name[:-len(".weight")]
-        merged = np.empty(tensor.shape, np.float32).reshape(-1)
-        start = 0
-        as_float32 = dataclasses.replace(source, out=dataclasses.replace(source.out, dtype="F32"))
-        for chunk in source_chunks(as_float32):  # each chunk is only valid until the next: copy it out
-            merged[start:start + chunk.size] = chunk
-            start += chunk.size
-        merged = merged.reshape(tensor.shape)
+        merged = read_float32(source)
         merged += (tensors[f"{path}.lora_B.weight"] @ tensors[f"{path}.lora_A.weight"]) * np.float32(cfg.scaling)
         yield cast(merged, "F32", tensor.dtype)
 
@@ -83,7 +79,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, dst: str | Path, *, dty
     with atomic_directory(dst, overwrite=overwrite) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge-lora", disable=quiet) as bar:
         manifest = write_checkpoint(tmp, [s.out for s in sources], LAYOUTS[("safetensors", "hf")], max_shard_bytes,
-                                    chunks, bar, {"format": "safetensors", "naming": "hf", "source": str(base),
+                                    chunks, bar, {"format": "safetensors", "naming": OURS, "source": str(base),
                                                   "adapter": str(adapter), "merged_modules": len(adapted)})
-        write_side_files(hf_config, [base], tmp, any(s.scale for s in sources))
+        write_side_files(hf_config, [base], tmp, any(s.dequantized for s in sources))
     return manifest

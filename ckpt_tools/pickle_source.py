@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
-
 import numpy as np
 
 from mindspore_llm.checkpoint import TensorFile
@@ -43,8 +41,5 @@ class TorchPickleFile(TensorFile):
         array = tensor.numpy()
         return array.view(np.uint16) if array.dtype == np.int16 else array
 
-    def chunks(self, name: str, chunk_bytes: int) -> Iterator[np.ndarray]:
-        flat = self.raw(name).reshape(-1)
-        step = max(chunk_bytes // max(flat.itemsize, 1), 1)
-        for start in range(0, len(flat), step):
-            yield flat[start:start + step]
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.raw(name)[start:stop]

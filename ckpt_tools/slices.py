@@ -14,6 +14,7 @@ from typing import Iterator
 
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory
+from mindspore_llm.tokenizer import tokenizer_files
 
 PREFIX = "checkpoint_"
 
@@ -55,12 +56,16 @@ def merged_slices(src: Path, strategy: Path) -> Iterator[Path]:
 
 
 def merge(src: Path, dst: Path, strategy: Path, config: Path | None = None, overwrite: bool = False) -> Path:
-    """Slices -> DST with one full .ckpt (plus config.json when given): what ``ms2hf`` and from_pretrained read."""
+    """Slices -> DST with one full .ckpt (plus config.json and the tokenizer files beside it when given): what
+    ``ms2hf`` and from_pretrained read."""
     with atomic_directory(dst, overwrite=overwrite) as tmp, merged_slices(src, strategy) as full:
         for file in full.glob("*.ckpt"):
             shutil.move(str(file), tmp / "mindspore_model.ckpt")
         if config is not None:
-            shutil.copyfile(config / "config.json" if config.is_dir() else config, tmp / "config.json")
+            config_dir = config if config.is_dir() else config.parent
+            shutil.copyfile(config_dir / "config.json" if config.is_dir() else config, tmp / "config.json")
+            for file in tokenizer_files(config_dir):  # with its chat template
+                shutil.copyfile(file, tmp / file.name)
     return dst
 
 

@@ -41,6 +41,8 @@ class Layout:
     extension: str  # "safetensors" or "ckpt"
     index: str
     metadata: dict
+    # a flat tensor name -> file map written beside the index, as mindformers' tools expect (param_name_map.json)
+    name_map: str | None = None
 
 
 def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
@@ -151,6 +153,8 @@ def write_checkpoint(directory: Path, tensors: list[OutTensor], layout: Layout, 
     total = sum(t.nbytes for t in tensors)
     (directory / layout.index).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    if layout.name_map:
+        (directory / layout.name_map).write_text(json.dumps(weight_map, indent=2) + "\n")
     manifest = {**(manifest_extra or {}), "total_size": total, "tensors": entries}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest

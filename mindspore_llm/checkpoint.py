@@ -2,7 +2,7 @@
 NumPy cannot name), MindSpore .ckpt files and MindSpore's safetensors flavour; loading them into a model.
 
 Every format is parsed down to where each tensor's bytes sit in which file, so a tensor costs memory only when it
-is read, and can be read in bounded chunks (``TensorFile.chunks``). MindSpore's own ``load_checkpoint`` reads a
+is read, and can be read in bounded pieces (``TensorFile.rows``). MindSpore's own ``load_checkpoint`` reads a
 whole .ckpt into memory (twice, while parsing), which is why .ckpt files are parsed here.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -109,24 +109,23 @@ class TensorFile:
                 raise CheckpointError(f"{self.path}: tensor {name} is cut short (truncated file)")
             got += read
 
-    def chunks(self, name: str, chunk_bytes: int) -> Iterator[np.ndarray]:
-        """The stored elements in order, as flat arrays of at most `chunk_bytes` (rounded down to whole elements).
-
-        Read with ``readinto`` into one buffer, so memory stays at one chunk whatever the tensor's size; each
-        yielded array is only valid until the next one is requested.
-        """
-        storage = np.dtype(SAFETENSORS_DTYPES[self.dtype(name)])
-        chunk_bytes = max(chunk_bytes // storage.itemsize, 1) * storage.itemsize
-        buffer = np.empty(min(chunk_bytes, max(self.nbytes(name), 1)), np.uint8)
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 (first dimension) as stored, read from their bytes only (across .ckpt slices)."""
+        info = self.tensors[name]
+        storage = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
+        row_bytes = int(np.prod(info["shape"][1:], dtype=np.int64)) * storage.itemsize
+        first, count = start * row_bytes, (stop - start) * row_bytes
+        out = np.empty(count, np.uint8)
+        done = position = 0
         with open(self.path, "rb", buffering=0) as f:
-            for offset, n in self.tensors[name]["segments"]:
-                f.seek(offset)
-                # A chunk never straddles segments; .ckpt slices hold whole elements.
-                while n > 0:
-                    want = min(n, len(buffer))
-                    self._read_into(f, memoryview(buffer)[:want], name)
-                    yield buffer[:want].view(storage)
-                    n -= want
+            for offset, n in info["segments"]:
+                low, high = max(first, position), min(first + count, position + n)
+                if low < high:
+                    f.seek(offset + low - position)
+                    self._read_into(f, memoryview(out)[done:done + high - low], name)
+                    done += high - low
+                position += n
+        return out.view(storage).reshape((stop - start, *info["shape"][1:]))
 
     def float32(self, name: str) -> np.ndarray:
         dtype = self.dtype(name)
@@ -181,6 +180,7 @@ class CkptFile(TensorFile):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.tensors = {}
+        self.strings: dict[str, str] = {}  # string entries (save_checkpoint's append_dict), not tensors
         try:
             size = self.path.stat().st_size
             if size:
@@ -204,6 +204,9 @@ class CkptFile(TensorFile):
                                       f"(truncated or corrupt file)")
             name, dtype, dims, content = self._value(buf, pos, pos + length)
             pos += length
+            if dtype == "str":  # UTF-32 text, as mindspore.load_checkpoint decodes it
+                self.strings[name] = bytes(buf[content[0]:content[0] + content[1]]).decode("utf-32-le")
+                continue
             info = self.tensors.get(name)
             if info is None:
                 self.tensors[name] = {"dtype": dtype, "shape": dims, "segments": [content]}
@@ -255,6 +258,8 @@ class CkptFile(TensorFile):
                 raise CheckpointError(f"{self.path}: entry {name or '?'} is not a plain tensor (map parameter?)")
         if name is None or dtype is None or content is None:
             raise CheckpointError(f"{self.path}: corrupt or truncated MindSpore checkpoint entry {name or '?'}")
+        if dtype == "str":
+            return name, dtype, dims, content
         if dtype not in SAFETENSORS_FROM_MINDSPORE:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {dtype}")
         return name, SAFETENSORS_FROM_MINDSPORE[dtype], dims, content
@@ -293,7 +298,14 @@ def weight_files(path: str | os.PathLike) -> dict[str, Path]:
         return weight_files(path / HF_SINGLE)
     shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.ckpt"))
     if shards:
-        return {name: shard for shard in shards for name in open_tensor_file(shard).names()}
+        files: dict[str, Path] = {}
+        for shard in shards:
+            for name in open_tensor_file(shard).names():
+                if name in files:  # e.g. a mindformers rank directory keeping the checkpoints of several steps
+                    raise CheckpointError(f"{path}: tensor {name} is in both {files[name].name} and {shard.name}; "
+                                          f"pass the one checkpoint file to read")
+                files[name] = shard
+        return files
     if (path / "pytorch_model.bin").exists():
         open_tensor_file(path / "pytorch_model.bin")
     raise CheckpointError(f"{path}: no *.safetensors or *.ckpt weights found")
@@ -312,6 +324,21 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, TensorFile]]:
             yield name, reader
 
 
+class ArrayTensor:
+    """An array computed while loading (stacked experts, a zeroed statistics buffer, a weight's quantized codes),
+    read like a checkpoint file's tensor so ``load_weights`` treats it like any other; its dtype is kept."""
+
+    def __init__(self, array: np.ndarray, path):
+        self.path = path
+        self.array = array
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def float32(self, name: str) -> np.ndarray:
+        return self.array
+
+
 # Tensors a Hugging Face checkpoint may carry that are not model parameters.
 NON_PARAMETER_SUFFIXES = (".rotary_emb.inv_freq",)
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
@@ -327,9 +354,10 @@ def layer_index(name: str) -> int | None:
 TRAINING_STATE_PREFIXES = ("optimizer.", "loss_scale.", "accu_grads.")
 
 
-def load_weights(model, directory: str | os.PathLike) -> None:
+def load_weights(model, directory: str | os.PathLike, tensors: Iterable[tuple[str, Any]] | None = None) -> None:
     """Fill every parameter of `model` from a checkpoint directory (Hugging Face, or `msllm-ckpt hf2ms` output in
-    either format); names must match exactly.
+    either format), or from `tensors` ((name, reader) pairs read from `directory`, e.g. another naming's tensors
+    as Hugging Face's: ``models.naming.CheckpointView.tensors``); names must match exactly.
 
     Missing or unexpected tensors and shape mismatches are errors naming the tensor and file.
     """
@@ -338,7 +366,7 @@ def load_weights(model, directory: str | os.PathLike) -> None:
     params = model.parameters_dict()
     loaded = set()
     unexpected = []
-    tensors = iter_tensors(directory)
+    tensors = iter_tensors(directory) if tensors is None else tensors
     # A family whose Cells lay tensors out differently from checkpoints (DeepSeek's stacked experts) maps them.
     if hasattr(model, "checkpoint_tensors"):
         tensors = model.checkpoint_tensors(tensors)

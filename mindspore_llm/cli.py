@@ -1,6 +1,7 @@
 """The ``msllm`` command."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -15,11 +16,35 @@ def main():
 
     \b
     Examples:
-      msllm generate ./my-qwen --prompt "Hello" --max-new-tokens 20
-      msllm train configs/tiny_qwen_sft.yaml && msllm train configs/tiny_qwen_grpo.yaml
-      msllm eval runs/tiny_qwen_grpo/final --data mindspore_llm/assets/tiny/arithmetic_test.jsonl
+      msllm train configs/tiny_qwen_sft.yaml                       train as the YAML says (msllm train -h)
+      msllm train configs/tiny_qwen_sft.yaml --set train.steps=50 --resume
+      msllm train configs/tiny_qwen_grpo.yaml                      GRPO from that SFT model (kind: grpo)
+      msllm plan configs/qwen2_5_32b_sft_8k_16p.yaml --device-num 16 --hbm-gb 58   memory per device, fits?
+      msllm preprocess --data-config configs/tiny_qwen_sft.yaml --output data/tiny_sft   tokenize once, offline
+      msllm rehearse configs/qwen2_5_32b_sft_8k_16p.yaml           a cluster job's step, at toy size, here
+      msllm generate ./runs/tiny_qwen_sft/final --prompt "What is 2 + 3?" --chat
+      msllm eval runs/tiny_qwen_grpo/final --data tasks.jsonl --reward math_accuracy --num-samples 8
+      msllm distill-topk configs/tiny_qwen_distill.yaml data/teacher_top64.safetensors --top-k 64
+      msllm rank-table generate --servers 10.0.0.1,10.0.0.2 --devices 0-7 --output rank_table_16p.json
       msllm-ckpt --help            checkpoint conversion (Hugging Face <-> MindSpore)
     """
+
+
+def _set_mindspore_verbosity(ctx, param, count):
+    # GLOG_v is read when MindSpore starts, which the commands delay until they run (the package imports it lazily);
+    # a GLOG_v the user set is kept unless -v asks for more
+    if count:
+        os.environ["GLOG_v"] = "2" if count == 1 else "1"
+    else:
+        os.environ.setdefault("GLOG_v", "3")
+    return count
+
+
+def verbosity_option(command):
+    return click.option("-v", "--verbose", count=True, expose_value=False, is_eager=True,
+                        callback=_set_mindspore_verbosity,
+                        help="Show MindSpore's own log: -v its warnings, -vv its INFO lines too (very many). "
+                             "Default: errors only; an explicit GLOG_v in the environment is kept.")(command)
 
 
 def set_graph_mode(device_target: str = "CPU") -> None:
@@ -28,10 +53,15 @@ def set_graph_mode(device_target: str = "CPU") -> None:
     ms.set_context(mode=ms.GRAPH_MODE, device_target=device_target)
 
 
+DEVICE_TARGET = click.option("--device-target", default="CPU", show_default=True, type=click.Choice(["CPU", "Ascend"]),
+                             help="Where the graphs run (Ascend: an NPU of this host).")
+
+
 def _generation_options(command):
     """The sampling and batching options `generate` and `eval` share."""
     options = [
-        click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 32768)),
+        click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 32768),
+                     help="Stop a row after this many new tokens (or at an end-of-sequence token)."),
         click.option("--temperature", type=click.FloatRange(min=0),
                      help="0: greedy. Default: greedy, or 1.0 when several sequences are sampled per prompt."),
         click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
@@ -43,14 +73,19 @@ def _generation_options(command):
                      help="Rows per generate call (the compiled batch shape)."),
         click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True),
                      help="tokenizer.json or sentencepiece .model (default: found in MODEL_PATH)."),
-        click.option("--device-target", default="CPU", show_default=True, type=click.Choice(["CPU", "Ascend"])),
+        click.option("--compute-dtype", default="fp32", show_default=True,
+                     type=click.Choice(["fp32", "fp16", "bf16"]),
+                     help="Dtype of the matmuls (weights are kept in fp32). bf16 needs Ascend: CPU kernels lack "
+                          "bf16 matmul."),
+        DEVICE_TARGET,
+        verbosity_option,
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def _load_generation(model_path, tokenizer_path, device_target):
+def _load_generation(model_path, tokenizer_path, compute_dtype, device_target):
     """(model, tokenizer, stop ids, pad id) for MODEL_PATH; bad inputs exit 2 with the file named."""
     from mindspore_llm.common import CheckpointError, TokenizerError
     from mindspore_llm.generation import stop_token_ids
@@ -60,7 +95,7 @@ def _load_generation(model_path, tokenizer_path, device_target):
     set_graph_mode(device_target)
     try:
         tokenizer = load_tokenizer(tokenizer_path or model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, compute_dtype=compute_dtype)
     except (ConfigError, CheckpointError, TokenizerError) as err:
         raise UserError(str(err)) from None
     pad = next((i for i in (tokenizer.pad_token_id, model.config.pad_token_id) if i is not None), 0)
@@ -75,36 +110,43 @@ def _generator(model, prompts, stops, pad, max_new_tokens, temperature, top_p, t
     if temperature == 0 and sequences > 1:
         raise UserError(f"{sequences} sequences per prompt with --temperature 0 would all be the same greedy "
                         f"one; sample with --temperature > 0")
+    longest = max(len(ids) for ids in prompts)
+    if longest + max_new_tokens > model.config.max_position_embeddings:
+        raise UserError(f"--max-new-tokens: the longest prompt's {longest} tokens + {max_new_tokens} exceed the "
+                        f"model's max_position_embeddings {model.config.max_position_embeddings}")
     config = GenerationConfig(max_new_tokens, temperature, top_k, top_p, stops, pad)
     rows = min(batch_size, len(prompts) * sequences)
-    return Generator(model, config, rows, max(len(ids) for ids in prompts))
+    return Generator(model, config, rows, longest)
 
 
 @main.command()
 @click.argument("model_path", type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt", "prompts", multiple=True, help="Text to continue (repeatable).")
+@click.option("--prompt", "prompts", multiple=True, help="Text to continue (repeatable; with --chat: the user's "
+                                                          "message).")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False),
               help='Prompts to run as a batch: .jsonl records with "prompt" or "messages" (rendered with the chat '
                    'template), or a text file with one prompt per line.')
-@click.option("--chat", is_flag=True, help="Render --prompt and text-file prompts as a user message with the "
-                                           "chat template (the answer is printed without the prompt).")
+@click.option("--chat", is_flag=True,
+              help="Render --prompt and text-file prompts as a user turn with the model's chat template and its "
+                   "generation prompt (as transformers' apply_chat_template(add_generation_prompt=True)); print "
+                   "only the reply.")
 @click.option("--num-return-sequences", default=1, show_default=True, type=click.IntRange(min=1),
               help="Sequences per prompt (sampled: needs --temperature > 0).")
 @click.option("--output", type=click.Path(dir_okay=False),
               help="Also write every sequence to this .jsonl file (prompt, sequence, completion, token ids).")
 @_generation_options
 def generate(model_path, prompts, prompts_file, chat, num_return_sequences, output, max_new_tokens, temperature,
-             top_p, top_k, seed, batch_size, tokenizer_path, device_target):
+             top_p, top_k, seed, batch_size, tokenizer_path, compute_dtype, device_target):
     """Continue prompts with the model in MODEL_PATH: greedy, or sampled with --temperature/--top-p/--top-k.
 
     MODEL_PATH is a Hugging Face model directory (config.json + safetensors) or one written by
-    `msllm-ckpt hf2ms` / `msllm train`. Generation keeps a key/value cache and compiles two graphs once (prefill
-    and one-token decode, for --batch-size rows); a row stops at the model's end-of-sequence tokens.
+    `msllm-ckpt hf2ms` or a training run (its final/). Generation keeps a key/value cache and compiles two graphs
+    once (prefill and one-token decode, for --batch-size rows); a row stops at the model's end-of-sequence tokens.
 
     \b
     Examples:
       msllm generate ./my-qwen --prompt "The capital of France is" --max-new-tokens 20
-      msllm generate runs/tiny_qwen_sft/final --chat --prompt "What is 7 + 5?"
+      msllm generate ./r1-distill --prompt "What is 2 + 3?" --chat --max-new-tokens 512 --device-target Ascend
       msllm generate ./my-qwen --prompts-file prompts.jsonl --temperature 0.7 --top-p 0.9 \\
           --num-return-sequences 4 --seed 1 --output samples.jsonl
     """
@@ -116,7 +158,10 @@ def generate(model_path, prompts, prompts_file, chat, num_return_sequences, outp
     from mindspore_llm.generation import decode_completions, generate_all
     from mindspore_llm.rl.prompts import load_prompts
 
-    model, tokenizer, stops, pad = _load_generation(model_path, tokenizer_path, device_target)
+    for text in prompts:
+        if not text.strip():
+            raise UserError("--prompt: empty; give the text to continue")
+    model, tokenizer, stops, pad = _load_generation(model_path, tokenizer_path, compute_dtype, device_target)
     texts = list(prompts)
     rendered = []  # (token ids, whether the prompt was chat-rendered)
     try:
@@ -166,13 +211,13 @@ def generate(model_path, prompts, prompts_file, chat, num_return_sequences, outp
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_generation_options
 def eval_command(model_path, data_path, rewards, num_samples, output, quiet, max_new_tokens, temperature, top_p,
-                 top_k, seed, batch_size, tokenizer_path, device_target):
+                 top_k, seed, batch_size, tokenizer_path, compute_dtype, device_target):
     """Score the model in MODEL_PATH on the prompts of --data: generate (KV cache, batched), reward every sample,
     print pass@1 (and pass@k with --num-samples k) per reward; a sample passes when its reward is >= 1.
 
     \b
     Examples:
-      msllm eval runs/tiny_qwen_grpo/final --data mindspore_llm/assets/tiny/arithmetic_test.jsonl
+      msllm eval runs/tiny_qwen_grpo/final --data mindspore_llm/assets/tiny/reverse_words.jsonl --reward exact_match
       msllm eval ./R1-Distill-Qwen-32B --data math500.jsonl --reward math_accuracy --num-samples 8 \\
           --max-new-tokens 4096 --temperature 0.6 --top-p 0.95
     """
@@ -184,7 +229,7 @@ def eval_command(model_path, data_path, rewards, num_samples, output, quiet, max
     from mindspore_llm.rl.prompts import load_prompts
     from mindspore_llm.rl.rewards import RewardConfig
 
-    model, tokenizer, stops, pad = _load_generation(model_path, tokenizer_path, device_target)
+    model, tokenizer, stops, pad = _load_generation(model_path, tokenizer_path, compute_dtype, device_target)
     try:
         configs = [RewardConfig(name=name) for name in rewards]
         for cfg in configs:
@@ -211,6 +256,7 @@ def eval_command(model_path, data_path, rewards, num_samples, output, quiet, max
 @click.option("--shards", default=1, show_default=True, type=click.IntRange(1, 1000),
               help="Number of MindRecord files to spread the sequences over.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@verbosity_option
 def preprocess(data_config, output, shards, overwrite):
     """Tokenize and pack a data set once, offline, into MindRecord.
 
@@ -223,9 +269,12 @@ def preprocess(data_config, output, shards, overwrite):
       msllm preprocess --data-config configs/tiny_qwen_sft.yaml --output data/tiny_sft
       msllm preprocess --data-config data.yaml --output /shared/pretrain --shards 8
     """
+    import logging
+
     from mindspore_llm.common import IGNORE_INDEX
     from mindspore_llm.data import build_sequences, load_data_config, write_mindrecord
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_data_config(data_config)
         arrays = build_sequences(cfg)
@@ -237,20 +286,34 @@ def preprocess(data_config, output, shards, overwrite):
                f"{counted} counted in the loss, {shards} shard(s)")
 
 
+def _set_option(command):
+    return click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                        help="Override one config value (repeatable); VALUE is read as YAML: 3, 1e-4, true, null, "
+                             "bf16.")(command)
+
+
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override one config value (repeatable); VALUE is read as YAML: 3, 1e-4, true, null, bf16.")
+@_set_option
 @click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint in the checkpoint dir.")
-def train(config_path, overrides, resume):
-    """Train (pretraining, SFT, or GRPO with `kind: grpo`) as CONFIG describes: logs, checkpoints, final model.
+@click.option("--dry-run", is_flag=True,
+              help="On an Ascend host: compile one rank's graph of the whole job on a single NPU without HCCL "
+                   "(MindSpore's simulation) and report it; nothing trains, no data is read. Run this before "
+                   "booking the cluster (on any machine: `msllm rehearse CONFIG`).")
+@click.option("--rank", type=click.IntRange(0), default=None,
+              help="With --dry-run: the rank to compile (default: the logging rank, the first of the last stage).")
+@verbosity_option
+def train(config_path, overrides, resume, dry_run, rank):
+    """Train (pretraining, SFT, or GRPO with `kind: grpo`) as CONFIG describes: logs, checkpoints, final
+    model directory.
 
     Every step logs loss, learning rate, grad norm, loss scale, overflow and tokens/s to
     <output_dir>/logs (metrics.jsonl, TensorBoard events, loss.png at the end); GRPO adds rewards, accuracy,
     KL, clip fraction, entropy, completion length and rollout tokens/s (reward.png, and a sample of each step's
     rollouts in logs/rollouts/). Checkpoints go to
     <output_dir>/checkpoints every checkpoint.every_n_steps; SIGTERM or Ctrl-C finishes the current step,
-    saves and exits 0. The trained model is written to <output_dir>/final (config.json + safetensors).
+    saves and exits 0 (in a distributed job every rank stops after the same step). The trained model is written to
+    <output_dir>/final (config.json + safetensors).
 
     \b
     Examples:
@@ -260,23 +323,93 @@ def train(config_path, overrides, resume):
       msllm train configs/tiny_qwen_grpo.yaml                  # GRPO from the SFT model above
       msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True --log_dir=runs/msrun_logs \\
           python -m mindspore_llm.cli train configs/tiny_qwen_sft.yaml --set output_dir=runs/tiny_2p
+      msllm train configs/qwen2_5_32b_sft_8k_16p.yaml --dry-run  # on one Ascend NPU, before the 16-NPU job
     """
     import logging
 
     from mindspore_llm.common import CheckpointError
     from mindspore_llm.train.config import load_train_config
-    from mindspore_llm.train.grpo import GRPOTrainer
-    from mindspore_llm.train.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         config = load_train_config(config_path, overrides)
-        trainer = (GRPOTrainer if config.kind == "grpo" else Trainer)(config, resume=resume)
+        if dry_run:
+            click.echo(_dry_run(config, rank))
+            return
+        trainer = _trainer_class(config)(config, resume=resume)
     except (ConfigError, CheckpointError) as err:
         raise UserError(str(err)) from None
     result = trainer.run()
     if trainer.context.is_main:
         click.echo(result.summary())
+
+
+def _trainer_class(config):
+    """The trainer of the config's kind: ``Trainer``, or ``GRPOTrainer`` for ``kind: grpo``."""
+    if config.kind == "grpo":
+        from mindspore_llm.train.grpo import GRPOTrainer
+
+        return GRPOTrainer
+    from mindspore_llm.train.trainer import Trainer
+
+    return Trainer
+
+
+def _dry_run(config, rank) -> str:
+    from mindspore_llm.parallel.context import simulation_environment
+
+    if config.device_target != "Ascend":
+        raise UserError(f"--dry-run compiles one rank of an Ascend job with MindSpore's simulation "
+                        f"(MS_SIMULATION_LEVEL), which needs the Ascend backend: this config's device_target is "
+                        f"{config.device_target} (MindSpore: \"Dryrun is not supported on CPU device for a "
+                        f"distributed job\"). On this machine, `msllm rehearse CONFIG` runs the job's step at toy "
+                        f"size.")
+    parallel = config.parallel
+    rank = parallel.device_num - parallel.device_num // parallel.pipeline_stages if rank is None else rank
+    os.environ.update(simulation_environment(parallel, rank))
+    try:
+        trainer = _trainer_class(config)(config, dry_run=True)
+    except RuntimeError as err:  # MindSpore without its Ascend backend: "Unsupported device target Ascend ..."
+        raise UserError(f"--dry-run needs MindSpore's Ascend backend (the Ascend wheel and CANN): {err}"
+                        .splitlines()[0]) from None
+    return trainer.dry_run()
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@_set_option
+@click.option("--steps", default=2, show_default=True, type=click.IntRange(1, 20),
+              help="Training steps to compare.")
+@verbosity_option
+def rehearse(config_path, overrides, steps):
+    """Rehearse the training job CONFIG on this machine (CPU): build its step as the trainer does on the cluster
+    (pipeline, gradient reducer, optimizer-shard flag, stages, recompute, LoRA, distillation), at toy size, run it
+    and compare loss, gradient norm, skip decisions and AdamW moments with the same toy model trained without the
+    wrappers. Exit 1 on a mismatch, 2 on an invalid config or plan.
+
+    The parallel, precision, train, lora and distill sections are used as they are; the model's dimensions, the
+    sequence and the pipeline's micro-batches shrink (the output says how). The data files need not exist.
+
+    \b
+    Examples:
+      msllm rehearse configs/qwen2_5_32b_sft_8k_16p.yaml
+      msllm rehearse configs/deepseek_v3_671b_pretrain_4k_2048p.yaml --set parallel.optimizer_shard=false
+    """
+    from mindspore_llm.train.config import load_train_config
+
+    set_graph_mode("CPU")
+    try:
+        config = load_train_config(config_path, overrides)
+        from mindspore_llm.train.rehearse import rehearse as run_rehearsal
+
+        result = run_rehearsal(config, config_path, steps, echo=click.echo)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 -- a step that fails to build or compile is what a rehearsal finds
+        message = next((line for line in str(err).splitlines() if line.strip()), "")
+        click.echo(f"  rehearsal FAILED: {type(err).__name__}: {message}", err=True)
+        sys.exit(1)
+    sys.exit(0 if result.ok else 1)
 
 
 @main.command()
@@ -313,7 +446,8 @@ def rank_table():
 
     \b
     Examples:
-      msllm rank-table generate --servers 10.0.0.1,10.0.0.2 --devices 0-7 --output rank_table_16p.json
+      msllm rank-table generate --servers 10.0.0.1,10.0.0.2 --devices 0-7 --device-ips-file hccn/ \\
+          --output rank_table_16p.json        # hccn/10.0.0.1.conf, hccn/10.0.0.2.conf: each server's hccn.conf
       msllm rank-table generate --servers 10.0.0.1 --devices 0-7 --device-ips-file /etc/hccn.conf
       msllm rank-table validate rank_tables/rank_table_16p.json --device-num 16
     """
@@ -322,21 +456,26 @@ def rank_table():
 @rank_table.command("generate")
 @click.option("--servers", required=True, help="Host IPs of the servers, comma-separated, in rank order.")
 @click.option("--devices", default="0-7", show_default=True, help="Device ids used on every server: 0-7, 0,1,2,3.")
-@click.option("--device-ips-file", type=click.Path(exists=True, dir_okay=False),
-              help="/etc/hccn.conf of a (single) server: its address_N device IPs. Default: placeholders "
-                   "192.168.(100+N).(server+1) -- replace them with your hccn.conf values.")
+@click.option("--device-ips-file", "device_ips_files", multiple=True, type=click.Path(exists=True),
+              help="Each server's /etc/hccn.conf (its address_N device IPs), repeated once per server in the order "
+                   "of --servers, or one directory holding <server IP>.conf for every server. Without it the IPs "
+                   "are placeholders 192.168.(100+N).(server+1), which `validate` warns about.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write here (atomically); default: stdout.")
-def rank_table_generate(servers, devices, device_ips_file, output):
+def rank_table_generate(servers, devices, device_ips_files, output):
     """Write an HCCL v1.0 rank table: ranks 0..N-1 over the servers in the order given."""
     import json
 
     from mindspore_llm.parallel import rank_table as rt
 
+    server_ips = [s.strip() for s in servers.split(",") if s.strip()]
     try:
-        ips = rt.read_hccn_conf(device_ips_file) if device_ips_file else None
-        table = rt.generate([s.strip() for s in servers.split(",") if s.strip()], rt.parse_devices(devices), ips)
+        ips = rt.read_device_ips(list(device_ips_files), server_ips) if device_ips_files else None
+        table = rt.generate(server_ips, rt.parse_devices(devices), ips)
     except ConfigError as err:
         raise UserError(str(err)) from None
+    warning = rt.placeholder_warning(table, "the generated table")
+    if warning:
+        click.echo(warning, err=True)
     if output:
         rt.write(table, output)
         click.echo(f"wrote {output}: {table['server_count']} server(s) x {len(table['server_list'][0]['device'])} "
@@ -373,10 +512,15 @@ def _table_options(command):
 def rank_table_validate(table_path, device_num, config_path):
     """Check FILE (JSON, fields, server_count, rank ids 0..N-1, unique device ids per server and device IPs,
     equal devices per server, the device count). Prints a summary; exit 2 with the problem otherwise."""
+    from mindspore_llm.parallel import rank_table as rt
+
     try:
-        _, summary = _validate_table(table_path, device_num, config_path)
+        table, summary = _validate_table(table_path, device_num, config_path)
     except ConfigError as err:
         raise UserError(str(err)) from None
+    warning = rt.placeholder_warning(table, table_path)
+    if warning:
+        click.echo(warning, err=True)
     click.echo(f"{table_path}: ok, {len(summary['servers'])} server(s) x {summary['devices_per_server']} devices "
                f"= {summary['rank_size']} ranks")
 
@@ -394,6 +538,9 @@ def rank_table_local(table_path, device_num, config_path, server_index, local_ip
         table, summary = _validate_table(table_path, device_num, config_path)
         click.echo(f"{table_path}: ok, {len(summary['servers'])} server(s) x {summary['devices_per_server']} "
                    f"devices = {summary['rank_size']} ranks", err=True)
+        warning = rt.placeholder_warning(table, table_path)
+        if warning:
+            click.echo(warning, err=True)
         index = rt.find_server(table, table_path, server_index, local_ips.split())
     except ConfigError as err:
         raise UserError(str(err)) from None
@@ -406,9 +553,11 @@ def rank_table_local(table_path, device_num, config_path, server_index, local_ip
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.option("--top-k", type=click.IntRange(1), help="Logits kept per token (default: distill.top_k of CONFIG).")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--device-target", default="CPU", show_default=True, type=click.Choice(["CPU", "Ascend"]))
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1),
+              help="Sequences per teacher forward pass.")
+@DEVICE_TARGET
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@verbosity_option
 def distill_topk(config_path, output, top_k, batch_size, device_target, quiet):
     """Run the teacher of training YAML CONFIG over its data set once and store each token's top-k teacher
     logits in OUTPUT (one safetensors file) for offline distillation (`distill: {mode: offline,

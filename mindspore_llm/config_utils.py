@@ -5,6 +5,7 @@ Every error names the source and the field, so a user can find the line to fix.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -14,13 +15,16 @@ import yaml
 
 from mindspore_llm.common import ConfigError
 
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
 
 def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check `value` against a dataclass annotation, converting only where lossless (int -> float)."""
+    """Check `value` against a dataclass annotation, converting only where lossless (int -> float, a number
+    written as a string -> float)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -65,6 +69,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-5, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

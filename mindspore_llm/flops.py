@@ -5,25 +5,32 @@ every matmul weight a token passes through, plus the attention scores and weight
 discount for the causal mask, none for recompute: this is *model* FLOPs, not hardware FLOPs).
 N_active: the matmul weights a token uses — the input embedding excluded (a lookup), norms and biases
 excluded, the LM head included; for MoE only ``num_experts_per_tok`` of the routed experts.
+
+What a MoE dispatch actually computes differs: ``executed_flops_per_token`` counts the routed experts as many times
+per token as the training dispatch runs them (E x C / S with a capacity, E dense, k grouped): the cost of
+padding and of the dense path, kept apart from the model FLOPs that MFU is defined on.
 """
 from __future__ import annotations
 
 import math
 
-from mindspore_llm.models.shapes import parameter_shapes
+from mindspore_llm.models.shapes import is_moe, parameter_shapes, routed_slots_per_token
 
 # Dense 16-bit peak TFLOPS per device. 910B variants are quoted between 313 and 414; 313 is the conservative
 # figure (a bf16 matmul measured 328). Pass the variant's own figure when you know it.
 PEAK_TFLOPS = {"910B": 313.0, "A100": 312.0, "H100": 989.0}
 
 
-def active_matmul_parameters(config) -> int:
+def active_matmul_parameters(config, routed_experts: float | None = None) -> float:
+    """Matmul weights a token passes through, with `routed_experts` of the routed experts (default: k)."""
     total = 0
     for name, shape in parameter_shapes(config):
         if name.startswith("model.embed_tokens") or len(shape) == 1:  # a lookup; norms and biases are not matmuls
             continue
         n = math.prod(shape)
-        total += n * config.num_experts_per_tok // config.n_routed_experts if ".experts." in name else n
+        if ".experts." in name:  # stacked routed experts (E, ., .): the share of the experts a token runs on
+            n = n * (config.num_experts_per_tok if routed_experts is None else routed_experts) / config.n_routed_experts
+        total += n
     if config.tie_word_embeddings:  # the LM head multiplies by the embedding matrix
         total += config.vocab_size * config.hidden_size
     return total
@@ -31,6 +38,16 @@ def active_matmul_parameters(config) -> int:
 
 def flops_per_token(config, seq_length: int) -> float:
     return 6.0 * active_matmul_parameters(config) + 12.0 * config.num_hidden_layers * config.hidden_size * seq_length
+
+
+def executed_flops_per_token(config, seq_length: int) -> float:
+    """Training FLOPs per token as the MoE dispatch computes them (unused capacity slots, dense dispatch); equal
+    to ``flops_per_token`` for a dense model."""
+    if not is_moe(config):
+        return flops_per_token(config, seq_length)
+    slots = routed_slots_per_token(config, seq_length)
+    return (6.0 * active_matmul_parameters(config, slots)
+            + 12.0 * config.num_hidden_layers * config.hidden_size * seq_length)
 
 
 def peak_tflops(device: str | float) -> float:

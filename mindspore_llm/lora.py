@@ -7,6 +7,10 @@ A (rank, in) and B (out, rank) trainable and everything else frozen. The layer i
 (``...q_proj.lora_A.weight``, ``...q_proj.lora_B.weight``). Initialisation follows PEFT: A kaiming-uniform
 (a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), B zero, so a fresh adapter leaves the model unchanged.
 
+QLoRA (Dettmers et al., https://arxiv.org/abs/2305.14314): with ``quantize_base`` the frozen base is held in NF4 (or
+int8) and dequantized in the graph (``mindspore_llm.models.quantized``); the adapters, their training and their
+export are the same.
+
 Every op is a primitive instance: ``mindspore_llm.parallel.plan`` splits the adapters like their base layer.
 A parallel job applies ``apply_plan(model, parallel)`` after ``apply_lora``.
 """
@@ -17,6 +21,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import mindspore as ms
 import numpy as np
@@ -27,7 +32,9 @@ from mindspore.ops import operations as P
 from mindspore_llm.common import ConfigError
 from mindspore_llm.config_utils import require
 from mindspore_llm.models import layers
+from mindspore_llm.models.quantized import model_quantization, quantize_model
 from mindspore_llm.models.shapes import layer_parameter_shapes
+from mindspore_llm.quant import QuantizationConfig
 
 ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -48,9 +55,14 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # PEFT's default for Qwen
+    # QLoRA: hold the frozen base's linear layers quantized (embeddings, norms, LM head stay in their dtype)
+    quantize_base: Literal["nf4", "int8"] | None = None
+    double_quant: bool = False  # nf4: quantize the block scales too (QLoRA's double quantization)
 
     def validate(self) -> None:
         require(isinstance(self.rank, int) and self.rank >= 1, f"rank: must be an integer >= 1, got {self.rank!r}")
+        require(not self.double_quant or self.quantize_base == "nf4",
+                f"double_quant: needs quantize_base: nf4, got quantize_base: {self.quantize_base}")
         require(self.alpha > 0, f"alpha: must be positive, got {self.alpha!r}")
         require(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout!r}")
         require(len(self.target_modules) > 0, "target_modules: give at least one name or pattern")
@@ -66,6 +78,12 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def quantization(self) -> QuantizationConfig | None:
+        if self.quantize_base is None:
+            return None
+        return QuantizationConfig(method=self.quantize_base, double_quant=self.double_quant)
 
     def matches(self, path: str) -> bool:
         for pattern in self.target_modules:
@@ -114,8 +132,17 @@ class LoraLinear(layers.Linear):
 
 def apply_lora(model: nn.Cell, cfg: LoraConfig) -> list[str]:
     """Freeze every parameter of `model` and wrap each linear layer that `cfg.target_modules` selects; returns
-    the wrapped layers' paths. Afterwards ``model.trainable_params()`` holds exactly the adapters."""
+    the wrapped layers' paths. Afterwards ``model.trainable_params()`` holds exactly the adapters.
+
+    With ``cfg.quantize_base`` the base is quantized first if it is not yet (a model loaded quantized, e.g. by
+    ``models.auto.load_quantized``, must be held the way the config says)."""
     cfg.validate()
+    if cfg.quantization is not None:
+        held = model_quantization(model)
+        if held is None:
+            quantize_model(model, cfg.quantization)
+        elif held != cfg.quantization:
+            raise ConfigError(f"lora.quantize_base: {cfg.quantization} asked for, the model is held as {held}")
     cells = dict(model.cells_and_names())
     targets = [name for name, cell in cells.items()
                if type(cell) is layers.Linear and not name.endswith((".lora_A", ".lora_B")) and cfg.matches(name)]

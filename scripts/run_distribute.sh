@@ -115,19 +115,26 @@ for i in "${!RANKS[@]}"; do
 done
 [[ $DRY_RUN -eq 1 ]] && exit 0
 
-# 5. Wait; the first failure stops the others.
-remaining=${#PIDS[@]}
-while [[ $remaining -gt 0 ]]; do
-  wait -n -p done_pid "${PIDS[@]}"
-  status=$?
-  remaining=$(( remaining - 1 ))
-  [[ $status -eq 0 ]] && continue
-  for i in "${!PIDS[@]}"; do [[ "${PIDS[$i]}" == "$done_pid" ]] && failed="${RANK_OF[$i]}"; done
-  echo "rank $failed exited with status $status; stopping the other ranks" >&2
-  stop_all
-  wait 2> /dev/null
-  echo "---- last 30 lines of $LOG_DIR/rank_$failed/train.log ----" >&2
-  tail -n 30 "$LOG_DIR/rank_$failed/train.log" >&2
-  exit 1
+# 5. Wait; the first failure stops the others. A poll of `kill -0` and `wait PID`, which every bash >= 4.4 has (the
+# images Ascend servers ship: openEuler 20.03, Kylin V10 and Ubuntu 20.04 have bash 5.0, where `wait -n -p` fails
+# with "invalid option" at once). bash reaps its children as they exit and keeps each one's status for `wait PID`.
+running=("${!PIDS[@]}")
+while [[ ${#running[@]} -gt 0 ]]; do
+  still=()
+  for i in "${running[@]}"; do
+    if kill -0 "${PIDS[$i]}" 2> /dev/null; then still+=("$i"); continue; fi
+    wait "${PIDS[$i]}"
+    status=$?
+    [[ $status -eq 0 ]] && continue
+    failed="${RANK_OF[$i]}"
+    echo "rank $failed exited with status $status; stopping the other ranks" >&2
+    stop_all
+    wait 2> /dev/null
+    echo "---- last 30 lines of $LOG_DIR/rank_$failed/train.log ----" >&2
+    tail -n 30 "$LOG_DIR/rank_$failed/train.log" >&2
+    exit 1
+  done
+  running=("${still[@]}")
+  [[ ${#running[@]} -gt 0 ]] && sleep 1
 done
 echo "all $LOCAL_NUM ranks of server $SERVER finished"

@@ -2,7 +2,7 @@
 
 References: transformers (loading and logits), torch's float32 -> bfloat16 cast, mindspore.save_checkpoint and
 mindspore.load_checkpoint. Round trips are compared bit for bit; logits in mindspore_llm within
-1e-4 * max|logit| (the parity tests' tolerance), transformers' logits of a round-tripped model exactly.
+3e-6 * max|logit| (measured 4.2e-7), transformers' logits of a round-tripped model exactly.
 """
 import json
 import zlib
@@ -180,7 +180,7 @@ def test_converted_model_gives_reference_logits_in_mindspore_llm(name, models, c
     ref_logits, _, _ = reference.torch_logits_loss_grads(models[name][1], input_ids, mask, labels)
     model = AutoModelForCausalLM.from_pretrained(converted[name])
     logits = model(ms.Tensor(input_ids, ms.int32), ms.Tensor(mask, ms.int32)).asnumpy()
-    assert np.abs(logits - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
+    assert np.abs(logits - ref_logits).max() <= 3e-6 * np.abs(ref_logits).max()
 
 
 def test_pickle_is_converted_only_with_allow_pickle(models, module_dir):

@@ -57,8 +57,10 @@ def test_dequantization_matches_reference_including_edge_blocks(shape, target):
     np.testing.assert_array_equal(cast(np.concatenate(pieces), "F32", target), expected)
 
 
-def test_fp8_checkpoint_converts_to_dequantized_weights_without_scales(module_dir):
-    """A tiny Qwen2 whose linear weights are stored as FP8 + weight_scale_inv, as DeepSeek-V3 stores its own."""
+@pytest.fixture(scope="module")
+def fp8_checkpoint(module_dir):
+    """A tiny Qwen2 whose linear weights are stored as FP8 + weight_scale_inv, as DeepSeek-V3 stores its own; and
+    the bf16 bits torch's weight_dequant gives for each tensor."""
     model = reference.qwen2(module_dir / "qwen2")
     state, expected = {}, {}
     for name, param in model.state_dict().items():
@@ -75,7 +77,11 @@ def test_fp8_checkpoint_converts_to_dequantized_weights_without_scales(module_di
     config = json.loads((module_dir / "qwen2" / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
     (source / "config.json").write_text(json.dumps(config))
+    return source, expected
 
+
+def test_fp8_checkpoint_converts_to_dequantized_weights_without_scales(fp8_checkpoint, module_dir):
+    source, expected = fp8_checkpoint
     out = module_dir / "qwen2_fp8_ms"
     result = run("hf2ms", source, out, "--dtype", "bf16")
     assert result.exit_code == 0, result.output
@@ -86,3 +92,24 @@ def test_fp8_checkpoint_converts_to_dequantized_weights_without_scales(module_di
         assert converted[name] == ("BF16", bits.tobytes()), name
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
+
+@pytest.mark.parametrize("dtype", [None, "fp32"])  # as stored (FP8 -> bf16, the rest as it is), or all fp32
+def test_verify_dequantizes_an_fp8_original_as_hf2ms_does(fp8_checkpoint, module_dir, dtype):
+    """The original against its conversion agrees exactly (its scales belong to the weights, not missing tensors);
+    one dequantized element off by one unit in the last place is found."""
+    source, _ = fp8_checkpoint
+    out = module_dir / f"qwen2_fp8_{dtype}"
+    options = ["--dtype", dtype] if dtype else []
+    assert run("hf2ms", source, out, *options, "--format", "safetensors").exit_code == 0
+    result = run("verify", source, out)
+    assert result.exit_code == 0, result.output
+    assert "FP8 weight(s) dequantized, max |Δ| = 0, 0 mismatch(es)" in result.output
+    from safetensors.torch import load_file
+    [shard] = out.glob("*.safetensors")
+    tensors = load_file(shard)
+    name = "model.layers.0.mlp.down_proj.weight"
+    bits = tensors[name].view({torch.bfloat16: torch.int16, torch.float32: torch.int32}[tensors[name].dtype])
+    bits[0, 0] += 1  # one unit in the last place of the stored dtype
+    save_file(tensors, shard, metadata={"format": "ms"})
+    result = run("verify", source, out)
+    assert result.exit_code == 1 and f"{name}: max |Δ|" in result.output, result.output

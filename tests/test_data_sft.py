@@ -63,15 +63,15 @@ def test_custom_template_environment_as_transformers(tmp_path, hf_tokenizer):
 
 
 def test_token_ids_equal_transformers_tokenization(tokenizer, hf_tokenizer):
-    """Pieces are tokenized separately; with ChatML the result is the tokenization of the whole rendering."""
+    """ChatML renders history as trained: one sequence per conversation, the tokenization of the whole rendering."""
     for messages in CONVERSATIONS[:100]:
-        ids, _ = encode_conversation(tokenizer, messages, "test")
+        [(ids, _)] = encode_conversation(tokenizer, messages, "test")
         assert ids == hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
 
 
 def test_labels_cover_exactly_assistant_content_and_end_of_turn(tokenizer):
     for messages in CONVERSATIONS:
-        ids, labels = encode_conversation(tokenizer, messages, "test")
+        [(ids, labels)] = encode_conversation(tokenizer, messages, "test")
         counted = [label for label in labels if label != IGNORE_INDEX]
         assistant = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
         # independent count: each assistant turn tokenized on its own
@@ -91,17 +91,24 @@ THINKING_TEMPLATE = (
     "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
-def test_turns_found_when_the_template_rewrites_earlier_turns(tmp_path):
+def test_a_turn_the_template_rewrites_later_is_trained_in_a_sequence_of_its_own(tmp_path):
+    """Each turn is trained after its inference prompt: the first turn with the think block the template gives a
+    final turn, the second after the history as the template renders it (without it)."""
     (tmp_path / "tokenizer.json").write_bytes((TINY_ASSETS / "tokenizer.json").read_bytes())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": THINKING_TEMPLATE}))
     tokenizer, hf_tokenizer = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
-    # "a" also occurs in the role header and "Hello" in the user turn: the right occurrence must be found
     messages = [{"role": "user", "content": "Say Hello"}, {"role": "assistant", "content": "Hello"},
                 {"role": "user", "content": "Say a"}, {"role": "assistant", "content": "a"}]
-    ids, labels = encode_conversation(tokenizer, messages, "test")
-    assert ids == hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    counted = [label for label in labels if label != IGNORE_INDEX]
-    assert tokenizer.decode(counted) == "Hello<|im_end|><think>\n\n</think>\n\na<|im_end|>"
+    samples = encode_conversation(tokenizer, messages, "test")
+    assert len(samples) == 2
+    for (ids, labels), turn in zip(samples, (1, 3)):
+        prompt = hf_tokenizer.apply_chat_template(messages[:turn], add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False)
+        assert ids[:len(prompt)] == prompt and set(labels[:len(prompt)]) == {IGNORE_INDEX}
+        counted = [label for label in labels if label != IGNORE_INDEX]
+        assert tokenizer.decode(counted) == f"<think>\n\n</think>\n\n{messages[turn]['content']}<|im_end|>"
+    [(ids, labels)] = encode_conversation(tokenizer, messages, "test", multi_turn="last")
+    assert ids[:len(samples[1][0])] == samples[1][0] and labels[:len(samples[1][1])] == samples[1][1]
 
 
 def test_model_loss_counts_exactly_the_assistant_tokens(tokenizer):
@@ -123,14 +130,14 @@ def test_instruction_records_become_conversations(tmp_path, tokenizer):
                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                  {"role": "assistant", "content": "Hello"}]]
     for row, messages in enumerate(expected):
-        ids, labels = encode_conversation(tokenizer, messages, "test")
+        [(ids, labels)] = encode_conversation(tokenizer, messages, "test")
         np.testing.assert_array_equal(arrays["input_ids"][row, :len(ids)], ids)
         np.testing.assert_array_equal(arrays["labels"][row, :len(ids)], labels)
 
 
 def test_long_samples_truncated_and_short_ones_padded(tokenizer):
     arrays = build_sequences(sft_config(seq_length=40))
-    ids, labels = encode_conversation(tokenizer, CONVERSATIONS[0], "test")
+    [(ids, labels)] = encode_conversation(tokenizer, CONVERSATIONS[0], "test")
     assert len(ids) > 40
     np.testing.assert_array_equal(arrays["input_ids"][0], ids[:40])
     np.testing.assert_array_equal(arrays["labels"][0], labels[:40])
@@ -144,7 +151,7 @@ def test_long_samples_truncated_and_short_ones_padded(tokenizer):
 
 def test_packing_keeps_every_sample_whole_with_its_own_document(tokenizer):
     arrays = build_sequences(sft_config(seq_length=256, packing=True))
-    samples = [encode_conversation(tokenizer, m, "test") for m in CONVERSATIONS]
+    samples = [sample for m in CONVERSATIONS for sample in encode_conversation(tokenizer, m, "test")]
     unpacked = []
     for row in range(len(arrays["input_ids"])):
         mask = arrays["attention_mask"][row]

@@ -1,7 +1,9 @@
 """DeepSeek-V3 Cells against transformers' DeepseekV3ForCausalLM (the reference), fp32, graph mode on CPU.
 
-Tolerances as tests/test_qwen_parity.py: logits max|Δ| <= 1e-4 * max|logit| on non-padding positions; loss within
-1e-5 relative; each parameter's gradient (in the checkpoint's per-expert layout) max|Δ| <= 1e-4 * max|reference|.
+Tolerances, each within ~10x of the error measured here: logits max|Δ| <= 3e-6 * max|logit| on non-padding
+positions (measured 3.4e-7); loss within 3e-6 relative (measured 3.9e-7, 2.8e-7 with the aux loss); each parameter's
+gradient (in the checkpoint's per-expert layout) max|Δ| <= 2e-5 * max|reference| (measured 2.4e-6; 3.7e-7 for the
+gradients through the aux loss, checked at 3e-6); routing weights rtol 1e-5 + atol 1e-6 (13% of it used).
 """
 import dataclasses
 import logging
@@ -20,9 +22,10 @@ from mindspore_llm.checkpoint import load_weights
 from mindspore_llm.cli import main as cli
 from mindspore_llm.common import ConfigError
 from mindspore_llm.models.auto import config_from_hf, config_from_yaml_section, load_config
-from mindspore_llm.models.deepseek_v3 import checkpoint_names, expert_load_stats, softmax_scale, update_expert_bias
+from mindspore_llm.models.deepseek_v3 import checkpoint_names, softmax_scale
 from mindspore_llm.models.layers import Precision
-from mindspore_llm.models.moe import DeepSeekMoE, GroupLimitedTopKRouter
+from mindspore_llm.models.moe import (DeepSeekMoE, GroupLimitedTopKRouter, expert_load_stats, moe_blocks,
+                                     update_expert_bias)
 from mindspore_llm.tokenizer import load_tokenizer
 from tests import reference
 from tests.test_qwen_parity import ms_logits_loss_grads
@@ -129,12 +132,12 @@ def test_logits_match_reference(pair):
     (ref_logits, _, _), (logits, _, _), (_, mask, _), _ = pair
     valid = mask.astype(bool)
     error = np.abs(logits - ref_logits)[valid].max()
-    assert error <= 1e-4 * np.abs(ref_logits[valid]).max(), error
+    assert error <= 3e-6 * np.abs(ref_logits[valid]).max(), error
 
 
 def test_loss_matches_reference(pair):
     (_, ref_loss, _), (_, loss, _), _, _ = pair
-    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert loss == pytest.approx(ref_loss, rel=3e-6)
 
 
 def test_every_gradient_matches_autograd_in_saved_layout(pair):
@@ -144,7 +147,31 @@ def test_every_gradient_matches_autograd_in_saved_layout(pair):
     assert sorted(grads) == sorted(ref_grads)
     for name, ref in ref_grads.items():
         error = np.abs(grads[name] - ref).max()
-        assert error <= 1e-4 * np.abs(ref).max(), (name, error, np.abs(ref).max())
+        assert error <= 2e-5 * np.abs(ref).max(), (name, error, np.abs(ref).max())
+
+
+def test_capacity_dispatch_that_drops_nothing_matches_the_reference(module_dir, checkpoint):
+    """Training mode (the capacity dispatch) with moe_capacity_factor = E / k, so C = S and nothing is dropped:
+    logits, loss and every gradient equal transformers' within 1e-5 (relative to the largest value), as the dense
+    dispatch does above. Measured: logits 3.3e-7, loss 3.9e-7, worst gradient 1.7e-6."""
+    hf_model = checkpoint("qlora_yarn")
+    experts, top_k = hf_model.config.n_routed_experts, hf_model.config.num_experts_per_tok
+    config = dataclasses.replace(load_config(module_dir / "qlora_yarn"), moe_capacity_factor=experts / top_k)
+    model = AutoModelForCausalLM.from_config(config)
+    load_weights(model, module_dir / "qlora_yarn")
+    model.set_train(True)
+    batch = reference.random_batch(hf_model.config.vocab_size, BATCH, SEQ, seed=1, left_pad=LEFT_PAD)
+    ref_logits, ref_loss, ref_grads = reference.torch_logits_loss_grads(hf_model, *batch)
+    logits, loss, grads = ms_logits_loss_grads(model, *batch)
+    assert all(float(block.dropped_slots.asnumpy()) == 0 for _, block in moe_blocks(model))
+    valid = batch[1].astype(bool)
+    assert np.abs(logits - ref_logits)[valid].max() <= 1e-5 * np.abs(ref_logits[valid]).max()
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    ref_grads, grads = saved_layout(ref_grads, experts), saved_layout(grads, experts)
+    assert sorted(grads) == sorted(ref_grads)
+    for name, ref in ref_grads.items():
+        error = np.abs(grads[name] - ref).max()
+        assert error <= 1e-5 * np.abs(ref).max(), (name, error, np.abs(ref).max())
 
 
 def test_routing_picks_the_reference_experts(pair):
@@ -228,13 +255,13 @@ def test_sequence_aux_loss_joins_loss_and_gradient(checkpoint, aux_model):
     (out.loss + aux).backward()
     ref_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
     _, loss, grads = ms_logits_loss_grads(aux_model, *batch)
-    assert loss == pytest.approx(float(out.loss + aux), rel=1e-5)
+    assert loss == pytest.approx(float(out.loss + aux), rel=3e-6)
     ref_grads, grads = saved_layout(ref_grads, experts), saved_layout(grads, experts)
     for name in ("model.layers.1.mlp.gate.weight", "model.layers.2.mlp.gate.weight", "model.embed_tokens.weight"):
         error = np.abs(grads[name] - ref_grads[name]).max()
-        assert error <= 1e-4 * np.abs(ref_grads[name]).max(), (name, error)
+        assert error <= 3e-6 * np.abs(ref_grads[name]).max(), (name, error)
     stats = expert_load_stats(aux_model)
-    assert stats["moe/1/aux_loss"] > 0 and stats["moe/2/dropped_tokens"] == 0
+    assert stats["moe/1/aux_loss"] > 0 and stats["moe/2/dropped_slots"] == 0  # evaluation mode: dropless
 
 
 def test_training_steps_lower_the_loss(aux_model):
@@ -270,7 +297,9 @@ def test_bias_update_evens_a_skewed_expert_load():
     hidden, experts, tokens = 64, 8, 512
     precision = Precision()
     router = GroupLimitedTopKRouter(hidden, experts, 2, 4, 2, True, 2.5, precision, 0.02)
-    block = DeepSeekMoE(hidden, 32, experts, 1, router, 0.0, precision, 0.02)
+    block = DeepSeekMoE(hidden, 32, experts, 1, router, dispatch="dense", capacity_factor=1.25,
+                        drop_policy="probability", aux_loss_alpha=0.0, bias_update_speed=0.002, precision=precision,
+                        init_std=0.02)
     rng = np.random.default_rng(0)
     lean = rng.standard_normal(hidden).astype(np.float32)
     weight = rng.standard_normal((experts, hidden)).astype(np.float32) * 3 / np.sqrt(hidden)
@@ -280,7 +309,7 @@ def test_bias_update_evens_a_skewed_expert_load():
     block(x)
     before = expert_load_stats(block)["moe/max_over_mean_load"]
     for _ in range(500):
-        update_expert_bias(block, gamma=0.002)
+        update_expert_bias(block)
         block(x)
     after = expert_load_stats(block)["moe/max_over_mean_load"]
     print(f"max/mean expert load: {before:.2f} before, {after:.2f} after 500 bias updates")

@@ -1,6 +1,8 @@
 """Knowledge distillation loss against a float64 NumPy reference, and a toy student pulled toward its teacher.
 
-Tolerances: the loss within 1e-5 relative of the reference; offline top-k with k = V within 1e-5 of online.
+Tolerances, within ~10x of the errors measured here: the loss within 3e-6 relative of the float64 reference
+(measured 6.2e-7; 1.1e-6 for the offline top-k loss, checked at 1e-5); the train step's loss 1e-6 relative (measured
+1.2e-7); stored top-k logits within 1e-6 of the teacher's (measured: identical).
 """
 import mindspore as ms
 import numpy as np
@@ -70,7 +72,7 @@ def run_loss(cell, student, labels, teacher, indices=None):
 def test_loss_matches_numpy_reference(random_logits, temperature, kd_lambda):
     student, teacher, labels = random_logits
     mean, _, _ = run_loss(DistillationLoss(temperature, kd_lambda), student, labels, teacher)
-    assert mean == pytest.approx(reference_loss(student, teacher, labels, temperature, kd_lambda), rel=1e-5)
+    assert mean == pytest.approx(reference_loss(student, teacher, labels, temperature, kd_lambda), rel=3e-6)
 
 
 def test_topk_loss_matches_numpy_reference(random_logits):
@@ -79,7 +81,7 @@ def test_topk_loss_matches_numpy_reference(random_logits):
     indices = np.argsort(-teacher, -1)[..., :7]
     values = np.take_along_axis(teacher, indices, -1)
     mean, _, _ = run_loss(DistillationLoss(2.0, 0.6), student, labels, values, indices)
-    assert mean == pytest.approx(reference_loss(student, values, labels, 2.0, 0.6, indices), rel=1e-5)
+    assert mean == pytest.approx(reference_loss(student, values, labels, 2.0, 0.6, indices), rel=3e-6)
 
 
 def test_lambda_zero_is_the_sft_cross_entropy(random_logits):
@@ -133,7 +135,7 @@ def toy():
 
 def test_distillation_pulls_the_student_toward_the_teacher(toy):
     print(f"KL(teacher || student): {toy['kl_before']:.4f} -> {toy['kl_after']:.4f}")
-    assert toy["kl_before"] == pytest.approx(toy["initial"], rel=1e-6)
+    assert toy["kl_before"] == pytest.approx(toy["initial"], rel=3e-7)  # measured 2.7e-8
     assert toy["kl_before"] > 0.5
     assert toy["kl_after"] < 0.2 * toy["kl_before"]
 
@@ -221,8 +223,8 @@ def test_distill_topk_cli_stores_the_teachers_top_logits(tmp_path):
     logits = AutoModelForCausalLM.from_pretrained(teacher_dir)(
         *(ms.Tensor(arrays[key][rows]) for key in ("input_ids", "attention_mask", "position_ids"))).asnumpy()
     values, indices = stored.rows(np.arange(52))
-    np.testing.assert_allclose(values, -np.sort(-logits, -1)[..., :8], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(np.take_along_axis(logits, indices.astype(np.int64), -1), values, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(values, -np.sort(-logits, -1)[..., :8], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(logits, indices.astype(np.int64), -1), values, rtol=0, atol=1e-6)
 
 
 def test_train_step_differentiates_the_distillation_model(toy):
@@ -234,6 +236,6 @@ def test_train_step_differentiates_the_distillation_model(toy):
     ids, attn, lab = (ms.Tensor(a, ms.int32) for a in toy["batch"])
     expected = mean_loss(online, ids, lab, attn)
     loss, _, overflow, _ = step(ids, lab, attn)
-    assert float(loss.asnumpy()) == pytest.approx(expected, rel=1e-5) and not overflow.asnumpy()
+    assert float(loss.asnumpy()) == pytest.approx(expected, rel=1e-6) and not overflow.asnumpy()
     for param in toy["teacher"].get_parameters():
         np.testing.assert_array_equal(param.asnumpy(), toy["teacher_before"][param.name])

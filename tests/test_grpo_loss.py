@@ -22,7 +22,7 @@ from mindspore_llm import AutoModelForCausalLM
 from mindspore_llm.generation import position_ids
 from mindspore_llm.rl.grpo import GRPOConfig, GRPOLoss, group_advantages, token_weights
 from mindspore_llm.train import AdamW, OptimizerConfig, PrecisionConfig, ScheduleConfig
-from mindspore_llm.train.grpo import GRPOStep
+from mindspore_llm.train.step import GRPOStep
 from tests import reference
 
 PROMPT, COMPLETION, TEMPERATURE = 5, 6, 0.8
@@ -138,9 +138,8 @@ def test_one_update_with_accumulation_equals_torch_adamw(rollouts, module_dir):
     # eps 1e-3: the first Adam update is lr g / (|g| + eps), so near-zero gradients do not amplify rounding
     optimizer_cfg = OptimizerConfig(beta1=0.9, beta2=0.99, eps=1e-3, weight_decay=0.1, clip_grad_norm=0.5)
     schedule = ScheduleConfig(lr=1e-3, min_lr=1e-3, warmup_steps=0, total_steps=10, decay="constant")
-    step = GRPOStep(model, grpo_config("seq_mean_token_mean", 0.04), PROMPT,
-                    AdamW(model.trainable_params(), optimizer_cfg, schedule), PrecisionConfig(), 2,
-                    optimizer_cfg.clip_grad_norm)
+    step = GRPOStep(model, AdamW(model.trainable_params(), optimizer_cfg, schedule), PrecisionConfig(), 2,
+                    optimizer_cfg.clip_grad_norm, grpo=grpo_config("seq_mean_token_mean", 0.04), prompt_length=PROMPT)
     loss, grad_norm, overflow, _, _ = step(*ms_inputs(rollouts, "seq_mean_token_mean"))
 
     reference_loss, _ = torch_grpo_loss(hf_model, rollouts, "seq_mean_token_mean", 0.04)

@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("mindspore_llm.common",),
     ("mindspore_llm.config_utils", "mindspore_llm.fileio"),
-    ("mindspore_llm.checkpoint", "mindspore_llm.tokenizer"),
+    ("mindspore_llm.checkpoint", "mindspore_llm.tokenizer", "mindspore_llm.quant"),
     ("mindspore_llm.models", "mindspore_llm.data"),
     ("mindspore_llm.lora", "mindspore_llm.peft", "mindspore_llm.distill", "mindspore_llm.flops",
-     "mindspore_llm.generation", "mindspore_llm.quant", "mindspore_llm.rl"),
+     "mindspore_llm.generation", "mindspore_llm.rl"),
     ("mindspore_llm.parallel",),
     ("mindspore_llm.train",),
     ("mindspore_llm.cli",),

@@ -1,7 +1,7 @@
 """LoRA against Hugging Face PEFT (the reference) on tiny Qwen2 / Qwen3, fp32, graph mode on CPU.
 
-Tolerances: logits max|Δ| <= 1e-4 * max|reference logit| on non-padding positions (as the model parity tests);
-exact equality where the math is unchanged (B = 0, frozen weights).
+Tolerances: logits max|Δ| <= 5e-6 * max|reference logit| on non-padding positions (measured 8.9e-7); fp16 O2
+against fp32 1e-2 * max (measured 1.1e-3); exact equality where the math is unchanged (B = 0, frozen weights).
 """
 import json
 
@@ -49,7 +49,7 @@ def assert_close(logits, ref, batch):
     valid = batch[1].astype(bool)
     error = np.abs(logits - ref)[valid].max()
     print(f"max|Δlogit| {error:.2e}, max|logit| {np.abs(ref[valid]).max():.3f}")
-    assert error <= 1e-4 * np.abs(ref[valid]).max(), error
+    assert error <= 5e-6 * np.abs(ref[valid]).max(), error
 
 
 def snapshot(model):

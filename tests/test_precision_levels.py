@@ -27,7 +27,7 @@ def test_o1_and_o2_track_fp32_and_o1_tracks_it_closer(logits_by_level):
     scale = np.abs(logits_by_level["O0"]).max()
     o1 = np.abs(logits_by_level["O1"] - logits_by_level["O0"]).max() / scale
     o2 = np.abs(logits_by_level["O2"] - logits_by_level["O0"]).max() / scale
-    assert 0 < o1 < o2 < 1e-2, (o1, o2)
+    assert 0 < o1 < o2 < 5e-3, (o1, o2)  # measured: O1 6.6e-4, O2 7.9e-4 of max|logit| (fp16 matmuls)
 
 
 def test_o1_builds_fp32_activations_around_fp16_matmuls():

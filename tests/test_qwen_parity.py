@@ -1,7 +1,8 @@
 """Qwen2/Qwen3 Cells against transformers (the reference), fp32, graph mode on CPU.
 
-Tolerances: logits max|Δ| <= 1e-4 * max|logit| on non-padding positions; loss within 1e-5 relative;
-each parameter's gradient max|Δ| <= 1e-4 * max|reference gradient|.
+Tolerances, each within ~10x of the error measured here (transformers 5.24, torch 2.13, mindspore 2.10, CPU):
+logits max|Δ| <= 2e-6 * max|logit| on non-padding positions (measured 2.8e-7); loss within 3e-6 relative
+(measured 3.9e-7); each parameter's gradient max|Δ| <= 1e-5 * max|reference gradient| (measured 1.3e-6).
 """
 import mindspore as ms
 import numpy as np
@@ -52,12 +53,12 @@ def test_logits_match_reference(pair):
     (ref_logits, _, _), (logits, _, _), (_, mask, _) = pair
     valid = mask.astype(bool)
     error = np.abs(logits - ref_logits)[valid].max()
-    assert error <= 1e-4 * np.abs(ref_logits[valid]).max(), error
+    assert error <= 2e-6 * np.abs(ref_logits[valid]).max(), error
 
 
 def test_loss_matches_reference(pair):
     (_, ref_loss, _), (_, loss, _), _ = pair
-    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert loss == pytest.approx(ref_loss, rel=3e-6)
 
 
 def test_every_gradient_matches_autograd(pair):
@@ -65,4 +66,4 @@ def test_every_gradient_matches_autograd(pair):
     assert sorted(grads) == sorted(ref_grads)
     for name, ref in ref_grads.items():
         error = np.abs(grads[name] - ref).max()
-        assert error <= 1e-4 * np.abs(ref).max(), (name, error, np.abs(ref).max())
+        assert error <= 1e-5 * np.abs(ref).max(), (name, error, np.abs(ref).max())

@@ -36,9 +36,58 @@ def test_shipped_tables_are_valid():
 def test_hccn_conf_device_ips(tmp_path):
     conf = tmp_path / "hccn.conf"
     conf.write_text("".join(f"address_{d}=29.0.{d}.7\nnetmask_{d}=255.255.255.0\n" for d in range(8)))
-    table = rt.generate(["10.0.0.9"], rt.parse_devices("0-3,6"), rt.read_hccn_conf(conf))
+    table = rt.generate(["10.0.0.9"], rt.parse_devices("0-3,6"), [rt.read_hccn_conf(conf)])
     assert [(d["device_id"], d["device_ip"]) for d in table["server_list"][0]["device"]] == [
         ("0", "29.0.0.7"), ("1", "29.0.1.7"), ("2", "29.0.2.7"), ("3", "29.0.3.7"), ("6", "29.0.6.7")]
+    assert rt.placeholder_warning(table, "t") is None
+
+
+def _hccn(path, server: int):
+    path.write_text("".join(f"address_{d}=29.{server}.{d}.7\nnetmask_{d}=255.255.255.0\n" for d in range(8)))
+    return path
+
+
+@pytest.mark.parametrize("form", ["one file per server", "a directory"])
+def test_several_servers_take_each_servers_hccn_conf(tmp_path, form):
+    servers = ["10.0.0.1", "10.0.0.2"]
+    if form == "a directory":
+        (tmp_path / "hccn").mkdir()
+        for i, server in enumerate(servers):
+            _hccn(tmp_path / "hccn" / f"{server}.conf", i)
+        args = ["--device-ips-file", str(tmp_path / "hccn")]
+    else:
+        args = [arg for i in range(2) for arg in ("--device-ips-file", str(_hccn(tmp_path / f"hccn{i}.conf", i)))]
+    out = tmp_path / "table.json"
+    result = CliRunner().invoke(main, ["rank-table", "generate", "--servers", ",".join(servers), "--devices", "0-7",
+                                       *args, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    table = json.loads(out.read_text())
+    assert [[d["device_ip"] for d in s["device"]] for s in table["server_list"]] == [
+        [f"29.{i}.{d}.7" for d in range(8)] for i in range(2)]
+    assert "WARNING" not in result.output
+
+
+def test_hccn_files_must_match_the_servers(tmp_path):
+    one = _hccn(tmp_path / "a.conf", 0)
+    result = CliRunner().invoke(main, ["rank-table", "generate", "--servers", "10.0.0.1,10.0.0.2",
+                                       "--device-ips-file", str(one)])
+    assert result.exit_code == 2 and "1 file(s) for 2 servers" in result.output
+    (tmp_path / "dir").mkdir()
+    _hccn(tmp_path / "dir" / "10.0.0.1.conf", 0)
+    result = CliRunner().invoke(main, ["rank-table", "generate", "--servers", "10.0.0.1,10.0.0.2",
+                                       "--device-ips-file", str(tmp_path / "dir")])
+    assert result.exit_code == 2 and "no 10.0.0.2.conf" in result.output
+
+
+def test_placeholder_device_ips_are_warned_about_loudly(tmp_path):
+    generated = CliRunner().invoke(main, ["rank-table", "generate", "--servers",
+                                                          "10.0.0.1,10.0.0.2", "--output", str(tmp_path / "t.json")])
+    assert generated.exit_code == 0 and "WARNING" in generated.stderr and "--device-ips-file" in generated.stderr
+    validated = CliRunner().invoke(main, ["rank-table", "validate",
+                                                          str(ROOT / "rank_tables/rank_table_16p.json")])
+    assert validated.exit_code == 0, validated.output
+    assert "WARNING" in validated.stderr and "10.0.0.1, 10.0.0.2" in validated.stderr
+    assert "placeholders 192.168.(100+device).(server+1)" in validated.stderr
 
 
 def _mutate(fn):

@@ -1,5 +1,8 @@
 """scripts/run_distribute.sh: rank placement from the table, rejection before start, and a failing rank stopping
-the job. Processes are real; the training command is replaced by a tiny Python script (MSLLM_TRAIN_CMD)."""
+the job. Processes are real; the training command is replaced by a tiny Python script (MSLLM_TRAIN_CMD).
+
+The servers' OS images ship bash 5.0 (openEuler 20.03, Kylin V10, Ubuntu 20.04); the failure path also runs with
+`wait` behaving as bash 5.0's (no -p: "invalid option", status 2), and a static check keeps the script to bash 4.4."""
 import json
 import os
 import re
@@ -114,9 +117,30 @@ def _fake_launch(tmp_path, **env):
     return result, pids
 
 
-def test_failing_rank_stops_the_others(tmp_path):
+# bash 5.0's `wait` (BASH_ENV is sourced by every non-interactive bash before the script): -p arrived in 5.1
+BASH_5_0_WAIT = r"""
+wait() {
+  local arg
+  for arg in "$@"; do
+    if [[ $arg == -*p* && $arg != --* ]]; then
+      echo "bash: wait: ${arg}: invalid option" >&2
+      echo "wait: usage: wait [-fn] [id ...]" >&2
+      return 2
+    fi
+  done
+  builtin wait "$@"
+}
+"""
+
+
+@pytest.mark.parametrize("bash", ["installed", "5.0 wait"])
+def test_failing_rank_stops_the_others(tmp_path, bash):
+    env = {}
+    if bash == "5.0 wait":
+        (tmp_path / "bash50.sh").write_text(BASH_5_0_WAIT)
+        env["BASH_ENV"] = str(tmp_path / "bash50.sh")
     start = time.time()
-    result, pids = _fake_launch(tmp_path)
+    result, pids = _fake_launch(tmp_path, **env)
     assert result.returncode == 1
     assert time.time() - start < 60  # the sleeping ranks were stopped, not waited for
     assert "rank 2 exited with status 1" in result.stderr
@@ -153,9 +177,26 @@ def test_msrun_launcher_dry_run():
         "configs/tiny_qwen_sft.yaml", "--set", "train.steps=5"]
 
 
-def test_all_ranks_succeeding_exit_zero(tmp_path):
-    result, pids = _fake_launch(tmp_path, FAKE_FAIL_RANK="none")
+@pytest.mark.parametrize("bash", ["installed", "5.0 wait"])
+def test_all_ranks_succeeding_exit_zero(tmp_path, bash):
+    env = {"FAKE_FAIL_RANK": "none"}
+    if bash == "5.0 wait":
+        (tmp_path / "bash50.sh").write_text(BASH_5_0_WAIT)
+        env["BASH_ENV"] = str(tmp_path / "bash50.sh")
+    result, pids = _fake_launch(tmp_path, **env)
     assert result.returncode == 0, result.stderr
     assert "all 4 ranks of server 0 finished" in result.stdout
     assert len(list(pids.iterdir())) == 4
+
+
+# Builtins, options and variables newer than bash 4.4 (bash's NEWS, 5.0 to 5.2)
+NEWER_THAN_BASH_4_4 = [r"\bwait\s+(-\w*\s+)*-\w*[pf]", r"\$\{?EPOCH(SECONDS|REALTIME)", r"\$\{?SRANDOM",
+                       r"\$\{?BASH_ARGV0", r"\$\{\w+@[UuLK]\}", r"\bshopt\s+-s\s+(localvar_|assoc_expand|"
+                       r"noexpand_translation|patsub_replacement|varredir_close)", r"\bread\s+.*-\w*E"]
+
+
+def test_launcher_uses_nothing_newer_than_bash_4_4():
+    source = "\n".join(line for line in SCRIPT.read_text().splitlines() if not line.lstrip().startswith("#"))
+    for pattern in NEWER_THAN_BASH_4_4:
+        assert not re.search(pattern, source), pattern
 

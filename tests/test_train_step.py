@@ -5,10 +5,12 @@ tokens of all micro-batches), torch.optim.AdamW with two parameter groups (matri
 torch.nn.utils.clip_grad_norm_, and transformers' warmup + cosine-to-min_lr scheduler shifted so that update s uses
 the multiplier at s (our schedule counts updates from 1).
 
-Tolerances: per-step loss 1e-4 relative; pre-clip grad norm 1e-4 relative; final weights max|Δ| <= 1e-4 * max|w|
-per parameter. Accumulation K=4 vs one batch of 4b: first moments 1e-5 * max, weights 1e-3 * the update's rate.
-fp16 O2 loss curve within 0.2% of fp32 per step (measured 7e-5). Data parallel over 2 CPU processes (msrun) vs
-accumulation 2 in one process on the same rows: losses and weights equal to 1e-6 relative (measured: bit-identical).
+Tolerances, each within ~10x of the error measured here: per-step loss 3e-6 relative (measured 4.2e-7); pre-clip
+grad norm 2e-6 relative (measured 1.9e-7); final weights max|Δ| <= 1e-4 * max|w| per parameter (measured 2.1e-5).
+Accumulation K=4 vs one batch of 4b: first moments 3e-6 * max (measured 5.2e-7), weights 1e-4 * the update's rate
+(measured 1.2e-5). fp16 O2 loss curve within 5e-4 of fp32 per step (measured 7e-5). Data parallel over 2 CPU
+processes (msrun) vs accumulation 2 in one process on the same rows: losses and weights equal to 1e-6 relative
+(measured: bit-identical), and an overflow on one rank skips the update on both.
 """
 import math
 import os
@@ -138,8 +140,8 @@ def test_fp32_losses_match_reference_loop(torch_run, fp32_run):
     ref_losses, ref_norms, _ = torch_run
     results, _ = fp32_run
     losses = [r[0] for r in results]
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
-    np.testing.assert_allclose([r[1] for r in results], ref_norms, rtol=1e-4)
+    np.testing.assert_allclose(losses, ref_losses, rtol=3e-6)
+    np.testing.assert_allclose([r[1] for r in results], ref_norms, rtol=2e-6)
     assert losses[-1] < losses[0] - 0.1  # it trains
     assert not any(r[2] for r in results)
 
@@ -170,14 +172,14 @@ def test_accumulation_of_4_equals_one_step_on_the_concatenated_batch(model_dir):
     moments_accumulated, moments_whole = state(accumulated, "optimizer.exp_avg."), state(whole, "optimizer.exp_avg.")
     weights_accumulated, weights_whole = weights(accumulated), weights(whole)
     for name, ref in moments_whole.items():  # first moment = (1 - beta1) * gradient after one update
-        assert np.abs(moments_accumulated[name] - ref).max() <= 1e-5 * np.abs(ref).max(), name
+        assert np.abs(moments_accumulated[name] - ref).max() <= 3e-6 * np.abs(ref).max(), name
     # Adam's first update moves every weight by up to the rate (m / sqrt(v) = g / (|g| + eps)): the bound is
     # relative to the rate. Where |g| is within 100 eps of 0 the step is rounding noise, not arithmetic (k_proj's
     # bias: softmax ignores a score shift shared by all keys, so its true gradient is 0), so those are left out.
     rate = learning_rate(1, SCHEDULE)
     for name, ref in weights_whole.items():
         meaningful = np.abs(moments_whole["optimizer.exp_avg." + name]) / (1 - OPTIMIZER.beta1) > 100 * OPTIMIZER.eps
-        assert np.abs(weights_accumulated[name] - ref)[meaningful].max(initial=0) <= 1e-3 * rate, name
+        assert np.abs(weights_accumulated[name] - ref)[meaningful].max(initial=0) <= 1e-4 * rate, name
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +192,7 @@ def fp16_step(model_dir):
 def test_fp16_o2_tracks_fp32_loss_curve(fp16_step, fp32_run, batches):
     results = [run(fp16_step, batch) for batch in batches]
     fp32_losses = np.array([r[0] for r in fp32_run[0]])
-    np.testing.assert_allclose([r[0] for r in results], fp32_losses, rtol=2e-3)
+    np.testing.assert_allclose([r[0] for r in results], fp32_losses, rtol=5e-4)
     # the dynamic scale follows its rule: x2 after every 4 clean steps, /2 on an overflow
     scale, clean = 2.0 ** 12, 0
     for _, _, overflow, reported in results:
@@ -227,7 +229,7 @@ def test_schedule_equals_transformers_and_graph_version(decay, hf_scheduler):
     steps = [1, 5, 10, 11, 37, 50, 99, 100]
     reference_rates = [cfg.lr * scheduler.lr_lambdas[0](s) for s in steps]
     rates = [learning_rate(s, cfg) for s in steps]
-    np.testing.assert_allclose(rates, reference_rates, rtol=1e-12)
+    np.testing.assert_allclose(rates, reference_rates, rtol=1e-15)  # float64 arithmetic: measured 1.7e-16
     graph = LearningRate(cfg)
     np.testing.assert_allclose([float(graph(ms.Tensor(s, ms.int32)).asnumpy()) for s in steps], rates, rtol=1e-6)
 
@@ -275,10 +277,17 @@ rank = get_rank()
 model = AutoModelForCausalLM.from_pretrained(model_dir)
 optimizer = AdamW(model.trainable_params(), t.OPTIMIZER, t.SCHEDULE)
 step = TrainStep(model, optimizer, PrecisionConfig(), 1, t.OPTIMIZER.clip_grad_norm,
-                 nn.DistributedGradReducer(optimizer.parameters, mean=True))
+                 grad_reducer=nn.DistributedGradReducer(optimizer.parameters, mean=False), data_parallel=2)
 rows = slice(rank * t.MICRO_BATCH, (rank + 1) * t.MICRO_BATCH)
-losses = [t.run(step, tuple(a[rows] for a in batch))[0] for batch in t.dp_batches()]
-np.savez(f"{out_dir}/rank{rank}.npz", losses=np.array(losses), **t.weights(step))
+results = [t.run(step, tuple(a[rows] for a in batch)) for batch in t.dp_batches()]
+trained = t.weights(step)
+# only rank 1's gradients overflow (its loss scale is fp32's largest): every rank must skip the update
+if rank == 1:
+    step.scale.set_data(ms.Tensor(3e38, ms.float32))
+skipped = t.run(step, tuple(a[rows] for a in t.dp_batches()[0]))[2]
+unchanged = all(np.array_equal(value, trained[name]) for name, value in t.weights(step).items())
+np.savez(f"{out_dir}/rank{rank}.npz", losses=np.array([r[0] for r in results]),
+         norms=np.array([r[1] for r in results]), skipped=skipped, unchanged=unchanged, **trained)
 """
 
 
@@ -310,10 +319,13 @@ def test_data_parallel_over_2_processes_equals_accumulation_in_one(model_dir, mo
                              str(out_dir)], cwd=out_dir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     single = ms_train_step(model_dir, 2)
-    losses = [run(single, batch)[0] for batch in batches]
+    results = [run(single, batch) for batch in batches]
     expected = weights(single)
     for rank in range(2):
         saved = np.load(out_dir / f"rank{rank}.npz")
-        np.testing.assert_allclose(saved["losses"], losses, rtol=1e-6)
+        np.testing.assert_allclose(saved["losses"], [r[0] for r in results], rtol=1e-6)
+        # the global gradient norm (so the clip factor and the finite check) is every rank's, and the 1-process one
+        np.testing.assert_allclose(saved["norms"], [r[1] for r in results], rtol=1e-6)
+        assert saved["skipped"] and saved["unchanged"], rank  # one rank's overflow skips the step on both
         for name, ref in expected.items():
             assert np.abs(saved[name] - ref).max() <= 1e-6 * np.abs(ref).max(), (rank, name)

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from mindspore_llm.cli import main as cli_main
 from mindspore_llm.common import ConfigError
 from mindspore_llm.models.auto import AutoModelForCausalLM, build_model, config_from_yaml_section
-from mindspore_llm.models.deepseek_v3 import moe_blocks
+from mindspore_llm.models.moe import moe_blocks
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.context import SEMI_AUTO, ParallelContext
 from mindspore_llm.parallel.plan import apply_plan
@@ -155,6 +155,20 @@ def test_bias_update_counts_every_micro_batch(deepseek):
         assert block.tokens_per_expert.asnumpy().sum() == expected
 
 
+def test_overflowed_step_leaves_the_expert_biases(deepseek):
+    """The trainer's balancing after a step the optimizer skipped: load statistics logged, biases unchanged,
+    the step's counts discarded."""
+    trainer, _ = deepseek
+    batch = next(trainer.dataset.batches(trainer.rank_batch))
+    trainer.compiled(*(ms.Tensor(batch[key]) for key in ("input_ids", "labels", "attention_mask", "position_ids")))
+    biases = {name: block.gate.e_score_correction_bias.asnumpy().copy() for name, block in moe_blocks(trainer.model)}
+    stats = trainer._balance_experts(overflowed=True)
+    assert stats["moe/1/max_over_mean_load"] >= 1.0 and "moe/1/dropped_slots" in stats
+    for name, block in moe_blocks(trainer.model):
+        np.testing.assert_array_equal(block.gate.e_score_correction_bias.asnumpy(), biases[name])
+        assert not block.tokens_per_expert.asnumpy().any()
+
+
 # -- pipeline parallel (Ascend): what constructs without HCCL ------------------------------------------------------
 
 PIPELINE = ParallelConfig(data_parallel=1, model_parallel=2, pipeline_stages=2, micro_batch_num=4,
@@ -169,8 +183,9 @@ def pipeline_context(rank=2, world_size=4):
 
 def test_pipeline_step_is_assembled_from_mindspore_pipeline_pieces(tmp_path):
     from mindspore.parallel.auto_parallel import AutoParallel
-    from mindspore.parallel.nn import Pipeline, PipelineGradReducer
+    from mindspore.parallel.nn import Pipeline
 
+    from mindspore_llm.parallel.context import PipelineGradReducer
     from mindspore_llm.train.optim import AdamW, OptimizerConfig
     from mindspore_llm.train.schedule import ScheduleConfig
     from mindspore_llm.train.step import PrecisionConfig, TrainStep
@@ -183,10 +198,10 @@ def test_pipeline_step_is_assembled_from_mindspore_pipeline_pieces(tmp_path):
     assert [layer.pipeline_stage for layer in model.model.layers] == [0, 1]
     assert (model.model.embed_tokens.pipeline_stage, model.lm_head.pipeline_stage) == (0, 1)
     optimizer = AdamW(model.trainable_params(), OptimizerConfig(), ScheduleConfig(total_steps=10))
-    reducer = context.grad_reducer(optimizer.parameters)
-    assert isinstance(reducer, PipelineGradReducer) and reducer.opt_shard
-    step = TrainStep(model, optimizer, PrecisionConfig(), 1, 1.0, reducer, context.wrap_loss)
-    assert isinstance(step.scaled_loss_sum, Pipeline) and step.scaled_loss_sum.micro_size == 4
+    wrappers = context.step_parallelism(optimizer.parameters)
+    assert isinstance(wrappers["grad_reducer"], PipelineGradReducer) and wrappers["grad_reducer"].opt_shard
+    step = TrainStep(model, optimizer, PrecisionConfig(), 1, 1.0, **wrappers)
+    assert isinstance(step.differentiated.loss, Pipeline) and step.differentiated.loss.micro_size == 4
     assert step.all_reduce is None  # semi-auto: every rank holds the full batch's token count
     # the accumulation buffers are parameters of the step, but never checkpointed
     buffers = [p.name for p in step.get_parameters() if p.name.startswith("accu_grads.")]
@@ -204,6 +219,12 @@ def test_trainer_pipeline_settings_are_checked_before_anything_is_built(tmp_path
     raw = tiny_raw_config(tmp_path, train={"gradient_accumulation_steps": 1, "global_batch_size": 2})
     with pytest.raises(ConfigError, match=r"global_batch_size: 2 != micro_batch_size 2 x gradient_accumulation_steps "
                                           r"1 x parallel.micro_batch_num 4 x data-parallel ranks 1 = 8"):
+        Trainer(train_config_from_dict(raw, "pp.yaml"))
+    # offline distillation's teacher top-k would pass the pipeline as tensors, but the distillation loss (and an
+    # online teacher) have no pipeline stage
+    raw = tiny_raw_config(tmp_path, train={"gradient_accumulation_steps": 1},
+                          distill={"mode": "offline", "teacher_logits": "top.safetensors", "top_k": 4})
+    with pytest.raises(ConfigError, match=r"distill: distillation \(online or offline\) does not run with pipeline"):
         Trainer(train_config_from_dict(raw, "pp.yaml"))
 
 

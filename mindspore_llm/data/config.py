@@ -27,6 +27,11 @@ class DataConfig:
     seq_length: int
     # SFT: pack several conversations per sequence (each its own document: no attention across them)
     packing: bool = False
+    # SFT: train assistant reasoning (<think>...</think> or reasoning_content) as the model writes it, or answers only
+    reasoning: Literal["keep", "drop"] = "keep"
+    # SFT, templates that render earlier turns without their reasoning: one sequence per assistant turn (expand) or
+    # only the final turn trained (last)
+    multi_turn: Literal["expand", "last"] = "expand"
     # positions restart at 0 at each document of a sequence (pretraining, packed SFT)
     reset_position_ids: bool = True
     # no attention across documents; the first token of a document is then not a target either

@@ -86,7 +86,7 @@ def build_sequences(cfg: DataConfig) -> dict[str, np.ndarray]:
         raise DataError(f"data.path: {path} does not exist")
     tokenizer = open_tokenizer(cfg.tokenizer)
     eod_id = document_end_id(tokenizer, cfg.eod_token) if cfg.kind == "pretrain" else None
-    samples = load_samples(cfg.kind, path, tokenizer, eod_id)
+    samples = load_samples(cfg, tokenizer, eod_id)
     layout = packing.concatenate if cfg.kind == "pretrain" else packing.pack if cfg.packing else packing.one_per_row
     rows = layout(samples, cfg.seq_length)
     return packing.to_arrays(rows, cfg.seq_length, padding_id(tokenizer), cfg.reset_position_ids,
@@ -106,8 +106,8 @@ def document_end_id(tokenizer: Tokenizer, token: str | None) -> int:
     """`token`'s id, or the eos_token's when `token` is None."""
     if token is None:
         if tokenizer.eos_token_id is None:
-            raise DataError(f"data.eod_token: {tokenizer.source.parent}/tokenizer_config.json names no eos_token; "
-                            f"name the end-of-document token here")
+            raise DataError(f"data.eod_token: {tokenizer.describe_special_token('eos_token')}; name the "
+                            f"end-of-document token here")
         return tokenizer.eos_token_id
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
@@ -120,5 +120,5 @@ def padding_id(tokenizer: Tokenizer) -> int:
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return token_id
-    raise DataError(f"data.tokenizer: {tokenizer.source.parent}/tokenizer_config.json names neither a pad_token "
-                    f"nor an eos_token; padding needs one")
+    pad, eos = (tokenizer.describe_special_token(key) for key in ("pad_token", "eos_token"))
+    raise DataError(f"data.tokenizer: padding needs a pad_token or an eos_token in the vocabulary: {pad}, and {eos}")

@@ -3,22 +3,26 @@
 Pretraining: a ``.txt`` file (documents separated by blank lines) or jsonl of ``{"text": ...}``; every document is
 followed by the EOD token and all its tokens are targets.
 
-SFT: jsonl of ``{"messages": [{"role", "content"}, ...]}`` or of ``{"instruction", "input", "output"}`` (plus an
-optional ``"system"``), rendered with the tokenizer's chat template. Only assistant turns count in the loss: each
-assistant message's text and its end-of-turn token (``encode_conversation``).
+SFT: jsonl of ``{"messages": [{"role", "content", "reasoning_content"?}, ...]}`` or of ``{"instruction", "input",
+"output"}`` (plus an optional ``"system"``), rendered with the tokenizer's chat template (``chat.py``). Only assistant
+turns count in the loss: each turn as the model generates it after its inference prompt, reasoning, answer and end of
+turn included (``encode_conversation``).
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
 
 from mindspore_llm.common import IGNORE_INDEX, TokenizerError
-from mindspore_llm.data.config import DataError
+from mindspore_llm.data.chat import ThinkingFormat, describe_rendering, render_for_training
+from mindspore_llm.data.config import DataConfig, DataError
 from mindspore_llm.tokenizer import Tokenizer
 
+log = logging.getLogger("mindspore_llm")
 ROLES = ("system", "user", "assistant", "tool")
 
 Sample = tuple[list[int], list[int]]  # token ids, labels (IGNORE_INDEX where not counted)
@@ -62,12 +66,15 @@ def read_documents(path: Path) -> Iterator[str]:
 
 
 def check_messages(messages, where: str) -> list[dict]:
-    """`messages` if it is a non-empty list of {"role": one of ROLES, "content": str}; else a DataError."""
+    """`messages` if it is a non-empty list of {"role": one of ROLES, "content": str, "reasoning_content"?: str};
+    else a DataError."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f'{where}: "messages" must be a non-empty list')
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise DataError(f'{where}: messages[{index}] must be an object with a string "content"')
+        if not isinstance(message.get("reasoning_content", ""), (str, type(None))):
+            raise DataError(f'{where}: messages[{index}]: "reasoning_content" must be a string')
         if message.get("role") not in ROLES:
             raise DataError(f"{where}: messages[{index}]: unknown role {message.get('role')!r}; "
                             f"expected one of {', '.join(ROLES)}")
@@ -93,58 +100,27 @@ def to_messages(record: dict, where: str) -> list[dict]:
     return messages
 
 
-def encode_conversation(tokenizer: Tokenizer, messages: list[dict], where: str) -> Sample:
-    """Token ids of the rendered conversation, labels only on assistant turns and their end-of-turn token.
-
-    Assistant message i starts where the rendering of messages[:i] with the generation prompt ends, and ends where
-    that of messages[:i + 1] ends (its trailing whitespace is template layout). Templates that render a turn
-    differently once later turns follow (Qwen3 drops the thinking of earlier turns) fail that prefix test; then the
-    turn is its content where it appears in the whole rendering, followed by the end-of-turn text the template puts
-    after it. Text pieces are tokenized separately, so the prompt tokens are exactly those a model sees at
-    inference before it answers."""
-    full = tokenizer.apply_chat_template(messages)
-    pieces, cursor = [], 0
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:index])
-        prompt = tokenizer.apply_chat_template(messages[:index], add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[:index + 1]).rstrip()
-        if full.startswith(through) and through.startswith(prompt) and cursor <= len(prompt):
-            start, end = len(prompt), len(through)
-        else:
-            start, end = _find_turn(full, message["content"], through, max(cursor, len(before)))
-            if not full.startswith(before) or start < 0:
-                raise DataError(f"{where}: messages[{index}]: cannot locate the assistant turn in the rendered "
-                                f"conversation (the chat template renders it differently from its prefixes)")
-        pieces += [(full[cursor:start], False), (full[start:end], True)]
-        cursor = end
-    pieces.append((full[cursor:], False))
-    ids, labels = [], []
-    for text, counted in pieces:
-        piece = tokenizer.encode(text) if text else []
-        ids += piece
-        labels += piece if counted else [IGNORE_INDEX] * len(piece)
-    return ids, labels
+def encode_conversation(tokenizer: Tokenizer, messages: list[dict], where: str, fmt: ThinkingFormat | None = None,
+                        reasoning: str = "keep", multi_turn: str = "expand") -> list[Sample]:
+    """The training samples of a conversation (``chat.render_for_training``: one, or one per assistant turn), each
+    tokenized once as a whole; a token is a target when its characters overlap a trained span (as transformers'
+    assistant mask), so the ids are the tokenizer's encoding of the whole text."""
+    fmt = fmt or ThinkingFormat.of(tokenizer)
+    samples = []
+    for rendered in render_for_training(tokenizer, messages, fmt, reasoning, multi_turn, where):
+        ids, offsets = tokenizer.encode_with_offsets(rendered.text)
+        labels = [token if any(end > a and start < b for a, b in rendered.spans) else IGNORE_INDEX
+                  for token, (start, end) in zip(ids, offsets)]
+        samples.append((ids, labels))
+    return samples
 
 
-def _find_turn(full: str, content: str, through: str, begin: int) -> tuple[int, int]:
-    """The first occurrence of `content` in `full` after `begin` that the end-of-turn text follows, as in
-    `through` (the turn rendered last); (-1, -1) if none."""
-    at = through.rfind(content)
-    if at < 0:
-        return -1, -1
-    tail = through[at + len(content):]
-    start = full.find(content, begin)
-    while start >= 0 and not full.startswith(tail, start + len(content)):
-        start = full.find(content, start + 1)
-    return (start, start + len(content) + len(tail)) if start >= 0 else (-1, -1)
-
-
-def load_samples(kind: str, path: Path, tokenizer: Tokenizer, eod_id: int | None) -> list[Sample]:
-    """Every record of `path` as a sample, in file order."""
+def load_samples(cfg: DataConfig, tokenizer: Tokenizer, eod_id: int | None) -> list[Sample]:
+    """Every record of `cfg.path` as sample(s), in file order."""
+    path = Path(cfg.path)
     try:
-        samples = _load_samples(kind, path, tokenizer, eod_id)
+        samples = _load_pretraining(path, tokenizer, eod_id) if cfg.kind == "pretrain" else \
+            _load_conversations(cfg, path, tokenizer)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason})") from None
     if not samples:
@@ -152,18 +128,32 @@ def load_samples(kind: str, path: Path, tokenizer: Tokenizer, eod_id: int | None
     return samples
 
 
-def _load_samples(kind: str, path: Path, tokenizer: Tokenizer, eod_id: int | None) -> list[Sample]:
+def _load_pretraining(path: Path, tokenizer: Tokenizer, eod_id: int) -> list[Sample]:
     samples = []
-    if kind == "pretrain":
-        for text in tqdm(read_documents(path), desc=f"tokenizing {path.name}", unit=" docs", disable=None):
-            ids = tokenizer.encode(text) + [eod_id]
-            samples.append((ids, list(ids)))
-    else:
-        if path.suffix != ".jsonl":
-            raise DataError(f"{path}: SFT data must be a .jsonl file of conversations")
-        for where, record in tqdm(read_jsonl(path), desc=f"tokenizing {path.name}", unit=" samples", disable=None):
-            try:
-                samples.append(encode_conversation(tokenizer, to_messages(record, where), where))
-            except TokenizerError as err:  # the template's raise_exception, e.g. a role order it refuses
-                raise DataError(f"{where}: {err}") from None
+    for text in tqdm(read_documents(path), desc=f"tokenizing {path.name}", unit=" docs", disable=None):
+        ids = tokenizer.encode(text) + [eod_id]
+        samples.append((ids, list(ids)))
     return samples
+
+
+def _load_conversations(cfg: DataConfig, path: Path, tokenizer: Tokenizer) -> list[Sample]:
+    if path.suffix != ".jsonl":
+        raise DataError(f"{path}: SFT data must be a .jsonl file of conversations")
+    try:
+        fmt = ThinkingFormat.of(tokenizer)
+    except TokenizerError as err:
+        raise DataError(f"data.tokenizer: {err}") from None
+    log.info("SFT data %s: %s", path, describe_rendering(tokenizer, fmt, cfg.reasoning, cfg.multi_turn))
+    samples, conversations = [], 0
+    for where, record in tqdm(read_jsonl(path), desc=f"tokenizing {path.name}", unit=" samples", disable=None):
+        try:
+            samples += encode_conversation(tokenizer, to_messages(record, where), where, fmt, cfg.reasoning,
+                                           cfg.multi_turn)
+        except TokenizerError as err:  # the template's raise_exception, e.g. a role order it refuses
+            raise DataError(f"{where}: {err}") from None
+        conversations += 1
+    if len(samples) > conversations:
+        log.info("SFT data %s: %d conversations -> %d sequences (multi-turn: expand)", path, conversations,
+                 len(samples))
+    return samples
+

@@ -41,7 +41,8 @@ def write_mindrecord(arrays: dict[str, np.ndarray], cfg: DataConfig, output: Pat
         writer.commit()
         meta = {"kind": cfg.kind, "seq_length": cfg.seq_length, "num_sequences": count, "shards": shards,
                 "source": str(Path(cfg.path).resolve()), "tokenizer": str(Path(cfg.tokenizer).resolve()),
-                "packing": cfg.packing, "reset_position_ids": cfg.reset_position_ids,
+                "packing": cfg.packing, "reasoning": cfg.reasoning, "multi_turn": cfg.multi_turn,
+                "reset_position_ids": cfg.reset_position_ids,
                 "reset_attention": cfg.reset_attention,
                 "counted_tokens": int((arrays["labels"] != IGNORE_INDEX).sum())}
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -59,9 +60,9 @@ def read_mindrecord(path: Path, cfg: DataConfig, select: Callable[[int], np.ndar
     if not meta_file.exists():
         raise DataError(f"{path}: no {META} beside it; write MindRecord data with `msllm preprocess`")
     meta = json.loads(meta_file.read_text())
-    for key in ("kind", "seq_length", "packing", "reset_position_ids", "reset_attention"):
-        if meta[key] != getattr(cfg, key):
-            raise DataError(f"data.{key}: {getattr(cfg, key)!r} differs from {meta[key]!r} used to write {path} "
+    for key in ("kind", "seq_length", "packing", "reasoning", "multi_turn", "reset_position_ids", "reset_attention"):
+        if meta.get(key) != getattr(cfg, key):
+            raise DataError(f"data.{key}: {getattr(cfg, key)!r} differs from {meta.get(key)!r} used to write {path} "
                             f"(see {meta_file}); preprocess again or change the config")
     # one shard is written as data.mindrecord, several as data.mindrecord0, 1, ...
     shards = [p for p in directory.iterdir() if re.fullmatch(rf"{re.escape(SHARD_PREFIX)}\d*", p.name)]

@@ -7,10 +7,15 @@ The decoder reads like the paper:
   - layers < ``first_k_dense_replace``: a dense SwiGLU MLP; the rest: DeepSeekMoE — ``n_shared_experts`` always-on
     experts plus ``n_routed_experts`` routed ones, top-``num_experts_per_tok`` by sigmoid affinity within the
     ``topk_group`` best of ``n_group`` groups (§2.1.2).
-  - aux-loss-free balancing (§2.1.2): after each optimizer step, ``update_expert_bias`` moves every expert's
+  - aux-loss-free balancing (§2.1.2): after each optimizer step, ``moe.update_expert_bias`` moves every expert's
     selection bias by γ·sign(mean load − its load); an optional sequence-wise balance loss (α) joins the loss.
+  - training dispatches tokens to experts with a capacity (``moe_dispatch``, ``moe_capacity_factor``,
+    ``moe_drop_policy``; GShard-style, not in the report, which dispatches dropless with custom all-to-all kernels);
+    evaluation and generation are dropless (models/moe.py).
 Multi-token-prediction modules (checkpoint layer index = num_hidden_layers) are not implemented: loading skips
 their tensors with a notice.
+
+This file: the config, the builder and the checkpoint mapping; the blocks are models/mla.py and models/moe.py.
 """
 from __future__ import annotations
 
@@ -18,19 +23,20 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from mindspore_llm.checkpoint import layer_index
+from mindspore_llm.checkpoint import ArrayTensor, layer_index
 from mindspore_llm.common import ConfigError
 from mindspore_llm.config_utils import from_dict, require
 from mindspore_llm.models.config import DecoderConfig, RopeConfig, hf_fields
 from mindspore_llm.models.layers import CausalLM, DecoderLayer, DecoderModel, Precision, RotaryEmbedding, SwiGLU
 from mindspore_llm.models.mla import MultiHeadLatentAttention
-from mindspore_llm.models.moe import DeepSeekMoE, GroupLimitedTopKRouter
+from mindspore_llm.models.moe import (DISPATCHES, DROP_POLICIES, DeepSeekMoE, GroupLimitedTopKRouter,
+                                     aux_loss_multipliers, moe_blocks, set_aux_loss_multiplier)
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 log = logging.getLogger("mindspore_llm")
@@ -68,6 +74,13 @@ class DeepseekV3Config(DecoderConfig):
     # training-time balancing (ours; not in Hugging Face configs): γ of the bias update, α of the sequence-wise loss
     bias_update_speed: float = 0.001
     seq_aux_loss_alpha: float = 0.0
+    # how training sends tokens to the routed experts (ours; models/moe.py): "capacity" keeps at most
+    # C = ceil(moe_capacity_factor * S * k / E) token-slots per expert and sequence, dropping the rest by
+    # moe_drop_policy; "dense" runs every expert on every token; "grouped" is Ascend's dropless sorted path.
+    # Evaluation and generation are dropless whatever this says ("grouped" stays grouped, the others run dense).
+    moe_dispatch: Literal["capacity", "dense", "grouped"] = "capacity"
+    moe_capacity_factor: float = 1.25  # Switch Transformer's training value; >= E / k drops nothing
+    moe_drop_policy: Literal["probability", "position"] = "probability"
 
     def _hf_overrides(self) -> dict[str, Any]:
         # MLA has no separate kv heads; transformers' config defaults them to 128, which would break a small model
@@ -105,6 +118,11 @@ class DeepseekV3Config(DecoderConfig):
         require(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         require(self.bias_update_speed >= 0, f"bias_update_speed must be >= 0, got {self.bias_update_speed}")
         require(self.seq_aux_loss_alpha >= 0, f"seq_aux_loss_alpha must be >= 0, got {self.seq_aux_loss_alpha}")
+        require(self.moe_dispatch in DISPATCHES,
+                f"moe_dispatch must be one of {', '.join(DISPATCHES)}, got {self.moe_dispatch!r}")
+        require(self.moe_capacity_factor > 0, f"moe_capacity_factor must be positive, got {self.moe_capacity_factor}")
+        require(self.moe_drop_policy in DROP_POLICIES,
+                f"moe_drop_policy must be one of {', '.join(DROP_POLICIES)}, got {self.moe_drop_policy!r}")
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> "DeepseekV3Config":
@@ -134,17 +152,23 @@ def softmax_scale(config: DeepseekV3Config) -> float:
 
 
 class DeepseekV3ForCausalLM(CausalLM):
-    """CausalLM whose ``loss`` adds the MoE layers' sequence-wise balance loss when ``seq_aux_loss_alpha`` > 0
-    (its gradient enters inside each MoE layer; here its value joins the reported loss)."""
+    """CausalLM whose ``loss`` adds the MoE layers' sequence-wise balance loss when ``seq_aux_loss_alpha`` > 0:
+    mean token loss + each MoE layer's balance loss averaged over the batch's sequences. Its gradient enters inside
+    each MoE layer (``moe.AuxLossGradient``) with the weight ``loss`` sets here; ``TrainStep`` sets its own (the
+    same objective over all micro-batches and ranks of a step)."""
 
-    STATISTICS_SUFFIXES = (".tokens_per_expert", ".aux_loss")
+    STATISTICS_SUFFIXES = (".tokens_per_expert", ".dropped_slots", ".aux_loss", ".aux_loss_multiplier")
 
     def __init__(self, config: DeepseekV3Config, model: DecoderModel, precision: Precision):
         super().__init__(config, model, precision)
         self.moe_layer_ids = tuple(range(config.first_k_dense_replace, config.num_hidden_layers))
         self.with_aux_loss = config.seq_aux_loss_alpha > 0
+        self.aux_loss_multipliers = aux_loss_multipliers(self)
 
     def loss(self, input_ids, labels, attention_mask=None, position_ids=None):
+        if self.with_aux_loss:
+            set_aux_loss_multiplier(self.aux_loss_multipliers,
+                                    ops.full((), 1.0 / input_ids.shape[0], dtype=ms.float32))
         total, count = self.loss_sum(input_ids, labels, attention_mask, position_ids)
         loss = total / ops.maximum(count, 1.0)
         if self.with_aux_loss:
@@ -152,9 +176,9 @@ class DeepseekV3ForCausalLM(CausalLM):
                 loss = loss + self.model.layers[i].mlp.aux_loss
         return loss
 
-    def checkpoint_arrays(self):
+    def checkpoint_arrays(self, arrays=None):
         """Stacked experts leave as the per-expert tensors real checkpoints hold."""
-        for name, array in super().checkpoint_arrays():
+        for name, array in super().checkpoint_arrays(arrays):
             names = checkpoint_names(name, self.config.n_routed_experts)
             if len(names) == 1:
                 yield name, array
@@ -185,7 +209,10 @@ def build_deepseek_v3(config: DeepseekV3Config, precision: Precision) -> Deepsee
             config.hidden_size, config.n_routed_experts, config.num_experts_per_tok, config.n_group,
             config.topk_group, config.norm_topk_prob, config.routed_scaling_factor, precision, std)
         return DeepSeekMoE(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts,
-                           config.n_shared_experts, router, config.seq_aux_loss_alpha, precision, std)
+                           config.n_shared_experts, router, dispatch=config.moe_dispatch,
+                           capacity_factor=config.moe_capacity_factor, drop_policy=config.moe_drop_policy,
+                           aux_loss_alpha=config.seq_aux_loss_alpha, bias_update_speed=config.bias_update_speed,
+                           precision=precision, init_std=std)
 
     layers = [DecoderLayer(config.hidden_size, config.rms_norm_eps, attention(), mlp(i), precision)
               for i in range(config.num_hidden_layers)]
@@ -217,21 +244,6 @@ def checkpoint_names(param_name: str, num_experts: int) -> list[str]:
     if stacked is None:
         return [param_name]
     return [f"{stacked.group(1)}.{e}.{stacked.group(2)}.weight" for e in range(num_experts)]
-
-
-class ArrayTensor:
-    """An array computed while loading (stacked experts, a zeroed statistics buffer), read like a checkpoint file's
-    tensor so ``load_weights`` treats it like any other."""
-
-    def __init__(self, array: np.ndarray, path):
-        self.path = path
-        self.array = array
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.array.shape)
-
-    def float32(self, name: str) -> np.ndarray:
-        return self.array
 
 
 def stack_checkpoint_tensors(tensors: Iterable[tuple[str, Any]], config: DeepseekV3Config,
@@ -266,46 +278,3 @@ def stack_checkpoint_tensors(tensors: Iterable[tuple[str, Any]], config: Deepsee
         log.warning("skipping %d tensor(s) of multi-token-prediction layer(s) %s (model.layers.%s.*): "
                     "MTP is not implemented; the main model is complete without them",
                     len(skipped), ", ".join(map(str, layers)), layers[0])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Aux-loss-free load balancing and expert-load statistics (called by the trainer between steps).
-
-def moe_blocks(model) -> list[tuple[str, DeepSeekMoE]]:
-    return [(name, cell) for name, cell in model.cells_and_names() if isinstance(cell, DeepSeekMoE)]
-
-
-def update_expert_bias(model, gamma: float | None = None, all_reduce: Callable[[np.ndarray], np.ndarray] | None = None
-                       ) -> None:
-    """After an optimizer step: b_i += γ·sign(mean load − load_i) for every MoE layer, from the token counts the
-    layer summed since the previous update (all micro-batches of the step), which it then resets to zero
-    (DeepSeek-V3 §2.1.2). γ defaults to ``config.bias_update_speed``.
-
-    In DATA_PARALLEL mode each rank counts only its own tokens: pass `all_reduce` (summing an array over the
-    data-parallel ranks) so every replica applies the same update. (Under semi-auto parallel the in-graph counts
-    are already global.)"""
-    gamma = model.config.bias_update_speed if gamma is None else gamma
-    for _, block in moe_blocks(model):
-        load = block.tokens_per_expert.asnumpy()
-        if all_reduce is not None:
-            load = all_reduce(load)
-        bias = block.gate.e_score_correction_bias
-        step = gamma * np.sign(load.mean() - load)
-        bias.set_data(ms.Tensor(bias.asnumpy() + step.astype(np.float32), ms.float32))
-        block.tokens_per_expert.set_data(ms.Tensor(np.zeros(load.shape, np.float32)))
-
-
-def expert_load_stats(model) -> dict[str, float]:
-    """Per MoE layer, from the loads counted since the last bias update: max/mean expert load (1.0 = perfectly even), tokens dropped
-    (always 0: the dispatch is dropless) and the sequence-wise balance loss when enabled. Keys
-    ``moe/<layer index>/<stat>`` (``moe/<stat>`` for a lone MoE block)."""
-    stats = {}
-    for name, block in moe_blocks(model):
-        layer = layer_index(name + ".")
-        prefix = f"moe/{layer}/" if layer is not None else f"moe/{name + '/' if name else ''}"
-        load = block.tokens_per_expert.asnumpy()
-        stats[prefix + "max_over_mean_load"] = float(load.max() / max(load.mean(), 1e-12))
-        stats[prefix + "dropped_tokens"] = 0.0
-        if block.aux_loss_alpha > 0:
-            stats[prefix + "aux_loss"] = float(block.aux_loss.asnumpy())
-    return stats

@@ -66,7 +66,9 @@ class Linear(nn.Cell):
     def construct(self, x):
         out_shape = x.shape[:-1] + (self.out_features,)
         x = self.cast(x, self.compute_dtype).reshape(-1, self.in_features)
-        y = self.matmul(x, self.cast(self.weight, self.compute_dtype))
+        # a frozen quantized weight is a Cell that dequantizes it here, in the graph (models/quantized.py)
+        weight = self.weight() if isinstance(self.weight, nn.Cell) else self.weight
+        y = self.matmul(x, self.cast(weight, self.compute_dtype))
         if self.bias is not None:
             y = self.bias_add(y, self.cast(self.bias, self.compute_dtype))
         return self.cast(y, self.activation_dtype).reshape(out_shape)
@@ -502,10 +504,13 @@ class CausalLM(nn.Cell):
         """The parameters a model checkpoint holds: everything but the statistics buffers."""
         return [p for p in self.get_parameters() if not p.name.endswith(self.STATISTICS_SUFFIXES)]
 
-    def checkpoint_arrays(self):
-        """(checkpoint tensor name, fp32 array) in the Hugging Face layout, the inverse of loading."""
-        for param in self.weights():
-            yield param.name, np.array(param.asnumpy(), dtype=np.float32, order="C")
+    def checkpoint_arrays(self, arrays=None):
+        """(checkpoint tensor name, fp32 array) in the Hugging Face layout, the inverse of loading: of the weights,
+        or of `arrays` ((parameter name, array) pairs laid out like the parameters, e.g. their AdamW moments)."""
+        if arrays is None:
+            arrays = ((param.name, param.asnumpy()) for param in self.weights())
+        for name, array in arrays:
+            yield name, np.array(array, dtype=np.float32, order="C")
 
     def loss_sum(self, input_ids, labels, attention_mask=None, position_ids=None):
         """(sum of token losses, counted tokens): the form gradient accumulation averages exactly."""

@@ -17,6 +17,23 @@ def moe_layer(config, index: int) -> bool:
     return is_moe(config) and index >= config.first_k_dense_replace
 
 
+def expert_capacity(seq_length: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Token-slots each routed expert takes per sequence under the capacity dispatch: ceil(capacity_factor * S * k
+    / E), at most S (an expert gets each token at most once, so S drops nothing)."""
+    return min(seq_length, math.ceil(capacity_factor * seq_length * top_k / num_experts))
+
+
+def routed_slots_per_token(config, seq_length: int) -> float:
+    """Routed-expert evaluations a token costs in training under ``config.moe_dispatch``: k for the grouped
+    (dropless, sorted) dispatch, E * C / S for the capacity dispatch (unused slots included), E for the dense one."""
+    experts, top_k = config.n_routed_experts, config.num_experts_per_tok
+    if config.moe_dispatch == "grouped":
+        return float(top_k)
+    if config.moe_dispatch == "capacity":
+        return experts * expert_capacity(seq_length, experts, top_k, config.moe_capacity_factor) / seq_length
+    return float(experts)
+
+
 def _swiglu(prefix: str, hidden: int, intermediate: int) -> list[tuple[str, tuple[int, ...]]]:
     return [(f"{prefix}.gate_proj.weight", (intermediate, hidden)), (f"{prefix}.up_proj.weight", (intermediate, hidden)),
             (f"{prefix}.down_proj.weight", (hidden, intermediate))]

@@ -14,9 +14,12 @@ from typing import Any
 
 from mindspore_llm.distill import DistillConfig
 from mindspore_llm.lora import LoraConfig, lora_parameter_shapes
-from mindspore_llm.models.shapes import count_parameters, is_moe, layer_parameter_shapes, moe_layer, parameter_shapes
+from mindspore_llm.models.quantized import quantized_weight_shapes
+from mindspore_llm.models.shapes import (count_parameters, expert_capacity, is_moe, layer_parameter_shapes,
+                                         moe_layer, parameter_shapes, routed_slots_per_token)
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.plan import parameter_split
+from mindspore_llm.quant import QuantizationConfig
 from mindspore_llm.rl.grpo import GRPOConfig
 
 GB = 1024 ** 3
@@ -48,6 +51,14 @@ def _device_elements(name: str, shape: tuple[int, ...], parallel: ParallelConfig
     return math.prod(shape) / math.prod(parameter_split(name, len(shape), parallel))
 
 
+def _quantized_device_bytes(name: str, shape: tuple[int, int], quantization: QuantizationConfig,
+                            parallel: ParallelConfig) -> float:
+    """Bytes of one device's slice of the codes and scales holding weight `name` (split as ``plan`` splits them)."""
+    return sum(math.prod(array_shape) * dtype.itemsize
+               / math.prod(parameter_split(f"{name}.{array}", len(array_shape), parallel))
+               for array, (array_shape, dtype) in quantization.shapes(*shape).items())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Activations
 
@@ -71,7 +82,7 @@ def layer_activation_bytes(config, index: int, work: Workload, parallel: Paralle
     Korthikanti et al. 2022 (arXiv:2205.05198) count s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit; this is the
     same bookkeeping adapted to these layers: no dropout masks, RMSNorm, SwiGLU (4 stored tensors of width
     intermediate_size), GQA/MLA widths for Q, K, V, an fp32 softmax output beside the 16-bit probabilities, and
-    MoE as our dense dropless dispatch computes it (every routed expert on every token). docs/distributed.md.
+    MoE as its training dispatch computes it (``moe_layer_activation_bytes``). docs/distributed.md.
     """
     s, b, e = work.seq_length, work.micro_batch_size, work.stored_bytes
     t = parallel.model_parallel
@@ -91,11 +102,7 @@ def layer_activation_bytes(config, index: int, work: Workload, parallel: Paralle
         attention = e * tokens * (2 * q + 2 * kv) / t  # Q, K, V, o_proj input
     core = 0.0 if mode == "selective" else (4 + e) * a * s * s * b / t  # fp32 softmax + 16-bit probabilities
     if moe_layer(config, index):
-        experts, i = config.n_routed_experts, config.moe_intermediate_size
-        # (E, T, .) tensors: the broadcast input and expert outputs (width h), gate/up/silu/product (width I / t)
-        mlp = experts * tokens * (2 * e * h + 4 * e * i / t)
-        mlp += 4 * tokens * experts * (3 + config.num_experts_per_tok)  # fp32 router logits, scores, one-hots
-        mlp += 4 * e * tokens * i * config.n_shared_experts / t
+        mlp = moe_layer_activation_bytes(config, s, b, e, t)
     else:
         mlp = 4 * e * tokens * config.intermediate_size / t
     adapters = 0.0
@@ -104,6 +111,22 @@ def layer_activation_bytes(config, index: int, work: Workload, parallel: Paralle
                       if name.endswith(".weight") and len(shape) == 2 and lora.matches(name[: -len(".weight")]))
         adapters = e * tokens * lora.rank * targets
     return replicated + attention + core + mlp + adapters
+
+
+def moe_layer_activation_bytes(config, seq_length: int, micro_batch_size: int, e: int, t: int) -> float:
+    """Bytes an MoE block stores for backward, by its training dispatch (``moe_dispatch``): R = routed slots per
+    token (``routed_slots_per_token``: E x C / S with a capacity, E dense, k grouped) times the T tokens are the
+    rows the experts run on; each stores its input (width h) and gate, up, silu(gate), product (width I / t);
+    the weighted combine keeps the gathered outputs (T k rows; dense: all E T); fp32 router tensors (logits,
+    scores, biased scores, one-hot (T, k, E), and with a capacity the (B, E, S) sort keys, order and ranks);
+    the shared experts' SwiGLU."""
+    tokens = seq_length * micro_batch_size
+    experts, top_k, i = config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size
+    rows = routed_slots_per_token(config, seq_length) * tokens
+    combined = experts * tokens if config.moe_dispatch == "dense" else top_k * tokens
+    router = 4 * tokens * experts * (3 + top_k + (3 if config.moe_dispatch == "capacity" else 0))
+    shared = 4 * e * tokens * i * config.n_shared_experts / t
+    return rows * e * (config.hidden_size + 4 * i / t) + combined * e * config.hidden_size + router + shared
 
 
 def logits_bytes(config, work: Workload, parallel: ParallelConfig) -> float:
@@ -156,6 +179,10 @@ def estimate_memory(config, parallel: ParallelConfig, work: Workload,
     Parameters are fp32 master weights; with 16-bit compute (O2) each also has a compute-dtype copy.
     Gradients are fp32 (the parameters' dtype); AdamW holds two fp32 moments. ``optimizer_shard`` divides master
     weights, gradients and moments over the data-parallel replicas (for experts: over dp / ep).
+    A quantized base (``lora.quantize_base``) holds its linear weights as codes and block scales (NF4: 0.5 byte per
+    weight + 4 bytes per 64, or with double quantization 1 byte per 64 + 4 bytes per 64 x 256) and no
+    compute-dtype copy; one layer at a time is dequantized (``dequant working set``: the fp32 weight and
+    its int32 codes or float32 code values, 8 bytes per element of the largest local weight).
     """
     num_layers = config.num_hidden_layers
     layer_stages = parallel.stage_of_layers(num_layers)
@@ -169,12 +196,21 @@ def estimate_memory(config, parallel: ParallelConfig, work: Workload,
               for k in range(parallel.pipeline_stages)]
     trainable = [(n, s, True) for n, s in (lora_parameter_shapes(config, lora) if lora else [])]
     frozen_base = lora is not None
+    quantization = lora.quantization if lora is not None else None
+    quantized = set(n for n, _ in quantized_weight_shapes(config)) if quantization is not None else set()
+    if quantized:
+        for stage in stages:
+            stage.terms.update({"quantized weights": 0.0, "dequant working set": 0.0})
     for name, shape, is_trainable in [(n, s, not frozen_base) for n, s in parameter_shapes(config)] + trainable:
         elements = _device_elements(name, shape, parallel)
         shard = expert_dp_shard if ".experts." in name else dp_shard
         for k in _stage_of_parameter(name, layer_stages, config.tie_word_embeddings):
             terms = stages[k].terms
             stages[k].parameters += elements
+            if name in quantized:
+                terms["quantized weights"] += _quantized_device_bytes(name, shape, quantization, parallel)
+                terms["dequant working set"] = max(terms["dequant working set"], 8 * elements)
+                continue
             terms["compute weights"] += copy_bytes * elements
             if is_trainable:
                 terms["fp32 weights"] += 4 * elements / shard
@@ -295,14 +331,15 @@ def _representative_model(config):
 
     from mindspore_llm.models.auto import build_model
 
+    # every linear layer's in_features a multiple of 64, so that a quantized base can be shown too
     small = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4,
-             "moe_intermediate_size": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
-             "v_head_dim": 8, "head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
+             "moe_intermediate_size": 64, "kv_lora_rank": 64, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+             "v_head_dim": 16, "head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
              "topk_group": 1}
     if getattr(config, "num_key_value_heads", None) is not None and not hasattr(config, "kv_lora_rank"):
         small["num_key_value_heads"] = 4 if config.num_key_value_heads == config.num_attention_heads else 2
     if getattr(config, "q_lora_rank", None):
-        small["q_lora_rank"] = 16
+        small["q_lora_rank"] = 64
     dense = min(getattr(config, "first_k_dense_replace", 0), 1)
     small["num_hidden_layers"] = dense + (1 if is_moe(config) else 0) or 1
     if is_moe(config):
@@ -334,13 +371,28 @@ def _fmt(strategy) -> str:
     return str(strategy).replace(" ", "")
 
 
+def _moe_line(config, seq_length: int) -> str:
+    from mindspore_llm.flops import executed_flops_per_token, flops_per_token
+
+    dispatch = f"{config.moe_dispatch} dispatch"
+    if config.moe_dispatch == "capacity":
+        capacity = expert_capacity(seq_length, config.n_routed_experts, config.num_experts_per_tok,
+                                   config.moe_capacity_factor)
+        dispatch += (f" (factor {config.moe_capacity_factor:g}: {capacity} of {seq_length} tokens per expert and "
+                     f"sequence, drop by {config.moe_drop_policy})")
+    return (f"moe: {dispatch}, {routed_slots_per_token(config, seq_length):.2f} routed-expert rows per token "
+            f"(top-{config.num_experts_per_tok} of {config.n_routed_experts}); training FLOPs per token "
+            f"{executed_flops_per_token(config, seq_length) / 1e12:.3f} T executed, "
+            f"{flops_per_token(config, seq_length) / 1e12:.3f} T model (MFU counts these)")
+
+
 def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float) -> tuple[str, bool]:
     """(the printed plan, whether every stage fits in `hbm_gb`)."""
     from mindspore_llm.parallel.plan import validate_plan
 
     config, parallel, work = inputs.model, inputs.parallel, inputs.work
     validate_plan(config, parallel, device_num, inputs.global_batch_size, inputs.micro_batch_size,
-                  inputs.gradient_accumulation_steps, work.seq_length)
+                  inputs.gradient_accumulation_steps, work.seq_length, inputs.lora and inputs.lora.quantization)
     total, active = count_parameters(config)
     lines = [f"plan for {inputs.source}",
              f"model: {config.architecture}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
@@ -354,8 +406,14 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float) -> tuple[str
              f"batch: seq_length {work.seq_length}, micro_batch_size {inputs.micro_batch_size}, global batch "
              f"{parallel.data_parallel * inputs.micro_batch_size * parallel.micro_batch_num * inputs.gradient_accumulation_steps}"
              f", compute {'fp32' if work.compute_bytes == 4 else '16-bit (O2)'}"]
+    if is_moe(config):
+        lines.append(_moe_line(config, work.seq_length))
     if inputs.lora:
-        lines.append(f"lora: rank {inputs.lora.rank} on {', '.join(inputs.lora.target_modules)}; base frozen")
+        held = inputs.lora.quantization
+        base = "base frozen" if held is None else (
+            f"base frozen, its linear layers in {held.method}" + (" with double quantization" if held.double_quant
+                                                                  else ""))
+        lines.append(f"lora: rank {inputs.lora.rank} on {', '.join(inputs.lora.target_modules)}; {base}")
     if inputs.teacher is not None:
         lines.append(f"distill: online teacher {inputs.teacher.architecture}, "
                      f"{_count(count_parameters(inputs.teacher)[0])} parameters, frozen")

@@ -8,7 +8,8 @@ Layouts: data parallel splits the batch dimension by ``dp``; tensor parallel (``
 FFN columns (column-parallel in-projections, row-parallel out-projections) and, with ``vocab_parallel``, the
 vocabulary of the embedding, LM head and loss; sequence parallel splits the norms and residual adds along the
 sequence by ``mp`` (row-parallel outputs reduce-scatter into that layout); expert parallel splits the stacked
-routed experts over ``ep`` of the data-parallel replicas.
+routed experts and their (E, tokens, H) inputs over ``ep`` of the data-parallel replicas, so the MoE dispatch's
+change of layout between sequences and experts becomes the compiler's all-to-all.
 
 ``validate_plan`` checks a parallel config against the model and the device count before anything starts;
 ``parameter_layout`` is the split of every parameter (what the memory planner divides by, and what
@@ -17,15 +18,17 @@ routed experts over ``ep`` of the data-parallel replicas.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mindspore import nn
 
 from mindspore_llm.common import ConfigError
 from mindspore_llm.lora import LoraLinear
 from mindspore_llm.models import layers, mla, moe
+from mindspore_llm.models.quantized import Int8Weight, NF4Weight, quantized_weight_shapes
 from mindspore_llm.models.shapes import parameter_shapes
 from mindspore_llm.parallel.config import RECOMPUTE_MODES, ParallelConfig
+from mindspore_llm.quant import BLOCKSIZE, QuantizationConfig
 
 # Linear layers by their attribute name: how the weight (out, in) is split across model_parallel.
 COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "q_b_proj", "kv_b_proj"}
@@ -34,6 +37,7 @@ ROW_PARALLEL = {"o_proj", "down_proj"}
 REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa"}
 HEAD_NORMS = {"q_norm", "k_norm"}  # RMSNorm over (B, S, heads, head_dim)
 VOCAB = {"embed_tokens", "lm_head"}
+QUANTIZED_ARRAYS = {"codes", "absmax", "nested_absmax", "nested_offset"}  # of X.weight (models/quantized.py)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class OpStrategy:
     path: str  # e.g. "model.layers.0.self_attn.q_proj.matmul"
     strategy: tuple[tuple[int, ...], ...]
     out_strategy: tuple[tuple[int, ...], ...] | None = None
+    primitive: object = field(default=None, compare=False, repr=False)  # the Primitive the strategy was set on
 
 
 def linear_kind(leaf: str) -> str:
@@ -86,6 +91,21 @@ def _lora_update(kind: str, dp: int, mp: int, sequence_parallel: bool, dropout: 
     return {"scale": (y, ()), "add": (y, y), **({"lora_dropout": (x,)} if dropout else {})}
 
 
+def _quantized_weight(cell, kind: str, mp: int) -> dict:
+    """A quantized weight's dequantization, split like the (out, in) weight it yields: by rows (column-parallel
+    layer) or by columns (row-parallel: whole blocks of 64 per device, which ``validate_plan`` checks). The code
+    tables and the nested scales (a few per 256 blocks) are replicated."""
+    rows, columns = {"column": (mp, 1), "row": (1, mp)}.get(kind, (1, 1))
+    if isinstance(cell, Int8Weight):
+        return {"cast": ((rows, columns),), "scale": ((rows, columns), (rows, 1)), "scale_127": ((rows, columns), ())}
+    strategies = {"cast": ((rows, columns),), "gather": ((1, 1), (rows, columns)),
+                  "scale": ((rows, columns, 1), (rows, columns, 1))}
+    if cell.double_quant:
+        strategies.update({"cast_absmax": ((rows, columns),), "gather_absmax": ((1,), (rows, columns)),
+                           "scale_absmax": ((rows, columns), (rows, columns)), "add_offset": ((rows, columns), ())})
+    return strategies
+
+
 def _rms_norm(rank_mp: tuple[int, ...], dp: int) -> dict:
     x = (dp,) + rank_mp
     return {"square": (x,), "mean": (x,), "rsqrt": (x[:-1] + (1,),), "add_eps": (x[:-1] + (1,), ()),
@@ -93,12 +113,28 @@ def _rms_norm(rank_mp: tuple[int, ...], dp: int) -> dict:
 
 
 def _stacked_experts(dp: int, ep: int, mp: int) -> dict:
-    """(E, T, H) activations: experts split by ep, tokens by the remaining dp / ep, the expert FFN by mp."""
-    tokens = dp // ep
-    x, hidden = (ep, tokens, 1), (ep, tokens, mp)
-    return {"broadcast_tokens": ((1, dp, 1),), "gate_matmul": (x, (ep, mp, 1)), "up_matmul": (x, (ep, mp, 1)),
-            "silu": (hidden,), "mul": (hidden, hidden), "down_matmul": (hidden, (ep, 1, mp)),
-            "weigh": (x, x), "combine": (x,), "transpose": ((dp, 1),)}
+    """(E, N, H) expert inputs: experts split by ep, their rows by the remaining dp / ep, the expert FFN by mp."""
+    x, hidden = (ep, dp // ep, 1), (ep, dp // ep, mp)
+    return {"gate_matmul": (x, (ep, mp, 1)), "up_matmul": (x, (ep, mp, 1)), "silu": (hidden,),
+            "mul": (hidden, hidden), "down_matmul": (hidden, (ep, 1, mp))}
+
+
+def _dense_dispatch(dp: int, ep: int) -> dict:
+    """(E, T, H): every expert's copy of the tokens, laid out as the experts' inputs."""
+    x = (ep, dp // ep, 1)
+    return {"broadcast_tokens": ((1, dp, 1),), "transpose": ((dp, 1),), "weigh": (x, x), "combine_sum": (x,)}
+
+
+def _capacity_dispatch(dp: int, ep: int) -> dict:
+    """Routing and gathers per sequence, split by dp on the batch (every sequence is dispatched on its own
+    device); ``to_experts`` takes (B, E, C, H) in that layout, the experts want (E, B*C, H) as (ep, dp / ep),
+    and ``from_experts`` takes the experts' layout back: between them the compiler inserts the all-to-alls."""
+    batch = (dp, 1, 1)
+    return {"key_select": ((dp, 1), (dp, 1), (dp, 1)), "key_transpose": (batch,), "sort": (batch,),
+            "invert": (batch,), "rank_transpose": (batch,), "slot_gather": ((dp, 1), (dp, 1)),
+            "dispatch_gather": (batch, (dp, 1)), "to_experts": ((dp, 1, 1, 1),),
+            "from_experts": ((ep, dp // ep, 1, 1),), "combine_gather": (batch, (dp, 1)),
+            "weigh": (batch, batch), "combine_sum": ((dp, 1, 1, 1),)}
 
 
 def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: nn.Cell | None = None) -> dict:
@@ -118,6 +154,8 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: n
             strategies.update(_lora_update(linear_kind(leaf), dp, mp, parallel.sequence_parallel,
                                            cell.lora_dropout is not None))
         return strategies
+    if isinstance(cell, (NF4Weight, Int8Weight)):  # the weight of the linear layer `name` without ".weight"
+        return _quantized_weight(cell, linear_kind(name.rsplit(".", 2)[-2]), mp)
     if isinstance(cell, layers.RMSNorm):
         if leaf in HEAD_NORMS:
             return _rms_norm((1, mp, 1), dp)
@@ -142,6 +180,10 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: n
                 "q_concat": (heads, heads), "k_concat": (heads, heads), "broadcast_k_rope": ((dp, 1, 1, 1),)}
     if isinstance(cell, moe.StackedExperts):
         return _stacked_experts(dp, ep, mp)
+    if isinstance(cell, moe.DenseDispatch):
+        return _dense_dispatch(dp, ep)
+    if isinstance(cell, moe.CapacityDispatch):
+        return _capacity_dispatch(dp, ep)
     if isinstance(cell, moe.GroupLimitedTopKRouter):
         return {"matmul": ((dp, 1), (1, 1)), "sigmoid": ((dp, 1),), "add_bias": ((dp, 1), (1,))}
     if isinstance(cell, moe.DeepSeekMoE):
@@ -159,6 +201,12 @@ def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: n
 def parameter_layout(name: str, ndim: int, parallel: ParallelConfig) -> tuple[str | None, ...]:
     """Which mesh axis ("mp", "ep") splits each dimension of parameter `name` (Hugging Face / our names)."""
     parts = name.split(".")
+    if len(parts) > 3 and parts[-2] == "weight" and parts[-1] in QUANTIZED_ARRAYS:  # X.weight.codes, ...
+        # codes and absmax (per block; int8's per row) split like the weight, the nested scales are replicated
+        kind = linear_kind(parts[-3]) if parts[-1] in ("codes", "absmax") else "replicated"
+        if kind == "column":
+            return ("mp",) + (None,) * (ndim - 1)
+        return (None, "mp") if kind == "row" and ndim == 2 else (None,) * ndim
     if parts[-2] in ("lora_A", "lora_B"):  # adapters follow the split of the layer they adapt
         kind = linear_kind(parts[-3])
         if (kind, parts[-2]) == ("column", "lora_B"):
@@ -194,9 +242,10 @@ def apply_plan(model: nn.Cell, parallel: ParallelConfig) -> list[OpStrategy]:
         parent = cells.get(name.rsplit(".", 1)[0]) if "." in name else None
         for op_name, strategy in strategies_for(name, cell, parallel, parent).items():
             shard = strategy if isinstance(strategy, Shard) else Shard(strategy)
-            getattr(cell, op_name).shard(shard.in_strategy, out_strategy=shard.out_strategy)
+            primitive = getattr(cell, op_name)
+            primitive.shard(shard.in_strategy, out_strategy=shard.out_strategy)
             applied.append(OpStrategy(f"{name}.{op_name}" if name else op_name, shard.in_strategy,
-                                      shard.out_strategy))
+                                      shard.out_strategy, primitive))
     decoder = getattr(model, "model", None)
     if isinstance(decoder, layers.DecoderModel):
         _assign_stages_and_recompute(model, decoder, parallel)
@@ -231,22 +280,108 @@ def _assign_stages_and_recompute(model: nn.Cell, decoder: layers.DecoderModel, p
             cell.pipeline_stage = last
 
 
-def check_strategies(applied: list[OpStrategy], parallel: ParallelConfig) -> None:
-    """Every input's device matrix must divide the devices of one pipeline stage (dp x mp); every output
-    strategy's product must equal its input device matrix."""
+# Which input dimensions a matmul contracts: (dim of input 0, dim of input 1), counted from the end.
+def _contracted_dims(primitive) -> tuple[int, int] | None:
+    name = getattr(primitive, "name", "")
+    if name not in ("MatMul", "BatchMatMul"):
+        return None
+    attrs = primitive.attrs
+    return (-2 if attrs.get("transpose_a", False) else -1, -1 if attrs.get("transpose_b", False) else -2)
+
+
+def check_strategies(applied: list[OpStrategy], parallel: ParallelConfig,
+                     input_shapes: dict[str, list[list[tuple[int, ...]]]] | None = None) -> None:
+    """Check the op strategies before anything is compiled; raise ConfigError listing every problem.
+
+    Always: every input's device matrix divides the devices of one pipeline stage (dp x mp), and every output
+    strategy's product equals its input device matrix. With `input_shapes` (path -> the input shapes of each call of
+    that op, as ``trace_input_shapes`` records them): each strategy has one entry per dimension of its input, every
+    split dimension is divisible by its split (a (1, 1, S, S) attention bias cannot be split by dp > 1), and a
+    matmul splits the two dimensions it contracts alike. These are the checks MindSpore's compiler makes on the
+    cluster, after the cluster has been waited for."""
     devices = parallel.stage_devices
+    errors: list[str] = []
     for op in applied:
         for i, strategy in enumerate(op.strategy):
             used = math.prod(strategy)
             if devices % used:
-                raise ConfigError(f"{op.path}: input {i} strategy {strategy} uses {used} devices, which does not "
-                                  f"divide the {devices} devices of a stage (dp x mp)")
+                errors.append(f"{op.path}: input {i} strategy {strategy} uses {used} devices, which does not "
+                              f"divide the {devices} devices of a stage (dp x mp)")
         if op.out_strategy is not None:
             used = max(math.prod(s) for s in op.strategy)
             for strategy in op.out_strategy:
                 if math.prod(strategy) != used:
-                    raise ConfigError(f"{op.path}: output strategy {strategy} does not match the input device "
-                                      f"matrix of {used} devices")
+                    errors.append(f"{op.path}: output strategy {strategy} does not match the input device "
+                                  f"matrix of {used} devices")
+        for shapes in (input_shapes or {}).get(op.path, []):
+            errors += _shape_errors(op, shapes)
+    if errors:
+        unique = list(dict.fromkeys(errors))  # an op called several times reports once
+        raise ConfigError("invalid op strategies:\n  - " + "\n  - ".join(unique))
+
+
+def _shape_errors(op: OpStrategy, shapes: list[tuple[int, ...]]) -> list[str]:
+    if len(shapes) != len(op.strategy):
+        return [f"{op.path}: {len(op.strategy)} input strategies {op.strategy} for {len(shapes)} inputs {shapes}"]
+    errors = []
+    for i, (shape, strategy) in enumerate(zip(shapes, op.strategy)):
+        if len(shape) != len(strategy):
+            errors.append(f"{op.path}: input {i} has shape {shape} (rank {len(shape)}) but strategy {strategy} "
+                          f"(rank {len(strategy)})")
+            continue
+        for dim, (size, parts) in enumerate(zip(shape, strategy)):
+            if size % parts:
+                errors.append(f"{op.path}: input {i} dimension {dim} of shape {shape} (size {size}) cannot be split "
+                              f"{parts} ways (strategy {strategy})")
+    contracted = _contracted_dims(op.primitive)
+    if contracted is not None and not errors:
+        a, b = op.strategy[0][contracted[0]], op.strategy[1][contracted[1]]
+        if a != b:
+            errors.append(f"{op.path}: the contracted dimensions are split {a} and {b} ways (strategy "
+                          f"{op.strategy}); they must be split alike")
+    return errors
+
+
+def trace_input_shapes(model: nn.Cell, applied: list[OpStrategy], run) -> dict[str, list[list[tuple[int, ...]]]]:
+    """The input shapes every planned op of `model` sees while ``run()`` calls the model (once, in PyNative mode:
+    the ops run eagerly, so each planned primitive is briefly wrapped to record what it is called with).
+
+    Tensor arguments count as inputs, and Python numbers too where the strategy has an entry for them (the scalar of
+    ``Mul(x, 0.5)``, not the axis of ``Gather(x, ids, 0)``); tuples of tensors (``Concat``) are flattened."""
+    import mindspore as ms
+
+    cells = dict(model.cells_and_names())
+    recorded: dict[str, list[list[tuple[int, ...]]]] = {}
+    wrapped = []
+    for op in applied:
+        owner, _, attr = op.path.rpartition(".")
+        cell = cells[owner]
+        primitive = getattr(cell, attr)
+        wrapped.append((cell, attr, primitive))
+        object.__setattr__(cell, attr, _Recorder(primitive, len(op.strategy), recorded.setdefault(op.path, [])))
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        run()
+    finally:
+        ms.set_context(mode=mode)
+        for cell, attr, primitive in wrapped:
+            object.__setattr__(cell, attr, primitive)
+    return recorded
+
+
+class _Recorder:
+    def __init__(self, primitive, inputs: int, calls: list):
+        self.primitive, self.inputs, self.calls = primitive, inputs, calls
+
+    def __call__(self, *args):
+        from mindspore import Tensor
+
+        flat = [x for arg in args for x in (arg if isinstance(arg, (tuple, list)) else (arg,))]
+        tensors = [tuple(x.shape) for x in flat if isinstance(x, Tensor)]
+        numbers = [() for x in flat if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        self.calls.append(tensors + numbers[:max(0, self.inputs - len(tensors))])
+        return self.primitive(*args)
 
 
 def _divides(errors: list[str], field: str, size: int, by_field: str, by: int) -> None:
@@ -256,10 +391,12 @@ def _divides(errors: list[str], field: str, size: int, by_field: str, by: int) -
 
 def validate_plan(model_config, parallel: ParallelConfig, device_num: int, global_batch_size: int | None = None,
                   micro_batch_size: int = 1, gradient_accumulation_steps: int = 1,
-                  seq_length: int | None = None) -> None:
+                  seq_length: int | None = None, quantization: QuantizationConfig | None = None) -> None:
     """Check `parallel` against the model and the device count; raise ConfigError listing every problem.
 
     The global batch is data_parallel x micro_batch_size x micro_batch_num x gradient_accumulation_steps.
+    With `quantization` (a quantized frozen base), every device's slice of a linear weight must hold whole
+    blocks of 64 along its rows.
     """
     errors: list[str] = []
     dp, mp, ep, pp = (parallel.data_parallel, parallel.model_parallel, parallel.expert_parallel,
@@ -279,6 +416,10 @@ def validate_plan(model_config, parallel: ParallelConfig, device_num: int, globa
     if experts:
         _divides(errors, "moe_intermediate_size", c.moe_intermediate_size, "model_parallel", mp)
         _divides(errors, "n_routed_experts", experts, "expert_parallel", ep)
+        if c.moe_dispatch == "grouped" and (ep > 1 or mp > 1):
+            errors.append(f"moe_dispatch 'grouped' runs whole experts on each device's own tokens (its sorted "
+                          f"rows have no layout to split); use expert_parallel 1 and model_parallel 1 (got "
+                          f"{ep} and {mp}) or moe_dispatch 'capacity'")
     elif ep > 1:
         errors.append(f"expert_parallel ({ep}) needs a mixture-of-experts model; {c.architecture} has no experts")
     layers_num = c.num_hidden_layers
@@ -307,6 +448,8 @@ def validate_plan(model_config, parallel: ParallelConfig, device_num: int, globa
                           f"gradient_accumulation_steps ({gradient_accumulation_steps}) = {per_step}")
     if not errors:  # every parameter's split must divide its dimensions (catches what the fields above miss)
         errors += _parameter_split_errors(model_config, parallel)
+    if quantization is not None:
+        errors += _quantized_block_errors(model_config, parallel)
     if errors:
         raise ConfigError("invalid parallel plan:\n  - " + "\n  - ".join(errors))
 
@@ -319,6 +462,18 @@ def _parameter_split_errors(model_config, parallel: ParallelConfig) -> list[str]
         if any(size % parts for size, parts in zip(shape, split)):
             pattern = ".".join("N" if part.isdigit() else part for part in name.split("."))
             errors.setdefault(pattern, f"parameter {pattern} of shape {shape} cannot be split {split}")
+    return list(errors.values())
+
+
+def _quantized_block_errors(model_config, parallel: ParallelConfig) -> list[str]:
+    errors = {}
+    for name, (rows, columns) in quantized_weight_shapes(model_config):
+        columns_per_device = columns // parameter_split(name, 2, parallel)[1]
+        if columns_per_device % BLOCKSIZE:
+            pattern = ".".join("N" if part.isdigit() else part for part in name.split("."))
+            split = f" over model_parallel {parallel.model_parallel}" if columns_per_device != columns else ""
+            errors.setdefault(pattern, f"quantized weight {pattern} ({rows} x {columns}): each device holds "
+                                       f"{columns_per_device} columns{split}, not whole blocks of {BLOCKSIZE}")
     return list(errors.values())
 
 

@@ -58,11 +58,45 @@ def default_device_ip(server_index: int, device_id: int) -> str:
     return f"192.168.{100 + device_id}.{server_index + 1}"
 
 
-def generate(servers: list[str], devices: list[int], device_ips: dict[int, str] | None = None) -> dict:
+def read_device_ips(paths: list[str | os.PathLike], servers: list[str]) -> list[dict[int, str]]:
+    """One server's device IPs per entry of `servers`: from one hccn.conf per server, in the order of `servers`,
+    or from a directory holding ``<server IP>.conf`` for each (copies of each server's /etc/hccn.conf)."""
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        directory = Path(paths[0])
+        missing = [s for s in servers if not (directory / f"{s}.conf").is_file()]
+        if missing:
+            raise RankTableError(f"--device-ips-file {directory}: no {', '.join(f'{s}.conf' for s in missing)} "
+                                 f"(the directory holds one <server IP>.conf per server, e.g. copied with "
+                                 f"`scp SERVER:/etc/hccn.conf {directory}/SERVER.conf`)")
+        paths = [directory / f"{s}.conf" for s in servers]
+    if len(paths) != len(servers):
+        raise RankTableError(f"--device-ips-file: {len(paths)} file(s) for {len(servers)} servers; give each "
+                             f"server's hccn.conf, in the order of --servers, or a directory of <server IP>.conf")
+    return [read_hccn_conf(path) for path in paths]
+
+
+def placeholder_servers(table: dict) -> list[str]:
+    """The servers whose device IPs are all `default_device_ip` placeholders (a table generated without hccn.conf)."""
+    return [server["server_id"] for index, server in enumerate(table["server_list"])
+            if all(d["device_ip"] == default_device_ip(index, int(d["device_id"])) for d in server["device"])]
+
+
+def placeholder_warning(table: dict, source: str) -> str | None:
+    servers = placeholder_servers(table)
+    if not servers:
+        return None
+    return (f"WARNING: {source}: the device IPs of server(s) {', '.join(servers)} are the placeholders "
+            f"192.168.(100+device).(server+1) that `msllm rank-table generate` writes without hccn.conf. Unless "
+            f"/etc/hccn.conf on those servers holds exactly these addresses, HCCL cannot connect the devices: "
+            f"regenerate the table with --device-ips-file (each server's /etc/hccn.conf, or `hccn_tool -i N -ip "
+            f"-g` for device N).")
+
+
+def generate(servers: list[str], devices: list[int], device_ips: list[dict[int, str]] | None = None) -> dict:
     """A table for `servers` (host IPs, in rank order) each with `devices`.
 
-    With `device_ips` (one server's hccn.conf) that server's IPs are used; it only fits a single-server table,
-    since every server has its own hccn.conf.
+    `device_ips`: each server's device id -> IP (its hccn.conf, ``read_device_ips``), in the order of `servers`;
+    without it the IPs are placeholders (``default_device_ip``) to be replaced.
     """
     if not servers:
         raise RankTableError("--servers: give at least one server IP")
@@ -73,17 +107,17 @@ def generate(servers: list[str], devices: list[int], device_ips: dict[int, str] 
             raise RankTableError(f"--servers: {server!r} is not an IP address") from None
     if len(set(servers)) != len(servers):
         raise RankTableError(f"--servers: a server is listed twice ({', '.join(servers)})")
-    if device_ips is not None and len(servers) > 1:
-        raise RankTableError("--device-ips-file: hccn.conf describes one server; generate one table per server "
-                             "and merge, or omit it for placeholder device IPs")
+    if device_ips is not None and len(device_ips) != len(servers):
+        raise RankTableError(f"--device-ips-file: device IPs of {len(device_ips)} server(s) for {len(servers)} "
+                             f"servers")
     server_list = []
     rank = 0
     for index, server in enumerate(servers):
         entries = []
         for device in devices:
-            if device_ips is not None and device not in device_ips:
-                raise RankTableError(f"--device-ips-file: no address_{device} for device {device}")
-            ip = device_ips[device] if device_ips is not None else default_device_ip(index, device)
+            if device_ips is not None and device not in device_ips[index]:
+                raise RankTableError(f"--device-ips-file: no address_{device} for device {device} of server {server}")
+            ip = device_ips[index][device] if device_ips is not None else default_device_ip(index, device)
             entries.append({"device_id": str(device), "device_ip": ip, "rank_id": str(rank)})
             rank += 1
         server_list.append({"server_id": server, "device": entries, "host_nic_ip": "reserve"})

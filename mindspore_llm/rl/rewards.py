@@ -83,7 +83,7 @@ def format_reward(prompt: str, completion: str, answer: str) -> float:
 
 
 def exact_match(prompt: str, completion: str, answer: str) -> float:
-    return float(split_reasoning(completion)[1] == answer.strip())
+    return float(split_reasoning(completion)[1].strip() == answer.strip())
 
 
 BUILT_IN: dict[str, RewardFunction] = {"math_accuracy": math_accuracy, "format": format_reward,

@@ -16,12 +16,13 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from mindspore_llm.common import CheckpointError
 from mindspore_llm.fileio import atomic_directory
+from mindspore_llm.tokenizer import tokenizer_files
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TRAIN_STATE = "train_state.ckpt"
@@ -29,7 +30,6 @@ TRAINER_STATE = "trainer_state.json"
 # never checkpointed: frozen parameters loaded from their own directory at every start (a distillation teacher),
 # and the pipeline's gradient accumulation buffers (PipelineGradReducer: zero between steps)
 NOT_SAVED = ("teacher.", "accu_grads.")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
 def saved(name: str) -> bool:
@@ -64,13 +64,18 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def save_checkpoint(directory: str | Path, step: int, train_cell, state: dict[str, Any], rank: int = 0,
-                    shards: int = 1, keep_last: int | None = None) -> Path:
-    """Write this rank's part of checkpoint `step` atomically; rank 0 then drops all but the last `keep_last`."""
+                    shards: int = 1, keep_last: int | None = None, entries: list[dict] | None = None) -> Path:
+    """Write this rank's part of checkpoint `step` atomically; rank 0 then drops all but the last `keep_last`.
+    `entries` ({"name", "data"} dicts): saved instead of `train_cell`'s parameters (the state in another naming,
+    ``train.interop``)."""
     import mindspore as ms
 
     target = step_dir(directory, step)
     with atomic_directory(target / f"rank_{rank}", overwrite=True) as tmp:
-        ms.save_checkpoint(train_cell, str(tmp / TRAIN_STATE), choice_func=saved, crc_check=True)
+        if entries is None:
+            ms.save_checkpoint(train_cell, str(tmp / TRAIN_STATE), choice_func=saved, crc_check=True)
+        else:
+            ms.save_checkpoint(entries, str(tmp / TRAIN_STATE), crc_check=True)
         write_trainer_state(tmp / TRAINER_STATE, {**state, "step": step, "shards": shards})
     if rank == 0 and keep_last is not None:
         prune_checkpoints(directory, keep_last)
@@ -93,8 +98,11 @@ def prune_checkpoints(directory: str | Path, keep_last: int) -> None:
             shutil.rmtree(path)
 
 
-def load_checkpoint(path: str | Path, train_cell, rank: int = 0) -> dict[str, Any]:
-    """Restore every parameter of `train_cell` (weights, optimizer, loss scale) and return the trainer state."""
+def load_checkpoint(path: str | Path, train_cell, rank: int = 0,
+                    read: Callable[[Path], dict] | None = None) -> dict[str, Any]:
+    """Restore every parameter of `train_cell` (weights, optimizer, loss scale) and return the trainer state.
+    `read(file)`: the train state file as {our name: Parameter} (one written in another naming, ``train.interop``);
+    default ``mindspore.load_checkpoint``."""
     import mindspore as ms
 
     path = Path(path)
@@ -104,7 +112,7 @@ def load_checkpoint(path: str | Path, train_cell, rank: int = 0) -> dict[str, An
     shards = json.loads((path / "rank_0" / TRAINER_STATE).read_text()).get("shards", 1)
     rank_dir = path / f"rank_{rank if shards > 1 else 0}"
     try:
-        params = ms.load_checkpoint(str(rank_dir / TRAIN_STATE), crc_check=True)
+        params = (read or (lambda file: ms.load_checkpoint(str(file), crc_check=True)))(rank_dir / TRAIN_STATE)
     except (RuntimeError, ValueError) as err:
         raise CheckpointError(f"{rank_dir / TRAIN_STATE}: cannot be read ({err})") from None
     expected = {p.name for p in train_cell.get_parameters() if saved(p.name)}
@@ -145,15 +153,10 @@ def save_model_directory(model, model_config, directory: str | Path, tokenizer: 
 
     config = hf_config(model_config)
     tensors = {name: np.ascontiguousarray(array) for name, array in model.checkpoint_arrays() if saved(name)}
-    source = None if tokenizer is None else Path(tokenizer)
-    if source is not None and source.is_file():
-        files = [source]
-    else:
-        files = [] if source is None else [source / n for n in TOKENIZER_FILES] + sorted(source.glob("*.model"))
+    files = [] if tokenizer is None else tokenizer_files(tokenizer)  # with its chat template
     with atomic_directory(directory, overwrite=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for file in files:
-            if file.is_file():
-                shutil.copyfile(file, tmp / file.name)
+            shutil.copyfile(file, tmp / file.name)
     return Path(directory)

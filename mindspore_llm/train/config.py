@@ -19,6 +19,7 @@ from mindspore_llm.config_utils import from_dict, load_yaml, require
 from mindspore_llm.data.config import DataConfig
 from mindspore_llm.distill import DistillConfig
 from mindspore_llm.lora import LoraConfig
+from mindspore_llm.models.naming import LayoutOptions
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.memory import DTYPE_BYTES, PlanInputs, Workload
 from mindspore_llm.rl.grpo import GRPOConfig
@@ -74,6 +75,11 @@ class RunConfig:
         return max(1, math.floor(self.epochs * steps_per_epoch))
 
 
+# model.path: a model directory or checkpoint in any naming; model.config: its config.json (or directory) when it
+# has none beside it (a mindformers checkpoint); model.layout: LayoutOptions for a mindformers mcore one
+MODEL_PATH_KEYS = {"path", "config", "layout"}
+
+
 @dataclass(kw_only=True)
 class CheckpointConfig:
     dir: str | None = None  # default: <output_dir>/checkpoints
@@ -82,6 +88,13 @@ class CheckpointConfig:
     # never: start fresh (an existing checkpoint directory with checkpoints is an error);
     # auto: continue from the latest complete checkpoint if there is one; or a checkpoint directory to start from
     resume: str = "never"
+    # starting fresh from model.path, a training checkpoint in any naming (ours, mindformers'): continue its AdamW
+    # moments, step and loss scale too, not only its weights
+    resume_optimizer: bool = False
+    # the naming train_state.ckpt is written in: ours, or mindformers' so that a mindformers job can take the run
+    # over (mindformers: Qwen2/2.5; mindformers-mcore: Qwen3, DeepSeek-V3), with `layout`'s fused layouts
+    naming: Literal["mindspore_llm", "mindformers", "mindformers-mcore"] = "mindspore_llm"
+    layout: LayoutOptions = field(default_factory=LayoutOptions)
 
     def validate(self) -> None:
         require(self.every_n_steps >= 1, f"every_n_steps: must be >= 1, got {self.every_n_steps}")
@@ -113,7 +126,8 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    # a model directory (`path:`, Hugging Face or converted) or inline dimensions with `architecture:`
+    # a model directory or checkpoint (`path:`, any naming; `config:`, `layout:`) or inline dimensions with
+    # `architecture:`
     model: dict[str, Any]
     # lm: the next-token loss on `data:` (pretraining or SFT); grpo: reinforcement learning on the prompts and
     # rewards of `grpo:`, starting from the model at `model.path`
@@ -145,6 +159,13 @@ class TrainConfig:
             require(self.data is None, "data: kind grpo reads its prompts from grpo.prompts; remove the data section")
             require("path" in self.model, "model.path: GRPO starts from a trained model directory")
             require(self.distill is None, "distill: does not combine with kind grpo")
+        require(not self.checkpoint.resume_optimizer or "path" in self.model,
+                "checkpoint.resume_optimizer: takes the optimizer state of model.path; give model.path (a training "
+                "checkpoint)")
+        if self.checkpoint.naming != "mindspore_llm":
+            require(self.lora is None and self.distill is None,
+                    f"checkpoint.naming: {self.checkpoint.naming} checkpoints hold a full model's training state; "
+                    f"LoRA adapters and a distillation teacher have no place in them (use mindspore_llm)")
 
     @property
     def seq_length(self) -> int:
@@ -173,14 +194,25 @@ class TrainConfig:
         return Path(self.output_dir) / "final"
 
     def model_config(self, source: str = "model"):
-        """The family config: from ``model.path``'s config.json, or from the inline dimensions."""
+        """The family config: from the config.json of ``model.config`` or else ``model.path``, or from the inline
+        dimensions."""
         from mindspore_llm.models.auto import config_from_yaml_section, load_config
 
         if "path" in self.model:
-            extra = sorted(set(self.model) - {"path"})
-            require(not extra, f"{source}: with `path:` no other keys are allowed, got {', '.join(extra)}")
-            return load_config(self.model["path"])
+            extra = sorted(set(self.model) - MODEL_PATH_KEYS)
+            require(not extra, f"{source}: with `path:` only {', '.join(sorted(MODEL_PATH_KEYS - {'path'}))} may be "
+                               f"given, got {', '.join(extra)}")
+            self.model_layout(source)
+            key = "config" if "config" in self.model else "path"
+            if not Path(self.model[key]).exists():  # e.g. the SFT run a GRPO config starts from has not run yet
+                raise ConfigError(f"{source}.{key}: {self.model[key]} does not exist; give a model directory or "
+                                  f"checkpoint, or first run the job that writes it")
+            return load_config(self.model[key])
         return config_from_yaml_section(self.model, source)
+
+    def model_layout(self, source: str = "model") -> LayoutOptions:
+        """How model.path lays out fused tensors where its names do not tell (a mindformers mcore checkpoint)."""
+        return from_dict(LayoutOptions, self.model.get("layout") or {}, f"{source}.layout")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as a YAML-able mapping (what a checkpoint records)."""
@@ -222,8 +254,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def _resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     model = raw.get("model")
-    if isinstance(model, dict) and isinstance(model.get("path"), str):
-        model["path"] = str(base / model["path"])
+    if isinstance(model, dict):
+        for key in ("path", "config"):
+            if isinstance(model.get(key), str):
+                model[key] = str(base / model[key])
     for section, keys in (("distill", ("teacher", "teacher_logits")), ("grpo", ("prompts", "tokenizer"))):
         values = raw.get(section)
         if isinstance(values, dict):

@@ -8,7 +8,7 @@ One step of the run (``GRPOTrainer._run_step``):
     rewards     the weighted sum of grpo.rewards per completion, then group-relative advantages
     reference   log pi_ref of every completion token when beta > 0: the base model with the adapters off (LoRA),
                 else a frozen copy of model.path
-    updates     grpo.ppo_epochs optimizer steps on the rollouts (``GRPOStep``: the GRPO loss of mindspore_llm.rl,
+    updates     grpo.ppo_epochs optimizer steps on the rollouts (``train.step.GRPOStep``: the GRPO loss of rl.grpo,
                 accumulated over the micro-batches, then the training step's own unscale / clip / AdamW / loss
                 scale), each against the rollout-time log-probabilities
 
@@ -24,58 +24,28 @@ import time
 
 import mindspore as ms
 import numpy as np
-from mindspore import ops
 
 from mindspore_llm.common import ConfigError
 from mindspore_llm.fileio import atomic_path
 from mindspore_llm.generation import GenerationConfig, Generator, decode_completions, generate_all, position_ids
-from mindspore_llm.models.deepseek_v3 import moe_blocks
-from mindspore_llm.rl.grpo import CompletionLogProbs, GRPOLoss, adapters_disabled, group_advantages, token_weights
+from mindspore_llm.models.moe import moe_blocks
+from mindspore_llm.parallel.context import SEMI_AUTO
+from mindspore_llm.rl.grpo import CompletionLogProbs, adapters_disabled, group_advantages, token_weights
 from mindspore_llm.rl.prompts import PromptDataset, load_prompts
 from mindspore_llm.rl.rewards import Rewards
-from mindspore_llm.train.step import TrainStep
+from mindspore_llm.train.step import ROLLOUT_INPUTS
 from mindspore_llm.train.trainer import Trainer
 
 log = logging.getLogger("mindspore_llm")
 
-ROLLOUT_INPUTS = ("input_ids", "attention_mask", "position_ids", "old_log_probs", "ref_log_probs", "advantages",
-                  "token_weights")
 ACCURACY_REWARDS = ("math_accuracy", "exact_match")  # 0/1 rewards whose mean is logged as `accuracy`
 
 
-class GRPOStep(TrainStep):
-    """``step(input_ids, attention_mask, position_ids, old_log_probs, ref_log_probs, advantages, token_weights)
-    -> (loss, grad_norm, overflow, loss_scale, statistics)``: one optimizer update on the K micro-batches of a
-    batch of rollouts (inputs (K*b, ...) as ``ROLLOUT_INPUTS``); the loss is the GRPO loss of ``GRPOLoss``, its
-    aggregation carried by ``token_weights``; ``statistics`` the sums of ``GRPOLoss``'s statistics. Everything after
-    the gradients is ``TrainStep.apply_gradients``; its saved state is a ``TrainStep``'s."""
-
-    def __init__(self, model, grpo, prompt_length: int, optimizer, precision, accumulation_steps: int,
-                 clip_grad_norm: float | None, grad_reducer=None):
-        super().__init__(model, optimizer, precision, accumulation_steps, clip_grad_norm, grad_reducer)
-        self.scaled_loss_sum = GRPOLoss(model, grpo, prompt_length)
-
-    def construct(self, input_ids, attention_mask, position_ids, old_log_probs, ref_log_probs, advantages,
-                  token_weights):
-        inputs = [self._micro_batches(x, x.ndim - 1) for x in
-                  (input_ids, attention_mask, position_ids, old_log_probs, ref_log_probs, advantages, token_weights)]
-        scale = self.scale.value()
-        multipliers = ops.broadcast_to(scale * self.ranks, (inputs[0].shape[1],))
-        grad_fn = ops.value_and_grad(self.scaled_loss_sum, None, self.weights, has_aux=True)
-        loss_total = ops.zeros((), ms.float32)
-        statistics = ops.zeros((3,), ms.float32)
-        grads = None
-        for k in range(self.accumulation_steps):
-            (scaled, micro_statistics), micro_grads = grad_fn(*[x[k] for x in inputs], multipliers)
-            loss_total = loss_total + ops.stop_gradient(scaled) / (scale * self.ranks)
-            statistics = statistics + micro_statistics
-            grads = micro_grads if grads is None else self.hyper_map(self.add, grads, micro_grads)
-        if self.all_reduce is not None:  # the weights are global already: the rank's sums add up
-            loss_total = self.all_reduce(loss_total)
-            statistics = self.all_reduce(statistics)
-        grad_norm, finite, updated = self.apply_gradients(grads, scale)
-        loss = ops.depend(loss_total, updated)
-        return loss, grad_norm, ops.logical_not(finite), self.scale.value(), statistics
+def check_rollout_parallelism(context) -> None:
+    """Rollouts run on one model replica per process: stand-alone or data parallel."""
+    if context.mode == SEMI_AUTO or context.pipeline_stages > 1:
+        raise ConfigError("kind grpo: rollouts run stand-alone or data parallel (one model replica per process); "
+                          "set parallel.model_parallel and pipeline_stages to 1")
 
 
 class GRPOTrainer(Trainer):
@@ -87,13 +57,12 @@ class GRPOTrainer(Trainer):
     def updates_per_step(self) -> int:
         return self.config.grpo.ppo_epochs
 
-    def _build_dataset(self) -> PromptDataset:
+    def _build_dataset(self, dry_run: bool) -> PromptDataset:
+        """The prompts (read for a dry run too: they set the compiled shapes)."""
         from mindspore_llm.data.dataset import open_tokenizer, shard_indices
 
         cfg, context = self.config.grpo, self.context
-        if context.mode == "semi_auto_parallel" or context.pipeline_stages > 1:
-            raise ConfigError("kind grpo: rollouts run stand-alone or data parallel (one model replica per "
-                              "process); set parallel.model_parallel and pipeline_stages to 1")
+        check_rollout_parallelism(context)
         group = cfg.num_generations
         if self.rank_batch % group:
             raise ConfigError(f"train: micro_batch_size x gradient_accumulation_steps = {self.rank_batch} rollouts "
@@ -109,8 +78,9 @@ class GRPOTrainer(Trainer):
         rows = shard_indices(len(prompts), context.data_rank, context.data_world_size)
         return PromptDataset([prompts[i] for i in rows], group, cfg.shuffle, self.config.train.seed)
 
-    def _build_step(self, trained, optimizer) -> GRPOStep:
+    def _build_step(self, trained):
         from mindspore_llm.generation import stop_token_ids
+        from mindspore_llm.train.assembly import build_step
 
         config, cfg = self.config, self.config.grpo
         self.rewards = Rewards(cfg.rewards)
@@ -124,9 +94,15 @@ class GRPOTrainer(Trainer):
                                            pad)
         self.generator = Generator(self.model, self.generation, generation_rows, self.prompt_length)
         self.reference_log_probs = self._reference() if cfg.beta > 0 else None
-        return GRPOStep(self.model, cfg, self.prompt_length, optimizer, config.precision,
-                        config.train.gradient_accumulation_steps, config.optimizer.clip_grad_norm,
-                        self.context.grad_reducer(optimizer.parameters))
+        return build_step(trained, self.model.trainable_params(), config, self.context, self.prompt_length)
+
+    def _dry_run_inputs(self) -> list:
+        """Random rollouts of the job's shapes (rank_batch rows of prompt_length + max_new_tokens tokens)."""
+        from mindspore_llm.train.assembly import toy_rollouts
+
+        rollouts = toy_rollouts(np.random.default_rng(0), self.rank_batch, self.prompt_length,
+                                self.config.grpo, self.model_config.vocab_size)
+        return [ms.Tensor(rollouts[name]) for name in ROLLOUT_INPUTS]
 
     def _reference(self) -> CompletionLogProbs:
         """log pi_ref: with LoRA the policy's own Cells with the adapters off (compiled so, see

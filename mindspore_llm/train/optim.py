@@ -2,7 +2,8 @@
 square root), run in the graph with its state in Parameters so that a MindSpore checkpoint holds it.
 
 State names: ``optimizer.step`` (updates taken), ``optimizer.exp_avg.<param>`` and ``optimizer.exp_avg_sq.<param>``
-(torch's names for the first and second moments).
+(torch's names for the first and second moments). The moments are clones of their weights (``adamw_state``), which is
+how MindSpore gives optimizer state its weight's layout under parallelism.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from typing import Literal
 
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
-from mindspore.common.initializer import initializer
 
 from mindspore_llm.config_utils import require
 from mindspore_llm.train.schedule import LearningRate, ScheduleConfig
@@ -49,6 +49,27 @@ def param_groups(params) -> tuple[list[Parameter], list[Parameter]]:
     return decay, no_decay
 
 
+def adamw_state(params: ParameterTuple) -> tuple[ParameterTuple, ParameterTuple]:
+    """AdamW's first and second moments of `params`: fp32 zeros named ``optimizer.exp_avg.<param>`` and
+    ``optimizer.exp_avg_sq.<param>``.
+
+    Each moment is ``Parameter.clone`` of its weight (as MindSpore's own Adam does), which records it in the weight's
+    ``param_info.cloned_obj``. Under semi-auto parallel MindSpore gives every clone its weight's layout: the weight's
+    tensor-parallel slice and, with the parallel optimizer, its optimizer shard (``SetClonedTensorShapeForOptimizer``).
+    A fresh Parameter would instead be a full-size replica on every device of the stage. A clone also keeps the
+    weight's placement (``Parameter(..., device="CPU")``, host offload).
+    """
+    def moments(prefix):
+        cloned = params.clone(prefix=prefix, init="zeros")
+        for moment in cloned:
+            moment.requires_grad = False
+            if moment.dtype != ms.float32:  # the moments are fp32 whatever the weight's dtype
+                moment.set_dtype(ms.float32)
+        return cloned
+
+    return moments("optimizer.exp_avg"), moments("optimizer.exp_avg_sq")
+
+
 _adamw_update = ops.MultitypeFuncGraph("adamw_update")
 
 
@@ -83,8 +104,7 @@ class AdamW(nn.Cell):
         decay_ids = {id(p) for p in decay}
         self.parameters = ParameterTuple(params)
         self.weight_decays = tuple(config.weight_decay if id(p) in decay_ids else 0.0 for p in params)
-        self.exp_avg = ParameterTuple(self._zeros_like(params, "optimizer.exp_avg."))
-        self.exp_avg_sq = ParameterTuple(self._zeros_like(params, "optimizer.exp_avg_sq."))
+        self.exp_avg, self.exp_avg_sq = adamw_state(self.parameters)
         self.step = Parameter(Tensor(0, ms.int32), name="optimizer.step", requires_grad=False)
         self.beta1 = config.beta1
         self.beta2 = config.beta2
@@ -94,11 +114,6 @@ class AdamW(nn.Cell):
         self.log_beta2 = math.log(config.beta2) if config.beta2 > 0 else -math.inf
         self.learning_rate = LearningRate(schedule)
         self.hyper_map = ops.HyperMap()
-
-    @staticmethod
-    def _zeros_like(params, prefix):
-        return [Parameter(initializer("zeros", p.shape, ms.float32), name=prefix + p.name, requires_grad=False)
-                for p in params]
 
     def construct(self, grads, apply):
         step = self.step + apply.astype(ms.int32)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mindspore_llm.common import CheckpointError, ConfigError
-from mindspore_llm.parallel.context import setup_parallel
+from mindspore_llm.parallel.context import SEMI_AUTO, setup_parallel
 from mindspore_llm.train import checkpointing
 from mindspore_llm.train.config import TrainConfig
 from mindspore_llm.train.metrics import LossScaleWatch, MetricsLogger, Throughput, format_step
@@ -92,37 +92,53 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def check_parallel_settings(config: TrainConfig, context) -> None:
+    """What the parallel mode rules out, before anything is built."""
+    run = config.train
+    if context.pipeline_stages > 1:
+        if run.gradient_accumulation_steps != 1:
+            raise ConfigError(f"train.gradient_accumulation_steps: {run.gradient_accumulation_steps} with pipeline "
+                              f"stages; set it to 1 (parallel.micro_batch_num micro-batches accumulate)")
+        if config.distill is not None:
+            # the teacher (online) and the distillation loss would need pipeline stages of their own
+            raise ConfigError("distill: distillation (online or offline) does not run with pipeline stages; set "
+                              "parallel.pipeline_stages: 1")
+    elif context.mode == SEMI_AUTO and run.gradient_accumulation_steps != 1:
+        # MindSpore's global-norm pass finds each gradient's square sum only along Mul/Cast/Depend: the in-graph
+        # accumulation's Add would leave every device with its own partial norm (step.py, _square_sum)
+        raise ConfigError(f"train.gradient_accumulation_steps: {run.gradient_accumulation_steps} under "
+                          f"SEMI_AUTO_PARALLEL; set it to 1 and accumulate with pipeline stages and "
+                          f"parallel.micro_batch_num, or a larger train.micro_batch_size")
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: bool = False):
+    """``Trainer(config).run()``; ``dry_run=True`` builds what the job compiles without its data, checkpoints or
+    resume, for ``dry_run()``."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, dry_run: bool = False):
         import mindspore as ms
 
         from mindspore_llm.checkpoint import load_weights
         from mindspore_llm.lora import apply_lora
-        from mindspore_llm.models.auto import build_model
-        from mindspore_llm.models.deepseek_v3 import moe_blocks
+        from mindspore_llm.models.auto import build_model, load_quantized
+        from mindspore_llm.models.moe import moe_blocks
+        from mindspore_llm.models.naming import OURS, checkpoint_tensors, tensor_layout
         from mindspore_llm.parallel.plan import apply_plan, validate_plan
-        from mindspore_llm.train.optim import AdamW
+        from mindspore_llm.train.assembly import check_plan_structure
 
         self.config = config
         self.context = setup_parallel(config.parallel, config.device_target)  # before any Tensor exists
         run = config.train
         micro_batches = self.context.micro_batch_num
-        if self.context.pipeline_stages > 1:
-            # the pipeline's micro-batches are the accumulation; the distillation teacher has no stages
-            if run.gradient_accumulation_steps != 1:
-                raise ConfigError(f"train.gradient_accumulation_steps: {run.gradient_accumulation_steps} with "
-                                  f"pipeline stages; set it to 1 (parallel.micro_batch_num micro-batches accumulate)")
-            if config.distill is not None:
-                raise ConfigError("distill: distillation does not run with pipeline stages; set "
-                                  "parallel.pipeline_stages: 1")
+        check_parallel_settings(config, self.context)
         self.global_batch = run.check_global_batch(self.context.data_parallel, micro_batches)
         # samples this rank feeds per step: its share, or (semi-auto, full batch) all of them
         self.rank_batch = (run.rank_batch_size(micro_batches) * self.context.data_parallel
                            // self.context.data_world_size)
 
-        self.dataset = self._build_dataset()
-        self.total_steps = run.total_steps(len(self.dataset) * self.context.data_world_size
-                                           // self.context.data_parallel, micro_batches)
+        self.dataset = self._build_dataset(dry_run)
+        self.total_steps = (run.steps or 1) if dry_run else run.total_steps(
+            len(self.dataset) * self.context.data_world_size // self.context.data_parallel, micro_batches)
         if config.schedule_follows_run:  # the schedule counts optimizer updates
             config.schedule.total_steps = self.total_steps * self.updates_per_step
             try:
@@ -136,15 +152,27 @@ class Trainer:
         self.model_config = config.model_config()
         if config.lora is None:
             checkpointing.hf_config(self.model_config)  # the final config.json must be writable: fail now, not then
-        if self.context.mode == "semi_auto_parallel":
+        quantization = config.lora.quantization if config.lora is not None else None
+        if self.context.mode == SEMI_AUTO:
             validate_plan(self.model_config, config.parallel, self.context.world_size, self.global_batch,
-                          run.micro_batch_size, run.gradient_accumulation_steps, config.seq_length)
-        self.model = build_model(self.model_config, config.precision.model_precision())
-        if "path" in config.model:
-            load_weights(self.model, config.model["path"])
+                          run.micro_batch_size, run.gradient_accumulation_steps, config.seq_length, quantization)
+            if not dry_run:  # a dry run compiles the real graph, whose strategies MindSpore checks itself
+                checked = check_plan_structure(config, self.context)  # minutes before the compile would say so
+                log.info("op strategies: %d checked against the shapes a toy twin of the model sees", checked)
+        precision = config.precision.model_precision()
+        if "path" not in config.model:
+            self.model = build_model(self.model_config, precision)
+        elif quantization is not None:  # QLoRA: the base is quantized as its checkpoint streams in
+            self.model = load_quantized(config.model["path"], precision, quantization,
+                                        config.model.get("config"), config.model_layout())
+        else:  # a model directory or a (training) checkpoint, in any naming
+            self.model = build_model(self.model_config, precision)
+            load_weights(self.model, config.model["path"],
+                         checkpoint_tensors(config.model["path"], self.model_config, config.model_layout(),
+                                            "model.config"))
             self.model.name_or_path = config.model["path"]
         if config.lora is not None:
-            apply_lora(self.model, config.lora)
+            apply_lora(self.model, config.lora)  # quantizes an in-memory base first (lora.quantize_base)
         self.applied_strategies = apply_plan(self.model, config.parallel)  # the adapters split like their bases
         # the model the step differentiates: the student with its frozen teacher (``teacher.*``, never
         # checkpointed: reloaded from distill.teacher at every start) or the model itself
@@ -161,31 +189,45 @@ class Trainer:
             else:
                 self.teacher_topk, self.teacher_rows = self._teacher_topk()
             trained = DistillationModel(self.model, config.distill, teacher)
+        self.trained = trained
         self.moe = bool(moe_blocks(self.model))
-        optimizer = AdamW(self.model.trainable_params(), config.optimizer, config.schedule)
-        self.step_cell = self._build_step(trained, optimizer)
-        self.compiled = self.context.wrap_step(self.step_cell, config.checkpoint_dir / "strategy", config.parallel)
+        self.step_cell, self.compiled = self._build_step(trained)
+        # the naming checkpoints are written in: ours, or mindformers' (checked now: the family must have it)
+        self.naming = None
+        if config.checkpoint.naming != OURS:
+            if self.context.mode == SEMI_AUTO:
+                raise ConfigError(f"checkpoint.naming: {config.checkpoint.naming} needs whole tensors; under "
+                                  f"semi-auto parallel each rank saves slices (keep mindspore_llm, then merge and "
+                                  f"convert with msllm-ckpt merge-slices / hf2ms)")
+            self.naming = tensor_layout(self.model_config, config.checkpoint.naming, config.checkpoint.layout,
+                                        "checkpoint.naming")
 
         self.start_step = 0
-        self.resumed_from = self._resume(resume)
+        self.resumed_from = None if dry_run else self._resume(resume)
+        if self.resumed_from is None and config.checkpoint.resume_optimizer and not dry_run:
+            from mindspore_llm.train.interop import optimizer_state
+
+            self.start_step = optimizer_state(config.model["path"], self.step_cell, self.model,
+                                              config.model_layout(), "model.config")
 
     # -- what a kind of training defines (``train/grpo.py`` defines them for kind grpo) ---------------------------
     updates_per_step = 1  # optimizer updates per step of the run
     curves = ("loss",)  # logged values drawn as <name>.png at the end
 
-    def _build_dataset(self):
-        """This rank's samples: ``len()`` and ``batches(rank_batch, start)``, resumable at any sample index."""
+    def _build_dataset(self, dry_run: bool):
+        """This rank's samples: ``len()`` and ``batches(rank_batch, start)``, resumable at any sample index (None for
+        a dry run, which reads no data)."""
         from mindspore_llm.data.dataset import build_dataset
 
+        if dry_run:
+            return None
         return build_dataset(self.config.data, self.context.data_rank, self.context.data_world_size)
 
-    def _build_step(self, trained, optimizer):
-        from mindspore_llm.train.step import TrainStep
+    def _build_step(self, trained):
+        """(the step cell, the cell to compile): ``assembly.build_step``, as ``msllm rehearse`` builds it."""
+        from mindspore_llm.train.assembly import build_step
 
-        config = self.config
-        return TrainStep(trained, optimizer, config.precision, config.train.gradient_accumulation_steps,
-                         config.optimizer.clip_grad_norm, self.context.grad_reducer(optimizer.parameters),
-                         self.context.wrap_loss)
+        return build_step(trained, self.model.trainable_params(), self.config, self.context)
 
     def _run_step(self, step: int, batch, stop_requested: bool) -> tuple[dict, bool]:
         """Step `step` (counted from 0) on `batch`: (the values to log, whether any rank asked to stop)."""
@@ -197,12 +239,11 @@ class Trainer:
             inputs += [ms.Tensor(a) for a in self.teacher_topk.rows(self.teacher_rows[positions])]
         tick = time.perf_counter()
         loss, grad_norm, overflow, loss_scale = self.compiled(*inputs)
-        # loss summed over ranks for the mean; the stop flag summed so that every rank stops together
-        reduced = self.context.sum_over_ranks(np.array([float(loss.asnumpy()), float(stop_requested)]))
+        # every rank learns the main rank's loss and whether any rank was asked to stop
+        loss, stopping = self.context.step_report(float(loss.asnumpy()), stop_requested)
         seconds = time.perf_counter() - tick
         values = {
-            "loss": float(reduced[0]) / self.context.data_parallel
-            if self.context.mode == "data_parallel" else float(reduced[0]),
+            "loss": loss,
             # the rate this update used (the optimizer's schedule, counted from 1)
             "lr": self._current_lr(),
             "grad_norm": float(grad_norm.asnumpy()),
@@ -211,7 +252,7 @@ class Trainer:
             "step_time_s": seconds,
             **self.throughput(seconds),
         }
-        return values, reduced[1] > 0
+        return values, stopping
 
     def _teacher_topk(self):
         """Offline distillation: the stored top-k file, and the file row of each of this rank's sequences (row r
@@ -223,10 +264,11 @@ class Trainer:
         topk = TeacherTopK(cfg.teacher_logits, cfg, self.model_config.vocab_size)
         rows = shard_indices(len(topk), self.context.data_rank, self.context.data_world_size)
         seq_length = topk.values.shape[1]
-        if len(rows) != len(self.dataset) or seq_length != self.config.data.seq_length:
+        sequences = len(rows) if self.dataset is None else len(self.dataset)  # a dry run reads no data
+        if len(rows) != sequences or seq_length != self.config.data.seq_length:
             raise ConfigError(f"distill.teacher_logits: {cfg.teacher_logits} holds {len(topk)} sequences of "
                               f"{seq_length} tokens, which does not match this data set (seq_length "
-                              f"{self.config.data.seq_length}, {len(self.dataset)} sequences on this rank); write "
+                              f"{self.config.data.seq_length}, {sequences} sequences on this rank); write "
                               f"it with `msllm distill-topk` from this config")
         return topk, rows
 
@@ -244,7 +286,11 @@ class Trainer:
         if path is None:
             log.info("no checkpoint in %s: starting from step 0", directory)
             return None
-        state = checkpointing.load_checkpoint(path, self.step_cell, self.context.rank)
+        from mindspore_llm.train.interop import read_state
+
+        state = checkpointing.load_checkpoint(  # ours, or written in mindformers' naming (checkpoint.naming)
+            path, self.step_cell, self.context.rank,
+            lambda file: read_state(file, self.step_cell, self.model, self.config.checkpoint.layout, str(file)))
         if state["rank_batch"] != self.rank_batch or state["data_world_size"] != self.context.data_world_size:
             raise CheckpointError(
                 f"{path}: written with {state['rank_batch']} samples per rank and step on "
@@ -270,9 +316,17 @@ class Trainer:
         sharded = self.context.mode == "semi_auto_parallel"
         if not (sharded or self.context.is_main):
             return None
+        entries = None
+        if self.naming is not None:
+            from mindspore_llm.train.interop import epochs_begun, mindformers_entries
+
+            entries = mindformers_entries(self.step_cell, self.model, self.naming, step=step,
+                                          epoch=epochs_begun(step, len(self.dataset) // self.rank_batch),
+                                          global_batch_size=self.global_batch)
         return checkpointing.save_checkpoint(
             self.config.checkpoint_dir, step, self.step_cell, self._trainer_state(step), rank=self.context.rank,
-            shards=self.context.world_size if sharded else 1, keep_last=self.config.checkpoint.keep_last)
+            shards=self.context.world_size if sharded else 1, keep_last=self.config.checkpoint.keep_last,
+            entries=entries)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _throughput(self) -> Throughput:
@@ -305,13 +359,14 @@ class Trainer:
                      self.global_batch, config.train.micro_batch_size, config.train.gradient_accumulation_steps,
                      self.context.data_parallel, config.seq_length)
         step = self.start_step
+        self.set_train(True)
         try:
             with StopRequest() as stop, logging_redirect_tqdm():  # log lines print above the bar
                 while step < self.total_steps:
                     values, stopping = self._run_step(step, next(batches), stop.requested)
                     step += 1
                     if self.moe:
-                        values.update(self._balance_experts())
+                        values.update(self._balance_experts(values["overflow"]))
                     result.losses.append((step, values["loss"]))
                     bar.update(1)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
@@ -326,6 +381,8 @@ class Trainer:
                     if main and warning:
                         log.warning(warning)
                         metrics.log(step, {"warning": warning})
+                    if stopping:
+                        log.info("rank %d: stopping after step %d (a stop was requested)", self.context.rank, step)
                     if stopping or step % config.checkpoint.every_n_steps == 0 or step == self.total_steps:
                         saved = self.save(step)
                         result.checkpoint = saved or result.checkpoint
@@ -333,6 +390,7 @@ class Trainer:
                         result.status = "interrupted"
                         break
         finally:
+            self.set_train(False)  # what follows (export, evaluation, generation) runs without dropout
             bar.close()
             result.steps = step
             result.seconds = time.perf_counter() - started
@@ -350,15 +408,58 @@ class Trainer:
                     self.model, self.model_config, config.final_model_dir, config.tokenizer)
         return result
 
-    def _balance_experts(self) -> dict[str, float]:
+    def set_train(self, mode: bool) -> None:
+        """Training mode (dropout, e.g. LoRA's, acts) or evaluation mode for the step and the model; a distillation
+        teacher always evaluates."""
+        for cell in (self.compiled, self.step_cell):  # the compiled cell's phase picks the graph
+            cell.set_train(mode)
+        teacher = getattr(self.trained, "teacher", None)
+        if teacher is not None:
+            teacher.set_train(False)
+
+    def _dry_run_inputs(self) -> list:
+        """The step's inputs for a dry run: a random batch of the job's shapes."""
+        import mindspore as ms
+
+        from mindspore_llm.train.assembly import toy_batch
+
+        vocab = self.model_config.vocab_size
+        batch = toy_batch(np.random.default_rng(0), self.rank_batch, self.config.data.seq_length, vocab,
+                          self.config.data)
+        inputs = [ms.Tensor(batch[key]) for key in BATCH_KEYS]
+        if self.teacher_topk is not None:
+            rows = np.arange(self.rank_batch) % len(self.teacher_topk)
+            inputs += [ms.Tensor(a) for a in self.teacher_topk.rows(rows)]
+        return inputs
+
+    def dry_run(self) -> str:
+        """Compile this rank's step once on a batch of the job's shapes (MindSpore's simulation when launched by
+        ``msllm train --dry-run``: the device is mocked, nothing executes) and say how it went."""
+        import mindspore as ms
+
+        inputs = self._dry_run_inputs()
+        self.set_train(True)
+        tick = time.perf_counter()
+        self.compiled(*inputs)
+        seconds = time.perf_counter() - tick
+        gib = 2 ** 30
+        return (f"dry run: rank {self.context.rank} of {self.context.world_size} ({self.context.description}) "
+                f"compiled and ran one step in {seconds:.1f} s\n"
+                f"  device memory (MindSpore's memory pool): peak allocated "
+                f"{ms.runtime.max_memory_allocated() / gib:.2f} GiB, peak reserved "
+                f"{ms.runtime.max_memory_reserved() / gib:.2f} GiB; per operator: run with GLOG_v=1 and look for "
+                f"\"peak memory usage\"")
+
+    def _balance_experts(self, overflowed: bool) -> dict[str, float]:
         """DeepSeek-V3 aux-loss-free balancing after the update: the expert-load statistics of the step's
         micro-batches (this rank's), then b_i += γ·sign(mean load - load_i) on the loads summed over the
-        data-parallel ranks, so every replica moves its biases alike (semi-auto counts are global already)."""
-        from mindspore_llm.models.deepseek_v3 import expert_load_stats, update_expert_bias
+        data-parallel ranks, so every replica moves its biases alike (semi-auto counts are global already);
+        no bias update after an overflowed (skipped) step."""
+        from mindspore_llm.models.moe import expert_load_stats, update_expert_bias
 
         stats = expert_load_stats(self.model)
         all_reduce = self.context.sum_over_ranks if self.context.mode == "data_parallel" else None
-        update_expert_bias(self.model, all_reduce=all_reduce)
+        update_expert_bias(self.model, all_reduce=all_reduce, overflowed=overflowed)
         return stats
 
     def _current_lr(self) -> float:
