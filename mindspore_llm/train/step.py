@@ -247,7 +247,8 @@ class TrainStep(nn.Cell):
         scale = self.scale.value()
         multiplier = scale / tokens
         multipliers = ops.broadcast_to(multiplier, (input_ids.shape[1],))
-        self.weight_balance_losses(scale, input_ids.shape[0] * input_ids.shape[1])
+        if self.moe_aux_losses:
+            self.weight_balance_losses(scale, input_ids.shape[0] * input_ids.shape[1])
         grad_fn = ops.value_and_grad(self.differentiated, None, self.weights)
         loss_total = ops.zeros((), ms.float32)
         grads = None
@@ -270,11 +271,10 @@ class TrainStep(nn.Cell):
     def weight_balance_losses(self, scale, sequences: int):
         """Before the forward passes: the MoE balance losses' gradient weight, `scale` / the sequences of the step
         (summed over the data-parallel ranks), so that each sequence's balance loss counts once."""
-        if self.moe_aux_losses:
-            sequences = ops.full((), sequences, dtype=ms.float32)
-            if self.all_reduce is not None:
-                sequences = self.all_reduce(sequences)
-            set_aux_loss_multiplier(self.aux_loss_multipliers, scale / sequences)
+        sequences = ops.full((), sequences, dtype=ms.float32)
+        if self.all_reduce is not None:
+            sequences = self.all_reduce(sequences)
+        set_aux_loss_multiplier(self.aux_loss_multipliers, scale / sequences)
 
     def apply_gradients(self, grads, scale):
         """The update from the step's gradients of (its loss x `scale`): reduced over the ranks, unscaled, checked
@@ -329,7 +329,8 @@ class GRPOStep(TrainStep):
                   (input_ids, attention_mask, position_ids, old_log_probs, ref_log_probs, advantages, token_weights)]
         scale = self.scale.value()
         multipliers = ops.broadcast_to(scale, (inputs[0].shape[1],))
-        self.weight_balance_losses(scale, input_ids.shape[0])
+        if self.moe_aux_losses:
+            self.weight_balance_losses(scale, input_ids.shape[0])
         grad_fn = ops.value_and_grad(self.differentiated, None, self.weights, has_aux=True)
         loss_total = ops.zeros((), ms.float32)
         statistics = ops.zeros((3,), ms.float32)
