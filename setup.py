@@ -26,6 +26,7 @@ setup(
         "isal",  # ISA-L's CRC32 for the conversion manifests: zlib's checksum, 4-5x faster than zlib.crc32
         "tensorboardX",  # TensorBoard event files of training metrics (pure Python)
         "matplotlib",  # the loss-curve PNG at the end of training
+        "math-verify>=0.9,<1",  # math_accuracy: Hugging Face's answer grader (sympy), offline, as open-r1 and TRL grade
     ],
     extras_require={
         # The reference implementation for parity tests. torch is pinned exactly: 2.13.0 is the CPU wheel here,

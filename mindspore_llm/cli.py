@@ -18,10 +18,12 @@ def main():
     Examples:
       msllm train configs/tiny_qwen_sft.yaml                       train as the YAML says (msllm train -h)
       msllm train configs/tiny_qwen_sft.yaml --set train.steps=50 --resume
+      msllm train configs/tiny_qwen_grpo.yaml                      GRPO from that SFT model (kind: grpo)
       msllm plan configs/qwen2_5_32b_sft_8k_16p.yaml --device-num 16 --hbm-gb 58   memory per device, fits?
       msllm preprocess --data-config configs/tiny_qwen_sft.yaml --output data/tiny_sft   tokenize once, offline
       msllm rehearse configs/qwen2_5_32b_sft_8k_16p.yaml           a cluster job's step, at toy size, here
       msllm generate ./runs/tiny_qwen_sft/final --prompt "What is 2 + 3?" --chat
+      msllm eval runs/tiny_qwen_grpo/final --data tasks.jsonl --reward math_accuracy --num-samples 8
       msllm distill-topk configs/tiny_qwen_distill.yaml data/teacher_top64.safetensors --top-k 64
       msllm rank-table generate --servers 10.0.0.1,10.0.0.2 --devices 0-7 --output rank_table_16p.json
       msllm-ckpt --help            checkpoint conversion (Hugging Face <-> MindSpore)
@@ -55,56 +57,195 @@ DEVICE_TARGET = click.option("--device-target", default="CPU", show_default=True
                              help="Where the graphs run (Ascend: an NPU of this host).")
 
 
-@main.command()
-@click.argument("model_path", type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt", required=True, help="Text to continue (with --chat: the user's message).")
-@click.option("--chat", is_flag=True,
-              help="Render PROMPT as a user turn with the model's chat template and its generation prompt (as "
-                   "transformers' apply_chat_template(add_generation_prompt=True)); print only the reply.")
-@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096),
-              help="Stop after this many new tokens (or at the end-of-sequence token).")
-@click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True),
-              help="tokenizer.json or sentencepiece .model (default: found in MODEL_PATH).")
-@click.option("--compute-dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="Dtype of the matmuls (weights are kept in fp32). bf16 needs Ascend: CPU kernels lack bf16 "
-                   "matmul.")
-@DEVICE_TARGET
-@verbosity_option
-def generate(model_path, prompt, chat, max_new_tokens, tokenizer_path, compute_dtype, device_target):
-    """Greedy-decode a continuation of PROMPT with the model in MODEL_PATH.
+def _generation_options(command):
+    """The sampling and batching options `generate` and `eval` share."""
+    options = [
+        click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 32768),
+                     help="Stop a row after this many new tokens (or at an end-of-sequence token)."),
+        click.option("--temperature", type=click.FloatRange(min=0),
+                     help="0: greedy. Default: greedy, or 1.0 when several sequences are sampled per prompt."),
+        click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+                     help="Sample from the smallest set of tokens whose probability reaches this."),
+        click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Sample from the k most likely tokens (0: all)."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same samples."),
+        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+                     help="Rows per generate call (the compiled batch shape)."),
+        click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True),
+                     help="tokenizer.json or sentencepiece .model (default: found in MODEL_PATH)."),
+        click.option("--compute-dtype", default="fp32", show_default=True,
+                     type=click.Choice(["fp32", "fp16", "bf16"]),
+                     help="Dtype of the matmuls (weights are kept in fp32). bf16 needs Ascend: CPU kernels lack "
+                          "bf16 matmul."),
+        DEVICE_TARGET,
+        verbosity_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-    MODEL_PATH is a Hugging Face model directory (config.json + safetensors) or one written by
-    `msllm-ckpt hf2ms` or a training run (its final/). The model runs in graph mode; the sequence buffer is
-    fixed-size, so it compiles once.
 
-    \b
-    Examples:
-      msllm generate ./my-qwen --prompt "Hello" --max-new-tokens 20
-      msllm generate ./r1-distill --prompt "What is 2 + 3?" --chat --max-new-tokens 512 --device-target Ascend
-    """
+def _load_generation(model_path, tokenizer_path, compute_dtype, device_target):
+    """(model, tokenizer, stop ids, pad id) for MODEL_PATH; bad inputs exit 2 with the file named."""
     from mindspore_llm.common import CheckpointError, TokenizerError
-    from mindspore_llm.data.chat import render_generation_prompt
-    from mindspore_llm.generation import greedy_generate
+    from mindspore_llm.generation import stop_token_ids
     from mindspore_llm.models.auto import AutoModelForCausalLM
     from mindspore_llm.tokenizer import load_tokenizer
 
-    if not prompt.strip():
-        raise UserError("--prompt: empty; give the text to continue")
     set_graph_mode(device_target)
     try:
         tokenizer = load_tokenizer(tokenizer_path or model_path)
-        prompt_ids = (render_generation_prompt(tokenizer, [{"role": "user", "content": prompt}]) if chat
-                      else tokenizer.encode(prompt))
         model = AutoModelForCausalLM.from_pretrained(model_path, compute_dtype=compute_dtype)
     except (ConfigError, CheckpointError, TokenizerError) as err:
         raise UserError(str(err)) from None
-    if len(prompt_ids) + max_new_tokens > model.config.max_position_embeddings:
-        raise UserError(f"--max-new-tokens: the prompt's {len(prompt_ids)} tokens + {max_new_tokens} exceed the "
+    pad = next((i for i in (tokenizer.pad_token_id, model.config.pad_token_id) if i is not None), 0)
+    return model, tokenizer, stop_token_ids(model.config, tokenizer, model_path), pad
+
+
+def _generator(model, prompts, stops, pad, max_new_tokens, temperature, top_p, top_k, batch_size, sequences):
+    from mindspore_llm.generation import GenerationConfig, Generator
+
+    if temperature is None:
+        temperature = 1.0 if sequences > 1 else 0.0
+    if temperature == 0 and sequences > 1:
+        raise UserError(f"{sequences} sequences per prompt with --temperature 0 would all be the same greedy "
+                        f"one; sample with --temperature > 0")
+    longest = max(len(ids) for ids in prompts)
+    if longest + max_new_tokens > model.config.max_position_embeddings:
+        raise UserError(f"--max-new-tokens: the longest prompt's {longest} tokens + {max_new_tokens} exceed the "
                         f"model's max_position_embeddings {model.config.max_position_embeddings}")
-    eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    new_ids = greedy_generate(model, prompt_ids, max_new_tokens, eos, pad)
-    click.echo(tokenizer.decode(new_ids if chat else prompt_ids + new_ids))
+    config = GenerationConfig(max_new_tokens, temperature, top_k, top_p, stops, pad)
+    rows = min(batch_size, len(prompts) * sequences)
+    return Generator(model, config, rows, longest)
+
+
+@main.command()
+@click.argument("model_path", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", "prompts", multiple=True, help="Text to continue (repeatable; with --chat: the user's "
+                                                          "message).")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False),
+              help='Prompts to run as a batch: .jsonl records with "prompt" or "messages" (rendered with the chat '
+                   'template), or a text file with one prompt per line.')
+@click.option("--chat", is_flag=True,
+              help="Render --prompt and text-file prompts as a user turn with the model's chat template and its "
+                   "generation prompt (as transformers' apply_chat_template(add_generation_prompt=True)); print "
+                   "only the reply.")
+@click.option("--num-return-sequences", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Sequences per prompt (sampled: needs --temperature > 0).")
+@click.option("--output", type=click.Path(dir_okay=False),
+              help="Also write every sequence to this .jsonl file (prompt, sequence, completion, token ids).")
+@_generation_options
+def generate(model_path, prompts, prompts_file, chat, num_return_sequences, output, max_new_tokens, temperature,
+             top_p, top_k, seed, batch_size, tokenizer_path, compute_dtype, device_target):
+    """Continue prompts with the model in MODEL_PATH: greedy, or sampled with --temperature/--top-p/--top-k.
+
+    MODEL_PATH is a Hugging Face model directory (config.json + safetensors) or one written by
+    `msllm-ckpt hf2ms` or a training run (its final/). Generation keeps a key/value cache and compiles two graphs
+    once (prefill and one-token decode, for --batch-size rows); a row stops at the model's end-of-sequence tokens.
+
+    \b
+    Examples:
+      msllm generate ./my-qwen --prompt "The capital of France is" --max-new-tokens 20
+      msllm generate ./r1-distill --prompt "What is 2 + 3?" --chat --max-new-tokens 512 --device-target Ascend
+      msllm generate ./my-qwen --prompts-file prompts.jsonl --temperature 0.7 --top-p 0.9 \\
+          --num-return-sequences 4 --seed 1 --output samples.jsonl
+    """
+    import json
+    from pathlib import Path
+
+    from mindspore_llm.data.chat import render_generation_prompt
+    from mindspore_llm.fileio import atomic_path
+    from mindspore_llm.generation import decode_completions, generate_all
+    from mindspore_llm.rl.prompts import load_prompts
+
+    for text in prompts:
+        if not text.strip():
+            raise UserError("--prompt: empty; give the text to continue")
+    model, tokenizer, stops, pad = _load_generation(model_path, tokenizer_path, compute_dtype, device_target)
+    texts = list(prompts)
+    rendered = []  # (token ids, whether the prompt was chat-rendered)
+    try:
+        if prompts_file and Path(prompts_file).suffix == ".jsonl":
+            rendered += [(list(p.ids), True) for p in load_prompts(prompts_file, tokenizer, answers=False)]
+        elif prompts_file:
+            texts += [line for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    except (ConfigError, UnicodeDecodeError) as err:
+        raise UserError(f"{prompts_file}: {err}") from None
+    for text in texts:
+        ids = (render_generation_prompt(tokenizer, [{"role": "user", "content": text}]) if chat
+               else tokenizer.encode(text))
+        rendered.append((ids, chat))
+    if not rendered:
+        raise UserError("give --prompt TEXT or --prompts-file FILE")
+    for ids, _ in rendered:
+        if not ids:
+            raise UserError("a prompt encodes to no tokens")
+    generator = _generator(model, [ids for ids, _ in rendered], stops, pad, max_new_tokens, temperature, top_p,
+                           top_k, batch_size, num_return_sequences)
+    result = generate_all(generator, [ids for ids, _ in rendered], seed, num_return_sequences)
+    answers = decode_completions(tokenizer, result, stops)
+    records = []
+    for row, (new_ids, answer) in enumerate(zip(result.completions(), answers)):
+        prompt_ids, chat_prompt = rendered[row // num_return_sequences]
+        text = answer if chat_prompt else tokenizer.decode(prompt_ids + new_ids)
+        if len(answers) > 1:
+            click.echo(f"=== prompt {row // num_return_sequences + 1}, sequence {row % num_return_sequences + 1} ===")
+        click.echo(text)
+        records.append({"prompt": tokenizer.decode(prompt_ids), "sequence": row % num_return_sequences,
+                        "completion": answer, "token_ids": new_ids})
+    if output:
+        with atomic_path(output) as tmp:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+@main.command("eval")
+@click.argument("model_path", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help='.jsonl of {"prompt" or "messages", "answer"}, rendered with the chat template.')
+@click.option("--reward", "rewards", multiple=True, default=("math_accuracy",), show_default=True,
+              help="math_accuracy, format, exact_match or module:function (repeatable).")
+@click.option("--num-samples", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Samples per prompt: pass@1 is their mean, pass@k that any of the k passes.")
+@click.option("--output", type=click.Path(dir_okay=False),
+              help="Per-sample results (.jsonl). Default: <data file name>.eval.jsonl in the current directory.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_generation_options
+def eval_command(model_path, data_path, rewards, num_samples, output, quiet, max_new_tokens, temperature, top_p,
+                 top_k, seed, batch_size, tokenizer_path, compute_dtype, device_target):
+    """Score the model in MODEL_PATH on the prompts of --data: generate (KV cache, batched), reward every sample,
+    print pass@1 (and pass@k with --num-samples k) per reward; a sample passes when its reward is >= 1.
+
+    \b
+    Examples:
+      msllm eval runs/tiny_qwen_grpo/final --data mindspore_llm/assets/tiny/reverse_words.jsonl --reward exact_match
+      msllm eval ./R1-Distill-Qwen-32B --data math500.jsonl --reward math_accuracy --num-samples 8 \\
+          --max-new-tokens 4096 --temperature 0.6 --top-p 0.95
+    """
+    import json
+    from pathlib import Path
+
+    from mindspore_llm.fileio import atomic_path
+    from mindspore_llm.rl.evaluate import evaluate
+    from mindspore_llm.rl.prompts import load_prompts
+    from mindspore_llm.rl.rewards import RewardConfig
+
+    model, tokenizer, stops, pad = _load_generation(model_path, tokenizer_path, compute_dtype, device_target)
+    try:
+        configs = [RewardConfig(name=name) for name in rewards]
+        for cfg in configs:
+            cfg.validate()
+        prompts = load_prompts(data_path, tokenizer)
+        generator = _generator(model, [p.ids for p in prompts], stops, pad, max_new_tokens, temperature, top_p,
+                               top_k, batch_size, num_samples)
+        result = evaluate(generator, tokenizer, prompts, configs, num_samples, seed, progress=not quiet)
+    except ConfigError as err:
+        raise UserError(f"--reward / --data: {err}") from None
+    output = Path(output or f"{Path(data_path).stem}.eval.jsonl")
+    with atomic_path(output) as tmp:
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.rows))
+    click.echo(f"{len(prompts)} prompts x {num_samples} sample(s), {model_path}:")
+    click.echo(result.report())
+    click.echo(f"per-sample results: {output}")
 
 
 @main.command()
@@ -168,10 +309,13 @@ def _set_option(command):
                    "wins over it.")
 @verbosity_option
 def train(config_path, overrides, resume, dry_run, rank, deepspeed_path):
-    """Train (pretraining or SFT) as CONFIG describes: logs, checkpoints, final model directory.
+    """Train (pretraining, SFT, or GRPO with `kind: grpo`) as CONFIG describes: logs, checkpoints, final
+    model directory.
 
     Every step logs loss, learning rate, grad norm, loss scale, overflow and tokens/s to
-    <output_dir>/logs (metrics.jsonl, TensorBoard events, loss.png at the end). Checkpoints go to
+    <output_dir>/logs (metrics.jsonl, TensorBoard events, loss.png at the end); GRPO adds rewards, accuracy,
+    KL, clip fraction, entropy, completion length and rollout tokens/s (reward.png, and a sample of each step's
+    rollouts in logs/rollouts/). Checkpoints go to
     <output_dir>/checkpoints every checkpoint.every_n_steps; SIGTERM or Ctrl-C finishes the current step,
     saves and exits 0 (in a distributed job every rank stops after the same step). The trained model is written to
     <output_dir>/final (config.json + safetensors).
@@ -181,6 +325,7 @@ def train(config_path, overrides, resume, dry_run, rank, deepspeed_path):
       msllm train configs/tiny_qwen_sft.yaml
       msllm train configs/tiny_qwen_sft.yaml --set train.steps=50 --set schedule.lr=1e-3
       msllm train configs/tiny_qwen_sft.yaml --resume          # after an interruption
+      msllm train configs/tiny_qwen_grpo.yaml                  # GRPO from the SFT model above
       msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True --log_dir=runs/msrun_logs \\
           python -m mindspore_llm.cli train configs/tiny_qwen_sft.yaml --set output_dir=runs/tiny_2p
       msllm train configs/qwen2_5_32b_sft_8k_16p.yaml --dry-run  # on one Ascend NPU, before the 16-NPU job
@@ -203,14 +348,23 @@ def train(config_path, overrides, resume, dry_run, rank, deepspeed_path):
         if dry_run:
             click.echo(_dry_run(config, rank))
             return
-        from mindspore_llm.train.trainer import Trainer
-
-        trainer = Trainer(config, resume=resume)
+        trainer = _trainer_class(config)(config, resume=resume)
     except (ConfigError, CheckpointError) as err:
         raise UserError(str(err)) from None
     result = trainer.run()
     if trainer.context.is_main:
         click.echo(result.summary())
+
+
+def _trainer_class(config):
+    """The trainer of the config's kind: ``Trainer``, or ``GRPOTrainer`` for ``kind: grpo``."""
+    if config.kind == "grpo":
+        from mindspore_llm.train.grpo import GRPOTrainer
+
+        return GRPOTrainer
+    from mindspore_llm.train.trainer import Trainer
+
+    return Trainer
 
 
 def _dry_run(config, rank) -> str:
@@ -225,10 +379,8 @@ def _dry_run(config, rank) -> str:
     parallel = config.parallel
     rank = parallel.device_num - parallel.device_num // parallel.pipeline_stages if rank is None else rank
     os.environ.update(simulation_environment(parallel, rank))
-    from mindspore_llm.train.trainer import Trainer
-
     try:
-        trainer = Trainer(config, dry_run=True)
+        trainer = _trainer_class(config)(config, dry_run=True)
     except RuntimeError as err:  # MindSpore without its Ascend backend: "Unsupported device target Ascend ..."
         raise UserError(f"--dry-run needs MindSpore's Ascend backend (the Ascend wheel and CANN): {err}"
                         .splitlines()[0]) from None

@@ -1,5 +1,6 @@
-"""Write the tiny assets shipped in ``mindspore_llm/assets/tiny``: a synthetic SFT set, a pretraining text, and a
-byte-level BPE tokenizer trained on them with ChatML special tokens (as Qwen's).
+"""Write the tiny assets shipped in ``mindspore_llm/assets/tiny``: a synthetic SFT set, a pretraining text, a
+byte-level BPE tokenizer trained on them with ChatML special tokens (as Qwen's), and a verifiable task for GRPO and
+``msllm eval`` (word reversal prompts with their answers).
 
 Deterministic: the same files on every run (fixed seed, single-threaded BPE training). Usage:
     python scripts/make_tiny_assets.py [--output mindspore_llm/assets/tiny]
@@ -77,6 +78,13 @@ def conversations(rng, count):
         yield {"messages": messages}
 
 
+def reversal_task():
+    """The verifiable task of configs/tiny_qwen_grpo.yaml: every "Reverse the word w." of the SFT set's words, with
+    the answer the SFT conversations give (checked by the exact_match reward)."""
+    return [{"prompt": f"Reverse the word {word}.", "answer": f"The word {word} reversed is {word[::-1]}."}
+            for word in WORDS]
+
+
 def pretraining_documents(rng, count):
     for _ in range(count):
         countries = rng.sample(sorted(CAPITALS), 3)
@@ -108,6 +116,7 @@ def main():
     documents = list(pretraining_documents(rng, 300))
     (args.output / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
     (args.output / "pretrain.txt").write_text("\n\n".join(documents) + "\n")
+    (args.output / "reverse_words.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversal_task()))
 
     texts = [m["content"] for record in sft for m in record["messages"]] + documents
     texts += ["system", "user", "assistant", "You are a helpful assistant."]  # the ChatML role headers

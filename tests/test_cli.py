@@ -81,7 +81,7 @@ def test_generate_with_an_empty_prompt_is_a_clean_error(tiny_model_dir):
 def test_generate_chat_in_fp16_prints_the_reply_to_the_template_prompt(tiny_model_dir, monkeypatch):
     """--chat renders the prompt as transformers' apply_chat_template(add_generation_prompt=True) would and prints
     only the new tokens; --compute-dtype reaches the model."""
-    from mindspore_llm.generation import greedy_generate
+    from mindspore_llm.generation import GenerationConfig, Generator, decode_completions, stop_token_ids
     from mindspore_llm.models.auto import AutoModelForCausalLM
 
     loaded = []
@@ -96,7 +96,9 @@ def test_generate_chat_in_fp16_prints_the_reply_to_the_template_prompt(tiny_mode
     prompt = render_generation_prompt(tokenizer, [{"role": "user", "content": "What is 2 + 3?"}])
     assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
     model = from_pretrained(tiny_model_dir, compute_dtype="fp16")
-    assert result.output == tokenizer.decode(greedy_generate(model, prompt, 4, tokenizer.eos_token_id)) + "\n"
+    stops = stop_token_ids(model.config, tokenizer, tiny_model_dir)
+    greedy = Generator(model, GenerationConfig(4, eos_token_id=stops), 1, len(prompt)).generate([prompt])
+    assert result.output == decode_completions(tokenizer, greedy, stops)[0] + "\n"
 
 
 def test_yaml_1_1_numbers_without_a_dot_are_numbers(tmp_path):

@@ -24,7 +24,7 @@ from mindspore_llm.checkpoint import CkptFile
 from mindspore_llm.cli import main as msllm
 from mindspore_llm.common import ConfigError
 from mindspore_llm.config_utils import from_dict
-from mindspore_llm.generation import greedy_generate
+from mindspore_llm.generation import GenerationConfig, Generator
 from mindspore_llm.lora import LoraConfig, apply_lora, lora_layers
 from mindspore_llm.models.auto import build_model
 from mindspore_llm.models.config import config_from_hf, load_config
@@ -194,10 +194,10 @@ def test_logits_equal_transformers_with_bitsandbytes(case, loaded, batch):
     assert_close(logits_of(model, batch), torch_logits(bnb_model(directory, config), batch), batch)
 
 
-def test_greedy_generate_on_the_quantized_model_matches_bitsandbytes(loaded):
+def test_greedy_generation_on_the_quantized_model_matches_bitsandbytes(loaded):
     directory, model = loaded("qwen2-nf4-double-quant")
     prompt = [5, 17, 99, 3]
-    ours = greedy_generate(model, prompt, max_new_tokens=6)
+    ours = Generator(model, GenerationConfig(max_new_tokens=6), 1, len(prompt)).generate([prompt]).completions()[0]
     reference_model, ids = bnb_model(directory, NF4_DQ), list(prompt)
     with torch.no_grad():
         for _ in range(6):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mindspore_llm.data.chat import render_generation_prompt, split_reasoning
-from mindspore_llm.generation import greedy_generate
+from mindspore_llm.generation import GenerationConfig, Generator
 from mindspore_llm.models.auto import AutoModelForCausalLM
 from mindspore_llm.tokenizer import load_tokenizer
 from mindspore_llm.train.config import train_config_from_dict
@@ -54,6 +54,7 @@ def test_greedy_generation_after_the_template_prompt_writes_a_training_trace(tra
     for question, reasoning, answer in TRACES:
         prompt = render_generation_prompt(tokenizer, [{"role": "user", "content": question}])
         assert tokenizer.decode(prompt).endswith(f"{question}<｜Assistant｜><think>\n")
-        generated = tokenizer.decode(greedy_generate(model, prompt, 40, tokenizer.eos_token_id))
+        generator = Generator(model, GenerationConfig(40, eos_token_id=(tokenizer.eos_token_id,)), 1, len(prompt))
+        generated = tokenizer.decode(generator.generate([prompt]).completions()[0])
         assert generated == f"{reasoning}\n</think>\n\n{answer}{R1_EOS}"
         assert split_reasoning(generated.removesuffix(R1_EOS)) == (reasoning, answer)

@@ -65,20 +65,26 @@ def read_documents(path: Path) -> Iterator[str]:
         yield "".join(paragraph).strip()
 
 
+def check_messages(messages, where: str) -> list[dict]:
+    """`messages` if it is a non-empty list of {"role": one of ROLES, "content": str, "reasoning_content"?: str};
+    else a DataError."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'{where}: "messages" must be a non-empty list')
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise DataError(f'{where}: messages[{index}] must be an object with a string "content"')
+        if not isinstance(message.get("reasoning_content", ""), (str, type(None))):
+            raise DataError(f'{where}: messages[{index}]: "reasoning_content" must be a string')
+        if message.get("role") not in ROLES:
+            raise DataError(f"{where}: messages[{index}]: unknown role {message.get('role')!r}; "
+                            f"expected one of {', '.join(ROLES)}")
+    return messages
+
+
 def to_messages(record: dict, where: str) -> list[dict]:
     """A conversation as a list of {"role", "content"}; instruction records become system?/user/assistant."""
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f'{where}: "messages" must be a non-empty list')
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-                raise DataError(f'{where}: messages[{index}] must be an object with a string "content"')
-            if not isinstance(message.get("reasoning_content", ""), (str, type(None))):
-                raise DataError(f'{where}: messages[{index}]: "reasoning_content" must be a string')
-            if message.get("role") not in ROLES:
-                raise DataError(f"{where}: messages[{index}]: unknown role {message.get('role')!r}; "
-                                f"expected one of {', '.join(ROLES)}")
+        messages = check_messages(record["messages"], where)
     elif "instruction" in record and "output" in record:
         fields = {key: record.get(key) or "" for key in ("system", "instruction", "input", "output")}
         for key, value in fields.items():

@@ -1,5 +1,6 @@
 """Layers every family shares: linear, RMSNorm, rotary embeddings (default/linear/dynamic/yarn), the attention
-mask, dot-product attention, grouped-query attention, the SwiGLU MLP, the decoder skeleton and the LM loss.
+mask, dot-product attention, grouped-query attention, the SwiGLU MLP, the decoder skeleton and the LM loss; and the
+key/value cache path that generation runs (``construct_cached``: the training forward never takes it).
 
 Kernels: RMSNorm, the rotary product, the attention core and SwiGLU each run either as the decomposition written
 here (CPU, and the numerical reference) or as Ascend's fused kernel, by ``Precision.kernels`` (models/kernels.py).
@@ -340,6 +341,19 @@ class AttentionMask(nn.Cell):
             query_doc = doc.reshape(doc.shape[0], 1, seq_len, 1)
             key_doc = doc.reshape(doc.shape[0], 1, 1, seq_len)
             allowed = ops.logical_and(allowed, ops.logical_and(query_doc == key_doc, key_doc != 0))
+        return self._bias(allowed)
+
+    def for_cache(self, key_mask, start, seq_len: int):
+        """(B, 1, S, L) for S queries at cache slots start .. start + S - 1 over a cache of L slots: query i sees
+        slot j when j <= start + i and ``key_mask`` (B, L) marks j as a token (0 = padding). Slots not yet written
+        lie after every query, so causality alone hides them."""
+        batch, length = key_mask.shape
+        query_slots = (ops.arange(seq_len, dtype=ms.int32) + start).reshape(1, 1, seq_len, 1)
+        key_slots = ops.arange(length, dtype=ms.int32).reshape(1, 1, 1, length)
+        allowed = ops.logical_and(key_slots <= query_slots, key_mask.reshape(batch, 1, 1, length) != 0)
+        return self._bias(allowed)
+
+    def _bias(self, allowed):
         return ops.select(allowed, ops.zeros(allowed.shape, ms.float32),
                           ops.full(allowed.shape, self.min_value, dtype=ms.float32))
 
@@ -411,6 +425,11 @@ class DotProductAttention(nn.Cell):
     def construct(self, query, key, value, mask):
         if self.flash:
             return self._flash(query, key, value, mask)
+        return self.decomposed(query, key, value, mask)
+
+    def decomposed(self, query, key, value, mask):
+        """The decomposition (CPU, the numerical reference, and generation's cached path on every target): `mask`
+        the additive (B or 1, 1, S, L) bias."""
         batch, heads, seq_len, _ = query.shape
         key = repeat_kv(self.repeat_kv, key, heads)
         value = repeat_kv(self.repeat_kv, value, heads)
@@ -440,6 +459,16 @@ class DotProductAttention(nn.Cell):
         return self.cast(out.reshape(batch, seq_len, heads * value_dim), self.activation_dtype)
 
 
+def write_cache(cache, new, start):
+    """`cache` (B, h, L, d) with `new` (B, h, S, d) written at slots start .. start + S - 1; `start` is an int32
+    scalar Tensor, so one compiled graph serves every decoding step (a gather and a select: static shapes)."""
+    length, span = cache.shape[2], new.shape[2]
+    offset = ops.arange(length, dtype=ms.int32) - start
+    placed = ops.gather(new, ops.clip(offset, 0, span - 1), 2)
+    inside = ops.logical_and(offset >= 0, offset < span).reshape(1, 1, length, 1)
+    return ops.select(ops.broadcast_to(inside, cache.shape), placed.astype(cache.dtype), cache)
+
+
 class GroupedQueryAttention(nn.Cell):
     """Attention with num_key_value_heads <= num_attention_heads (Qwen2: q/k/v bias; Qwen3: per-head q/k RMSNorm)."""
 
@@ -467,11 +496,27 @@ class GroupedQueryAttention(nn.Cell):
             x = norm(x)
         return self.transpose(x, (0, 2, 1, 3))
 
-    def construct(self, hidden, cos, sin, mask):
+    def _project(self, hidden, cos, sin):
         query = self.rotary(self._heads(self.q_proj(hidden), self.num_heads, self.q_norm), cos, sin)
         key = self.rotary(self._heads(self.k_proj(hidden), self.num_kv_heads, self.k_norm), cos, sin)
         value = self._heads(self.v_proj(hidden), self.num_kv_heads, None)
+        return query, key, value
+
+    def construct(self, hidden, cos, sin, mask):
+        query, key, value = self._project(hidden, cos, sin)
         return self.o_proj(self.attention(query, key, value, mask))
+
+    def cache_shapes(self, batch: int, length: int) -> tuple[tuple[int, ...], ...]:
+        """The cache of one layer: keys and values after rope, (B, num_key_value_heads, L, head_dim) each."""
+        return ((batch, self.num_kv_heads, length, self.head_dim),) * 2
+
+    def construct_cached(self, hidden, cos, sin, bias, cache, start):
+        """Generation: the S new positions' keys and values written into ``cache`` = (keys, values) at slots
+        start .., then attention over the whole cache (``bias`` from ``AttentionMask.for_cache``)."""
+        query, key, value = self._project(hidden, cos, sin)
+        keys, values = write_cache(cache[0], key, start), write_cache(cache[1], value, start)
+        # the decomposed core: the cache's additive bias is not flash attention's document ends
+        return self.o_proj(self.attention.decomposed(query, keys, values, bias)), (keys, values)
 
 
 class SwiGLU(nn.Cell):
@@ -514,6 +559,13 @@ class DecoderLayer(nn.Cell):
 
     def construct(self, x, cos, sin, mask):
         h = self.attn_residual(x, self.self_attn(self.input_layernorm(x), cos, sin, mask))
+        return self._mlp_block(h)
+
+    def construct_cached(self, x, cos, sin, bias, cache, start):
+        attended, cache = self.self_attn.construct_cached(self.input_layernorm(x), cos, sin, bias, cache, start)
+        return self._mlp_block(self.attn_residual(x, attended)), cache
+
+    def _mlp_block(self, h):
         return self.mlp_residual(h, self.mlp(self.post_attention_layernorm(h)))
 
 
@@ -539,6 +591,18 @@ class DecoderModel(nn.Cell):
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, mask)
         return self.norm(hidden)
+
+    def construct_cached(self, input_ids, position_ids, key_mask, start, caches):
+        """Hidden states of S new tokens at cache slots start .., and every layer's cache with them written in.
+        ``key_mask`` (B, L) marks the slots that hold tokens (0 = prompt padding), ``caches`` one per layer."""
+        cos, sin = self.rotary_emb(position_ids)
+        bias = self.attention_mask.for_cache(key_mask, start, input_ids.shape[1])
+        hidden = self.embed_tokens(input_ids)
+        written = ()
+        for index in range(len(self.layers)):
+            hidden, cache = self.layers[index].construct_cached(hidden, cos, sin, bias, caches[index], start)
+            written += (cache,)
+        return self.norm(hidden), written
 
 
 class LMHead(nn.Cell):
@@ -613,8 +677,21 @@ class CausalLM(nn.Cell):
         self.loss_fn = CausalLMLoss()
 
     def construct(self, input_ids, attention_mask=None, position_ids=None):
-        hidden = self.model(input_ids, attention_mask, position_ids)
+        return self.head(self.model(input_ids, attention_mask, position_ids))
+
+    def head(self, hidden):
+        """fp32 logits (B, S, V) of final hidden states (B, S, hidden)."""
         return self.lm_head(hidden, self.model.embed_tokens.weight)
+
+    def cache_shapes(self, batch: int, length: int) -> list[tuple[tuple[int, ...], ...]]:
+        """Per layer, the shapes of its generation cache for `batch` rows of `length` slots."""
+        return [layer.self_attn.cache_shapes(batch, length) for layer in self.model.layers]
+
+    def construct_cached(self, input_ids, position_ids, key_mask, start, caches):
+        """Generation: fp32 logits (B, 1, V) of the last of the S new tokens at slots start .., and the caches
+        with their keys and values written in (``DecoderModel.construct_cached``)."""
+        hidden, caches = self.model.construct_cached(input_ids, position_ids, key_mask, start, caches)
+        return self.head(hidden[:, -1:]), caches
 
     def weights(self) -> list[Parameter]:
         """The parameters a model checkpoint holds: everything but the statistics buffers."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from mindspore import nn
 from mindspore.ops import operations as P
 
-from mindspore_llm.models.layers import ApplyRotary, DotProductAttention, Linear, Precision, RMSNorm
+from mindspore_llm.models.layers import ApplyRotary, DotProductAttention, Linear, Precision, RMSNorm, write_cache
 
 
 class MultiHeadLatentAttention(nn.Cell):
@@ -59,25 +59,54 @@ class MultiHeadLatentAttention(nn.Cell):
             return x
         return self.deinterleave_concat((x[..., 0::2], x[..., 1::2]))
 
-    def construct(self, hidden, cos, sin, mask):
+    def _queries(self, hidden, cos, sin):
         batch, seq_len, _ = hidden.shape
         if self.q_proj is not None:
             q = self.q_proj(hidden)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
         q = self.q_transpose(q.reshape(batch, seq_len, self.num_heads, self.qk_head_dim), (0, 2, 1, 3))
-        q_nope = q[..., :self.qk_nope_head_dim]
         q_rope = self.rotary(self._deinterleave(q[..., self.qk_nope_head_dim:]), cos, sin)
+        return self.q_concat((q[..., :self.qk_nope_head_dim], q_rope))
 
+    def _latent(self, hidden, cos, sin):
+        """What a token leaves for later ones: the normalised c_kv (B, 1, S, kv_lora_rank) and the rotated shared
+        key k_rope (B, 1, S, qk_rope_head_dim) -- all that generation caches (kv_lora_rank + qk_rope_head_dim
+        numbers per token and layer)."""
+        batch, seq_len, _ = hidden.shape
         latent = self.kv_a_proj_with_mqa(hidden)
-        c_kv = self.kv_a_layernorm(latent[..., :self.kv_lora_rank])
+        c_kv = self.kv_a_layernorm(latent[..., :self.kv_lora_rank]).reshape(batch, 1, seq_len, self.kv_lora_rank)
         k_rope = latent[..., self.kv_lora_rank:].reshape(batch, 1, seq_len, self.qk_rope_head_dim)
-        k_rope = self.rotary(self._deinterleave(k_rope), cos, sin)
+        return c_kv, self.rotary(self._deinterleave(k_rope), cos, sin)
 
-        kv = self.kv_b_proj(c_kv).reshape(batch, seq_len, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
-        kv = self.kv_transpose(kv, (0, 2, 1, 3))
+    def _attend(self, query, c_kv, k_rope, mask, cached=False):
+        """Every head's keys and values expanded from the latents of the attended positions, then attention (the
+        decomposed core when `cached`)."""
+        batch = query.shape[0]
+        keys_len = c_kv.shape[2]
+        kv = self.kv_b_proj(c_kv.reshape(batch, keys_len, self.kv_lora_rank))
+        kv = self.kv_transpose(kv.reshape(batch, keys_len, self.num_heads, self.qk_nope_head_dim + self.v_head_dim),
+                               (0, 2, 1, 3))
         key = self.k_concat((kv[..., :self.qk_nope_head_dim],
                              self.broadcast_k_rope(k_rope, (1, self.num_heads, 1, 1))))
         value = kv[..., self.qk_nope_head_dim:]
-        query = self.q_concat((q_nope, q_rope))
+        if cached:
+            return self.o_proj(self.attention.decomposed(query, key, value, mask))
         return self.o_proj(self.attention(query, key, value, mask))
+
+    def construct(self, hidden, cos, sin, mask):
+        c_kv, k_rope = self._latent(hidden, cos, sin)
+        return self._attend(self._queries(hidden, cos, sin), c_kv, k_rope, mask)
+
+    def cache_shapes(self, batch: int, length: int) -> tuple[tuple[int, ...], ...]:
+        """The cache of one layer: the latent, not per-head keys and values (DeepSeek-V2 section 2.1.2)."""
+        return (batch, 1, length, self.kv_lora_rank), (batch, 1, length, self.qk_rope_head_dim)
+
+    def construct_cached(self, hidden, cos, sin, bias, cache, start):
+        """Generation: the new positions' latents written into ``cache`` = (c_kv, k_rope) at slots start ..; keys
+        and values are expanded from the whole cache every step (kv_b_proj over L latents: simple, and exact
+        with adapters on kv_b_proj; the absorbed form of the paper would skip that expansion). The core runs
+        decomposed: the cache's additive ``bias`` is not flash attention's document ends."""
+        c_kv, k_rope = self._latent(hidden, cos, sin)
+        c_kv, k_rope = write_cache(cache[0], c_kv, start), write_cache(cache[1], k_rope, start)
+        return self._attend(self._queries(hidden, cos, sin), c_kv, k_rope, bias, cached=True), (c_kv, k_rope)

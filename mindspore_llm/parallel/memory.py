@@ -1,4 +1,5 @@
-"""Per-device memory of a training job, before it starts: parameters, gradients, optimizer states, activations.
+"""Per-device memory of a training job, before it starts: parameters, gradients, optimizer states, activations;
+for GRPO also the reference policy, the rollout-time KV cache and the log-probability buffers.
 
 The planner counts every parameter of a family from its dimensions (``parameter_shapes``: the one place that does,
 for Qwen2/2.5/3 and DeepSeek-V3), divides each by its layout from ``plan.parameter_split``, and estimates
@@ -21,6 +22,7 @@ from mindspore_llm.models.shapes import (count_parameters, expert_capacity, is_m
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.plan import parameter_split, parameter_stages
 from mindspore_llm.quant import QuantizationConfig
+from mindspore_llm.rl.grpo import GRPOConfig
 
 GB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -147,14 +149,25 @@ class StageMemory:
         """Host <-> device bytes per step and device: offloaded optimizer state in and out once (the update reads
         and writes it), swapped activations out in forward and back in backward, every micro-batch."""
         return 2 * (self.host.get("optimizer states", 0.0) + micro_batches * self.swapped_per_micro_batch)
+    # GRPO: bytes generation holds while the training step's transients (TRAINING_TRANSIENT) are not allocated
+    rollout: dict[str, float] = field(default_factory=dict)
 
     @property
     def total(self) -> float:
-        return sum(self.terms.values())
+        transient = sum(self.terms.get(term, 0.0) for term in TRAINING_TRANSIENT)
+        return sum(self.terms.values()) - transient + max(transient, sum(self.rollout.values()))
 
     @property
     def dominant(self) -> str:
-        return max(self.terms, key=self.terms.get)
+        every = {**self.terms, **self.rollout}
+        return max(every, key=every.get)
+
+    def term(self, name: str) -> float:
+        return self.terms.get(name, self.rollout.get(name, 0.0))
+
+
+# what only the training step's forward and backward hold (generation reuses that memory)
+TRAINING_TRANSIENT = ("activations", "recompute working set", "logits and loss")
 
 
 def in_flight_micro_batches(parallel: ParallelConfig, stage: int) -> int:
@@ -164,7 +177,7 @@ def in_flight_micro_batches(parallel: ParallelConfig, stage: int) -> int:
 
 def estimate_memory(config, parallel: ParallelConfig, work: Workload,
                     lora: LoraConfig | None = None, distill: DistillConfig | None = None,
-                    teacher=None) -> list[StageMemory]:
+                    teacher=None, grpo: GRPOConfig | None = None, rollouts: int = 0) -> list[StageMemory]:
     """Peak bytes per device of every pipeline stage (a stage's devices all hold the same amount).
 
     Parameters are fp32 master weights; with 16-bit compute (O2) each also has a compute-dtype copy.
@@ -229,6 +242,8 @@ def estimate_memory(config, parallel: ParallelConfig, work: Workload,
             stage.terms["logits and loss"] = flights * logits_bytes(config, work, parallel)
     if distill is not None:
         _add_teacher(stages, distill, teacher, parallel, work, copy_bytes)
+    if grpo is not None:
+        _add_grpo(stages, config, grpo, rollouts, parallel, work, lora, copy_bytes)
     return stages
 
 
@@ -340,6 +355,43 @@ def _add_teacher(stages: list[StageMemory], distill: DistillConfig, teacher, par
     last.terms["teacher"] += flights * logits_bytes(teacher, work, mesh)
 
 
+def kv_cache_bytes(config, layers: list[int], rows: int, slots: int, parallel: ParallelConfig,
+                   element_bytes: int) -> float:
+    """The generation cache of `layers` for `rows` x `slots` on one device: per layer and slot, GQA keys and
+    values (2 x num_key_value_heads x head_dim, heads split over tensor parallelism), or MLA's latent
+    (kv_lora_rank + qk_rope_head_dim, replicated)."""
+    if hasattr(config, "kv_lora_rank"):
+        per_slot = config.kv_lora_rank + config.qk_rope_head_dim
+    else:
+        per_slot = 2 * config.num_key_value_heads * config.head_dim / parallel.model_parallel
+    return element_bytes * rows * slots * per_slot * len(layers)
+
+
+def _add_grpo(stages: list[StageMemory], config, grpo: GRPOConfig, rollouts: int, parallel: ParallelConfig,
+              work: Workload, lora: LoraConfig | None, copy_bytes: int) -> None:
+    """GRPO beside the policy's training state: the reference policy (a frozen copy of the model split like it,
+    fp32 + compute copy; nothing with LoRA, whose reference is the base with the adapters off), the step's
+    rollout buffers (token ids, masks, positions; old and reference log-probabilities, aggregation weights), and
+    what generation holds instead of the training step's activations: the KV cache of one generation batch, one
+    layer's prefill working set and the sampler's (rows, vocab) fp32 buffers."""
+    rows = grpo.generation_batch_size or rollouts
+    prompt, new = grpo.max_prompt_length, grpo.max_new_tokens
+    prefill = Workload(prompt, rows, work.compute_bytes, work.activation_bytes)
+    layer_stages = parallel.stage_of_layers(config.num_hidden_layers)
+    for stage in stages:
+        stage.terms["reference model"] = 0.0
+        if grpo.beta > 0 and lora is None:
+            for name, shape in parameter_shapes(config):
+                if stage.stage in parameter_stages(name, layer_stages, config.tie_word_embeddings):
+                    stage.terms["reference model"] += (4 + copy_bytes) * _device_elements(name, shape, parallel)
+        stage.terms["rollout buffers"] = rollouts * (3 * 4 * (prompt + new) + 3 * 4 * new)
+        stage.rollout["kv cache (rollout)"] = kv_cache_bytes(config, stage.layers, rows, prompt + new - 1,
+                                                             parallel, work.stored_bytes)
+        stage.rollout["prefill working set"] = max(layer_activation_bytes(config, i, prefill, parallel, "none")
+                                                   for i in stage.layers)
+        stage.rollout["sampler"] = 3 * 4 * rows * config.vocab_size
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # What the planner is given (a training YAML is read into this by mindspore_llm.train.config.load_plan_inputs)
 
@@ -357,6 +409,12 @@ class PlanInputs:
     distill: DistillConfig | None = None
     teacher: Any = None  # the online teacher's family config
     kernels: Kernels = Kernels()  # the job's device target's (the op strategies depend on them)
+    grpo: GRPOConfig | None = None
+
+    @property
+    def rollouts(self) -> int:
+        """GRPO rollouts per data-parallel replica and step (its micro-batches x accumulation)."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.parallel.micro_batch_num
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -506,7 +564,14 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float,
                      f"{_count(count_parameters(inputs.teacher)[0])} parameters, frozen")
     elif inputs.distill is not None:
         lines.append(f"distill: offline teacher top-{inputs.distill.top_k} logits")
-    stages = estimate_memory(config, parallel, work, inputs.lora, inputs.distill, inputs.teacher)
+    if inputs.grpo is not None:
+        grpo = inputs.grpo
+        lines.append(f"grpo: {grpo.num_generations} rollouts per prompt, {inputs.rollouts} per replica and step, "
+                     f"prompts <= {grpo.max_prompt_length} + {grpo.max_new_tokens} new tokens; reference: "
+                     + ("the base with adapters off (no copy)" if inputs.lora else
+                        "a frozen copy" if grpo.beta > 0 else "none (beta 0)"))
+    stages = estimate_memory(config, parallel, work, inputs.lora, inputs.distill, inputs.teacher, inputs.grpo,
+                             inputs.rollouts)
     modes = parallel.recompute_of_layers(config.num_hidden_layers)
     lines.append("pipeline stages:")
     for stage in stages:
@@ -523,6 +588,10 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float,
     lines.append(header)
     for term in stages[0].terms:
         lines.append(f"  {term:24s}" + "".join(f"{s.terms[term] / GB:12.2f}" for s in stages))
+    if stages[0].rollout:
+        lines.append("  generation, in place of " + ", ".join(TRAINING_TRANSIENT) + ":")
+        for term in stages[0].rollout:
+            lines.append(f"  {term:24s}" + "".join(f"{s.rollout[term] / GB:12.2f}" for s in stages))
     lines.append(f"  {'total':24s}" + "".join(f"{s.total / GB:12.2f}" for s in stages))
     fits = all(s.total <= hbm for s in stages)
     worst = max(stages, key=lambda s: s.total)
@@ -533,7 +602,7 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float,
     lines += zero_lines(inputs, stages, offload)
     lines.append(f"peak: stage {worst.stage}, {worst.total / GB:.2f} GB of {hbm_gb:g} GB -> "
                  f"{'fits' if fits else 'DOES NOT FIT'}; dominant term: {worst.dominant} "
-                 f"({worst.terms[worst.dominant] / GB:.2f} GB)")
+                 f"({worst.term(worst.dominant) / GB:.2f} GB)")
     after, before = host_load_bytes(config, parallel, stages, inputs.lora)
     how = ("the whole base, its linear weights quantized as they stream in" if inputs.lora is not None
            and inputs.lora.quantization is not None else

@@ -26,16 +26,22 @@ from mindspore_llm.parallel.config import ParallelConfig
 TOY_SEQ_LENGTH = 16
 
 
-def build_step(trained, trainable_params, config, context):
-    """(the ``TrainStep``, the cell to compile) of training `trained` (the model, or a ``DistillationModel`` around
-    it) under `context`, as the trainer builds it: the AdamW moments in host memory with ``offload_optimizer:
-    host``, the ZeRO stage on the ``AutoParallel`` cell (``context.wrap_step``)."""
+def build_step(trained, trainable_params, config, context, prompt_length: int | None = None):
+    """(the step, the cell to compile) of training `trained` (the model, or a ``DistillationModel`` around it)
+    under `context`, as the trainer builds it: a ``TrainStep``, or for ``kind: grpo`` a ``GRPOStep`` on rollouts of
+    `prompt_length` prompt slots; the AdamW moments in host memory with ``offload_optimizer: host``, the ZeRO stage
+    on the ``AutoParallel`` cell (``context.wrap_step``)."""
     from mindspore_llm.train.optim import AdamW
-    from mindspore_llm.train.step import TrainStep
+    from mindspore_llm.train.step import GRPOStep, TrainStep
 
     optimizer = AdamW(trainable_params, config.optimizer, config.schedule, config.parallel.offloads_optimizer)
-    step = TrainStep(trained, optimizer, config.precision, config.train.gradient_accumulation_steps,
-                     config.optimizer.clip_grad_norm, **context.step_parallelism(optimizer.parameters))
+    arguments = (trained, optimizer, config.precision, config.train.gradient_accumulation_steps,
+                 config.optimizer.clip_grad_norm)
+    parallelism = context.step_parallelism(optimizer.parameters)
+    if config.kind == "grpo":
+        step = GRPOStep(*arguments, grpo=config.grpo, prompt_length=prompt_length, **parallelism)
+    else:
+        step = TrainStep(*arguments, **parallelism)
     return step, context.wrap_step(step, config.checkpoint_dir / "strategy", config.parallel)
 
 
@@ -124,6 +130,31 @@ def toy_batch(rng: np.random.Generator, rows: int, seq_length: int, vocab_size: 
         labels = np.where(position - start < length // 4, IGNORE_INDEX, labels).astype(np.int32)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "position_ids": np.ascontiguousarray(position_ids)}
+
+
+def toy_rollouts(rng: np.random.Generator, rows: int, prompt_length: int, grpo, vocab_size: int
+                 ) -> dict[str, np.ndarray]:
+    """A batch shaped like GRPO's rollouts (``train.step.ROLLOUT_INPUTS``) for `grpo` (a ``GRPOConfig``): groups of
+    grpo.num_generations left-padded prompts of `prompt_length` slots with completions of grpo.max_new_tokens slots
+    ending at random lengths, rollout-time log-probabilities around a uniform policy's (so that some ratios leave
+    the clip range), reference ones beside them, group advantages of random rewards and the aggregation's weights."""
+    from mindspore_llm.generation import position_ids
+    from mindspore_llm.rl.grpo import group_advantages, token_weights
+
+    slots = grpo.max_new_tokens
+    prompt_mask = (np.arange(prompt_length)[None, :] >= rng.integers(0, prompt_length, (rows, 1))).astype(np.int32)
+    completion_mask = (np.arange(slots)[None, :] < rng.integers(1, slots + 1, (rows, 1))).astype(np.int32)
+    mask = np.concatenate([prompt_mask, completion_mask], axis=1)
+    uniform = -np.log(vocab_size)
+    old_log_probs = (uniform + 0.3 * rng.standard_normal((rows, slots))) * completion_mask
+    ref_log_probs = (uniform + 0.3 * rng.standard_normal((rows, slots))) * completion_mask
+    rewards = rng.integers(0, 2, rows).astype(np.float32)
+    return {"input_ids": (rng.integers(0, vocab_size, mask.shape) * mask).astype(np.int32),
+            "attention_mask": mask, "position_ids": position_ids(mask),
+            "old_log_probs": old_log_probs.astype(np.float32), "ref_log_probs": ref_log_probs.astype(np.float32),
+            "advantages": group_advantages(rewards, grpo.num_generations, grpo.scale_rewards, grpo.advantage_eps),
+            "token_weights": token_weights(completion_mask, grpo.loss_aggregation, slots, rows,
+                                           float(completion_mask.sum()))}
 
 
 def build_toy_model(model_config, parallel: ParallelConfig, precision, lora=None):

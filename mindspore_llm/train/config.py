@@ -23,6 +23,7 @@ from mindspore_llm.models.kernels import select_kernels
 from mindspore_llm.models.naming import LayoutOptions
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.memory import DTYPE_BYTES, PlanInputs, Workload
+from mindspore_llm.rl.grpo import GRPOConfig
 from mindspore_llm.train.optim import OptimizerConfig
 from mindspore_llm.train.schedule import ScheduleConfig
 from mindspore_llm.train.step import PrecisionConfig
@@ -129,7 +130,11 @@ class TrainConfig:
     # a model directory or checkpoint (`path:`, any naming; `config:`, `layout:`) or inline dimensions with
     # `architecture:`
     model: dict[str, Any]
-    data: DataConfig
+    # lm: the next-token loss on `data:` (pretraining or SFT); grpo: reinforcement learning on the prompts and
+    # rewards of `grpo:`, starting from the model at `model.path`
+    kind: Literal["lm", "grpo"] = "lm"
+    data: DataConfig | None = None  # kind lm
+    grpo: GRPOConfig | None = None  # kind grpo
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -147,6 +152,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         require(bool(self.model), "model: give `path:` (a model directory) or inline dimensions with `architecture:`")
+        if self.kind == "lm":
+            require(self.data is not None, "data: kind lm trains on a data set; give the data section")
+            require(self.grpo is None, "grpo: set kind: grpo to train with it")
+        else:
+            require(self.grpo is not None, "grpo: kind grpo needs the grpo section (prompts, rewards, ...)")
+            require(self.data is None, "data: kind grpo reads its prompts from grpo.prompts; remove the data section")
+            require("path" in self.model, "model.path: GRPO starts from a trained model directory")
+            require(self.distill is None, "distill: does not combine with kind grpo")
         require(not self.checkpoint.resume_optimizer or "path" in self.model,
                 "checkpoint.resume_optimizer: takes the optimizer state of model.path; give model.path (a training "
                 "checkpoint)")
@@ -154,6 +167,20 @@ class TrainConfig:
             require(self.lora is None and self.distill is None,
                     f"checkpoint.naming: {self.checkpoint.naming} checkpoints hold a full model's training state; "
                     f"LoRA adapters and a distillation teacher have no place in them (use mindspore_llm)")
+
+    @property
+    def seq_length(self) -> int:
+        """Tokens per training sequence: data.seq_length, or GRPO's prompt and completion slots."""
+        if self.kind == "grpo":
+            return self.grpo.max_prompt_length + self.grpo.max_new_tokens
+        return self.data.seq_length
+
+    @property
+    def tokenizer(self) -> str:
+        """The tokenizer directory or file (the final model directory gets a copy)."""
+        if self.kind == "grpo":
+            return self.grpo.tokenizer or self.model["path"]
+        return self.data.tokenizer
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -177,7 +204,11 @@ class TrainConfig:
             require(not extra, f"{source}: with `path:` only {', '.join(sorted(MODEL_PATH_KEYS - {'path'}))} may be "
                                f"given, got {', '.join(extra)}")
             self.model_layout(source)
-            return load_config(self.model.get("config", self.model["path"]))
+            key = "config" if "config" in self.model else "path"
+            if not Path(self.model[key]).exists():  # e.g. the SFT run a GRPO config starts from has not run yet
+                raise ConfigError(f"{source}.{key}: {self.model[key]} does not exist; give a model directory or "
+                                  f"checkpoint, or first run the job that writes it")
+            return load_config(self.model[key])
         return config_from_yaml_section(self.model, source)
 
     def model_layout(self, source: str = "model") -> LayoutOptions:
@@ -228,11 +259,12 @@ def _resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         for key in ("path", "config"):
             if isinstance(model.get(key), str):
                 model[key] = str(base / model[key])
-    distill = raw.get("distill")
-    if isinstance(distill, dict):
-        for key in ("teacher", "teacher_logits"):
-            if isinstance(distill.get(key), str):
-                distill[key] = str(base / distill[key])
+    for section, keys in (("distill", ("teacher", "teacher_logits")), ("grpo", ("prompts", "tokenizer"))):
+        values = raw.get(section)
+        if isinstance(values, dict):
+            for key in keys:
+                if isinstance(values.get(key), str):
+                    values[key] = str(base / values[key])
     return raw
 
 
@@ -241,7 +273,8 @@ def train_config_from_dict(raw: dict[str, Any], source: str, base_dir: str | Pat
     base = Path(base_dir).resolve()
     config = from_dict(TrainConfig, _resolve_input_paths(copy.deepcopy(raw), base), source)
     config.schedule_follows_run = "total_steps" not in (raw.get("schedule") or {})
-    config.data = config.data.resolve_paths(base)
+    if config.data is not None:
+        config.data = config.data.resolve_paths(base)
     config.model_config(f"{source}: model")  # the model section's errors surface before anything starts
     return config
 
@@ -256,7 +289,7 @@ def plan_inputs(config: TrainConfig, source: str) -> PlanInputs:
     """What the memory planner needs from a training config: plain numbers and the family configs."""
     precision, run = config.precision, config.train
     kernels = select_kernels(config.device_target)
-    work = Workload(config.data.seq_length, run.micro_batch_size, DTYPE_BYTES[precision.compute_dtype],
+    work = Workload(config.seq_length, run.micro_batch_size, DTYPE_BYTES[precision.compute_dtype],
                     DTYPE_BYTES["fp32"] if precision.level == "O1" else None, kernels.flash_attention)
     distill = config.distill
     from mindspore_llm.models.config import load_config
@@ -264,7 +297,7 @@ def plan_inputs(config: TrainConfig, source: str) -> PlanInputs:
     teacher = load_config(distill.teacher) if distill is not None and distill.mode == "online" else None
     return PlanInputs(source, config.model_config(f"{source}: model"), config.parallel, work,
                       run.global_batch_size, run.micro_batch_size, run.gradient_accumulation_steps, config.lora,
-                      distill, teacher, kernels)
+                      distill, teacher, kernels, config.grpo)
 
 
 def load_plan_inputs(path: str | Path, overrides: list[str] = ()) -> PlanInputs:

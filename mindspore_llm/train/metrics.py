@@ -1,5 +1,5 @@
 """What a user watches while training runs: a jsonl line per logged step, TensorBoard scalars, a progress bar,
-a loss-curve PNG at the end, and a warning when the fp16 loss scale keeps collapsing.
+curve PNGs at the end (the loss; GRPO adds the reward), and a warning when the fp16 loss scale keeps collapsing.
 
 Only the main rank writes; the values it logs are already averaged over the data-parallel ranks.
 """
@@ -17,7 +17,6 @@ from mindspore_llm.fileio import atomic_path
 log = logging.getLogger("mindspore_llm")
 
 METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -67,13 +66,15 @@ class LossScaleWatch:
 
 
 class MetricsLogger:
-    """``log(step, values)`` appends to metrics.jsonl and TensorBoard; ``close()`` draws the loss curve."""
+    """``log(step, values)`` appends to metrics.jsonl and TensorBoard; ``close()`` draws ``<key>.png`` of each
+    of `curves` (logged keys)."""
 
-    def __init__(self, directory: str | Path, tensorboard: bool = True, plot: bool = True, resume_step: int = 0):
+    def __init__(self, directory: str | Path, tensorboard: bool = True, plot: bool = True, resume_step: int = 0,
+                 curves: tuple[str, ...] = ("loss",)):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.directory / METRICS_FILE
-        self.plot_path = self.directory / LOSS_PLOT if plot else None
+        self.curves = curves if plot else ()
         self._drop_lines_after(resume_step)
         self.jsonl = open(self.jsonl_path, "a")
         self.writer = None
@@ -102,19 +103,19 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(f"train/{key}", float(value), step)
 
-    def losses(self) -> list[tuple[int, float]]:
+    def series(self, key: str) -> list[tuple[int, float]]:
         records = [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line.strip()]
-        return [(r["step"], r["loss"]) for r in records if "loss" in r]
+        return [(r["step"], r[key]) for r in records if key in r]
 
     def close(self) -> None:
         self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
-        if self.plot_path is not None:
-            plot_loss(self.losses(), self.plot_path)
+        for key in self.curves:
+            plot_curve(self.series(key), self.directory / f"{key}.png", key)
 
 
-def plot_loss(points: list[tuple[int, float]], path: Path) -> None:
+def plot_curve(points: list[tuple[int, float]], path: Path, key: str = "loss") -> None:
     if not points:
         return
     import matplotlib
@@ -122,12 +123,12 @@ def plot_loss(points: list[tuple[int, float]], path: Path) -> None:
     matplotlib.use("Agg")  # no display: write the file only
     import matplotlib.pyplot as plt
 
-    steps, losses = zip(*points)
+    steps, values = zip(*points)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, losses, linewidth=1.2)
+    ax.plot(steps, values, linewidth=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {steps[-1]} steps")
+    ax.set_ylabel(f"training {key}")
+    ax.set_title(f"{key} {values[0]:.3f} -> {values[-1]:.3f} over {steps[-1]} steps")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -139,6 +140,8 @@ def format_step(step: int, total: int, values: dict) -> str:
     parts = [f"step {step}/{total}", f"loss {values['loss']:.4f}", f"lr {values['lr']:.3g}",
              f"grad_norm {values['grad_norm']:.3g}", f"scale {values['loss_scale']:g}",
              f"{values['tokens_per_s']:.0f} tok/s"]
+    if "reward" in values:  # GRPO
+        parts.insert(2, f"reward {values['reward']:.3f}")
     if values.get("overflow"):
         parts.append("OVERFLOW (update skipped)")
     return ", ".join(parts)

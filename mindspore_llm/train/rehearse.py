@@ -16,7 +16,9 @@ marks, LoRA) and the reference (the same weights, no plan, no wrappers, one step
 batches; every step's loss, gradient norm and skip decision, and every parameter's AdamW moments after each step
 (the first moment is (1 - beta1) x the clipped gradient) must agree. LoRA's B starts random rather than zero so
 that both adapters have gradients; with LoRA dropout the comparison runs without it (random masks cannot match
-across batch groupings), and an eager forward shows the dropout acting in training mode only.
+across batch groupings), and an eager forward shows the dropout acting in training mode only. For ``kind: grpo``
+the step is the ``GRPOStep`` (the GRPO loss, then the same gradient tail) fed random rollouts of 8 prompt and 8
+completion slots with the config's aggregation, KL and clip range (``assembly.toy_rollouts``).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.context import SEMI_AUTO, STANDALONE, ParallelContext
 from mindspore_llm.parallel.zero import describe
 from mindspore_llm.train.assembly import (build_step, build_toy_model, quantization_block, toy_batch,
-                                          toy_model_config, toy_parallel, toy_seq_length)
+                                          toy_model_config, toy_parallel, toy_rollouts, toy_seq_length)
 from mindspore_llm.train.config import TrainConfig
 from mindspore_llm.train.optim import HOST, placement
 from mindspore_llm.train.trainer import BATCH_KEYS, check_parallel_settings
@@ -132,8 +134,9 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
     from mindspore_llm.lora import lora_layers
     from mindspore_llm.models.auto import build_model
     from mindspore_llm.parallel.plan import check_strategies, trace_input_shapes, validate_plan
+    from mindspore_llm.train.grpo import check_rollout_parallelism
     from mindspore_llm.train.optim import AdamW
-    from mindspore_llm.train.step import TrainStep
+    from mindspore_llm.train.step import ROLLOUT_INPUTS, GRPOStep, TrainStep
 
     result = Rehearsal()
 
@@ -147,7 +150,7 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
     check_parallel_settings(config, context)
     if context.mode == SEMI_AUTO:
         validate_plan(real, parallel, parallel.device_num, run.global_batch_size, run.micro_batch_size,
-                      run.gradient_accumulation_steps, config.data.seq_length,
+                      run.gradient_accumulation_steps, config.seq_length,
                       config.lora.quantization if config.lora is not None else None)
         say(f"  the real plan: {real.architecture}, {parallel.device_num} devices (dp {parallel.data_parallel} x mp "
             f"{parallel.model_parallel} x pp {parallel.pipeline_stages}) validated against the model's dimensions")
@@ -163,9 +166,13 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
         toy = dataclasses.replace(toy, moe_capacity_factor=toy.n_routed_experts / toy.num_experts_per_tok)
     toy_plan = toy_parallel(parallel, toy.num_hidden_layers)
     pipelined = parallel.pipeline_stages > 1
+    grpo = None
+    if config.kind == "grpo":  # rollouts of half prompt, half completion slots
+        check_rollout_parallelism(context)
+        grpo = dataclasses.replace(config.grpo, max_new_tokens=toy_seq_length(config.seq_length, parallel) // 2)
     micro = MICRO_BATCHES if pipelined else 1
     context = dataclasses.replace(context, micro_batch_num=micro)
-    seq = toy_seq_length(config.data.seq_length, parallel)
+    seq = toy_seq_length(config.seq_length, parallel)
     precision = config.precision
     if precision.compute_dtype == "bf16":
         precision = dataclasses.replace(precision, compute_dtype="fp32")
@@ -178,8 +185,8 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
     say(f"  toy model: {toy.architecture}, {toy.num_hidden_layers} layers, hidden {toy.hidden_size}, {heads}, "
         f"vocab {toy.vocab_size} (real: {real.num_hidden_layers} layers, hidden {real.hidden_size}, vocab "
         f"{real.vocab_size})")
-    say(f"  batch: {rows} rows of {seq} tokens (real {config.data.seq_length}) = micro_batch_size "
-        f"{run.micro_batch_size} x accumulation {run.gradient_accumulation_steps}"
+    say(f"  batch: {rows} {'rollouts' if grpo else 'rows'} of {seq} tokens (real {config.seq_length}) = "
+        f"micro_batch_size {run.micro_batch_size} x accumulation {run.gradient_accumulation_steps}"
         + (f" x {micro} pipeline micro-batches (real {parallel.micro_batch_num})" if pipelined else "")
         + (f" x dp {context.data_parallel} (full batch)" if context.mode == SEMI_AUTO else ""))
     if kept_every_token:
@@ -195,9 +202,15 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
     twin, applied = build_toy_model(toy, toy_plan, _here(precision), compared_lora)
     stages = [layer.pipeline_stage for layer in twin.model.layers] if pipelined else [0] * toy.num_hidden_layers
     rng = np.random.default_rng(run.seed + 1)
-    batches = [toy_batch(rng, rows, seq, toy.vocab_size, config.data) for _ in range(steps)]
+    if grpo is None:
+        batches = [toy_batch(rng, rows, seq, toy.vocab_size, config.data) for _ in range(steps)]
+        traced = batches[0]
+    else:
+        prompt_length = seq - grpo.max_new_tokens
+        batches = [toy_rollouts(rng, rows, prompt_length, grpo, toy.vocab_size) for _ in range(steps)]
+        traced = {**batches[0], "labels": batches[0]["input_ids"]}  # the forward GRPO's log-probabilities take
     per_micro = rows // (micro * run.gradient_accumulation_steps)
-    sample = [ms.Tensor(batches[0][key][:per_micro]) for key in BATCH_KEYS]
+    sample = [ms.Tensor(traced[key][:per_micro]) for key in BATCH_KEYS]
     check_strategies(applied, toy_plan, trace_input_shapes(twin, applied, lambda: twin.loss_sum(*sample)))
     say(f"  plan: layers on stages {stages}, recompute {toy_plan.recompute_of_layers(toy.num_hidden_layers)}; "
         f"{len(applied)} op strategies checked against the input shapes traced on a micro-batch of {per_micro} rows "
@@ -224,11 +237,18 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
     schedule = dataclasses.replace(config.schedule, warmup_steps=0, decay="constant",
                                    total_steps=max(steps, config.schedule.total_steps))
     job = dataclasses.replace(config, precision=precision, parallel=compiled_plan, schedule=schedule,
-                              lora=compared_lora, output_dir=str(scratch),
+                              lora=compared_lora, output_dir=str(scratch), grpo=grpo,
                               checkpoint=dataclasses.replace(config.checkpoint, dir=None))
-    step, compiled = build_step(trained, model.trainable_params(), job, context)
-    reference_step = TrainStep(reference_trained, AdamW(reference.trainable_params(), job.optimizer, schedule),
-                               precision, 1, job.optimizer.clip_grad_norm)
+    reference_arguments = (reference_trained, AdamW(reference.trainable_params(), job.optimizer, schedule),
+                           precision, 1, job.optimizer.clip_grad_norm)
+    if grpo is None:
+        step, compiled = build_step(trained, model.trainable_params(), job, context)
+        reference_step = TrainStep(*reference_arguments)
+        input_names = BATCH_KEYS
+    else:
+        step, compiled = build_step(trained, model.trainable_params(), job, context, prompt_length)
+        reference_step = GRPOStep(*reference_arguments, grpo=grpo, prompt_length=prompt_length)
+        input_names = ROLLOUT_INPUTS
     built = [context.description]
     if compiled_toy.num_hidden_layers != toy.num_hidden_layers:
         built.append(f"{compiled_toy.num_hidden_layers} layers standing for stages 0 and "
@@ -239,6 +259,9 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
     if type(compiled) is not type(step):
         built.append(f"compiled as {type(compiled).__name__} (built; the CPU refuses semi-auto parallel, so the step "
                      f"it wraps runs)")
+    if grpo is not None:
+        built.append(f"GRPOStep on rollouts of {prompt_length} prompt + {grpo.max_new_tokens} completion slots "
+                     f"({grpo.loss_aggregation}, beta {grpo.beta}, clip {grpo.clip_low}/{grpo.clip_high})")
     if lora is not None:
         built.append(f"LoRA rank {lora.rank} on {len(lora_layers(model))} layers")
     built.append(describe(parallel))
@@ -260,11 +283,11 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
     step.set_train(True)
     reference_step.set_train(True)
     for i, batch in enumerate(batches[:1] if by_pass else batches):
-        inputs = [ms.Tensor(batch[key]) for key in BATCH_KEYS] + [ms.Tensor(a) for a in teacher_arrays[i]]
+        inputs = [ms.Tensor(batch[key]) for key in input_names] + [ms.Tensor(a) for a in teacher_arrays[i]]
         tick = time.perf_counter()
-        got = [float(x.asnumpy()) for x in step(*inputs)]
+        got = [float(x.asnumpy()) for x in step(*inputs)[:4]]  # (loss, grad_norm, overflow, loss_scale)
         seconds = time.perf_counter() - tick
-        want = [float(x.asnumpy()) for x in reference_step(*inputs)]
+        want = [float(x.asnumpy()) for x in reference_step(*inputs)[:4]]
         errors = {"loss": _relative(got[0], want[0])}
         line = f"  step {i + 1} ({seconds:.1f} s): loss {got[0]:.6f} vs {want[0]:.6f} ({errors['loss']:.1e})"
         if not by_pass:

@@ -18,6 +18,9 @@ where MindSpore's DynamicLossScaleManager and float-status ops are Ascend/GPU-on
 norm is written in MindSpore's global-norm pattern (``_square_sum``), for which its compiler all-reduces the sum
 of squares over the devices of a stage and across the pipeline stages: every rank clips by the same factor and
 skips the same steps (docs/ascend_readiness.md derives it).
+
+``GRPOStep`` is the same step on a batch of rollouts with the GRPO loss (``rl.grpo.GRPOLoss``): everything after
+the gradients is the one ``TrainStep.apply_gradients``.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from mindspore_llm.config_utils import require
 from mindspore_llm.distill import DistillationModel
 from mindspore_llm.models.layers import Precision
 from mindspore_llm.models.moe import aux_loss_multipliers, set_aux_loss_multiplier
+from mindspore_llm.rl.grpo import GRPOLoss
 from mindspore_llm.train.optim import AdamW
 
 
@@ -244,10 +248,7 @@ class TrainStep(nn.Cell):
         multiplier = scale / tokens
         multipliers = ops.broadcast_to(multiplier, (input_ids.shape[1],))
         if self.moe_aux_losses:
-            sequences = ops.full((), input_ids.shape[0] * input_ids.shape[1], dtype=ms.float32)
-            if self.all_reduce is not None:
-                sequences = self.all_reduce(sequences)
-            set_aux_loss_multiplier(self.aux_loss_multipliers, scale / sequences)
+            self.weight_balance_losses(scale, input_ids.shape[0] * input_ids.shape[1])
         grad_fn = ops.value_and_grad(self.differentiated, None, self.weights)
         loss_total = ops.zeros((), ms.float32)
         grads = None
@@ -261,17 +262,33 @@ class TrainStep(nn.Cell):
                                               self._pick(position_ids, k), multipliers)
             loss_total = loss_total + ops.stop_gradient(scaled) / multiplier
             grads = micro_grads if grads is None else self.hyper_map(self.add, grads, micro_grads)
-        if self.grad_reducer is not None:
-            grads = self.grad_reducer(grads)
         if self.all_reduce is not None:
             loss_total = self.all_reduce(loss_total)
+        grad_norm, finite, updated = self.apply_gradients(grads, scale)
+        loss = ops.depend(loss_total / tokens, updated)
+        return loss, grad_norm, ops.logical_not(finite), self.scale.value()
+
+    def weight_balance_losses(self, scale, sequences: int):
+        """Before the forward passes: the MoE balance losses' gradient weight, `scale` / the sequences of the step
+        (summed over the data-parallel ranks), so that each sequence's balance loss counts once."""
+        sequences = ops.full((), sequences, dtype=ms.float32)
+        if self.all_reduce is not None:
+            sequences = self.all_reduce(sequences)
+        set_aux_loss_multiplier(self.aux_loss_multipliers, scale / sequences)
+
+    def apply_gradients(self, grads, scale):
+        """The update from the step's gradients of (its loss x `scale`): reduced over the ranks, unscaled, checked
+        (the global norm), clipped, applied when finite; then the loss scale moves. Returns (grad_norm, finite, the
+        optimizer's output to ``ops.depend`` on). Every kind of step (``train/grpo.py``'s too) ends here."""
+        if self.grad_reducer is not None:
+            grads = self.grad_reducer(grads)
         grads = self.hyper_map(ops.partial(_scale_grad, 1.0 / scale), grads)
         grad_norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads))).reshape(())
         finite = ops.isfinite(grad_norm)
         if self.clip_grad_norm is not None:
             coef = ops.minimum(self.clip_grad_norm / (grad_norm + 1e-6), 1.0)
             grads = self.hyper_map(ops.partial(_scale_grad, coef), grads)
-        loss = ops.depend(loss_total / tokens, self.optimizer(grads, finite))
+        updated = self.optimizer(grads, finite)
         if self.dynamic:
             clean = ops.select(finite, self.clean_steps + 1, ops.zeros_like(self.clean_steps))
             grow = clean >= self.growth_interval
@@ -279,4 +296,53 @@ class TrainStep(nn.Cell):
                                    ops.maximum(scale * self.backoff_factor, 1.0))
             ops.assign(self.clean_steps, ops.select(grow, ops.zeros_like(clean), clean))
             ops.assign(self.scale, new_scale)
-        return loss, grad_norm, ops.logical_not(finite), self.scale.value()
+        return grad_norm, finite, updated
+
+
+# GRPOStep's inputs, in order
+ROLLOUT_INPUTS = ("input_ids", "attention_mask", "position_ids", "old_log_probs", "ref_log_probs", "advantages",
+                  "token_weights")
+
+
+class GRPOStep(TrainStep):
+    """``step(input_ids, attention_mask, position_ids, old_log_probs, ref_log_probs, advantages, token_weights)
+    -> (loss, grad_norm, overflow, loss_scale, statistics)``: one optimizer update on the K micro-batches of a
+    batch of rollouts (inputs (K*b, ...) as ``ROLLOUT_INPUTS``); the loss is the GRPO loss of ``GRPOLoss``, its
+    aggregation carried by ``token_weights``; ``statistics`` the sums of ``GRPOLoss``'s statistics. Everything after
+    the gradients is ``TrainStep.apply_gradients``; its saved state is a ``TrainStep``'s.
+
+    The token weights already divide by the counts of the whole global batch (``rl.grpo.token_weights``), so each
+    rank's loss is its share of the global loss: the multiplier is the loss scale alone, and the gradients summed
+    over the ranks (the reducer) are the global batch's."""
+
+    def __init__(self, model, optimizer, precision, accumulation_steps: int = 1, clip_grad_norm: float | None = None,
+                 *, grpo, prompt_length: int, grad_reducer=None, data_parallel: int = 1, wrap_loss=None):
+        if wrap_loss is not None:
+            raise ValueError("GRPOStep: rollouts run without pipeline stages")
+        super().__init__(model, optimizer, precision, accumulation_steps, clip_grad_norm,
+                         grad_reducer=grad_reducer, data_parallel=data_parallel)
+        self.differentiated = GRPOLoss(model, grpo, prompt_length)
+
+    def construct(self, input_ids, attention_mask, position_ids, old_log_probs, ref_log_probs, advantages,
+                  token_weights):
+        inputs = [self._micro_batches(x, x.ndim - 1) for x in
+                  (input_ids, attention_mask, position_ids, old_log_probs, ref_log_probs, advantages, token_weights)]
+        scale = self.scale.value()
+        multipliers = ops.broadcast_to(scale, (inputs[0].shape[1],))
+        if self.moe_aux_losses:
+            self.weight_balance_losses(scale, input_ids.shape[0])
+        grad_fn = ops.value_and_grad(self.differentiated, None, self.weights, has_aux=True)
+        loss_total = ops.zeros((), ms.float32)
+        statistics = ops.zeros((3,), ms.float32)
+        grads = None
+        for k in range(self.accumulation_steps):
+            (scaled, micro_statistics), micro_grads = grad_fn(*[x[k] for x in inputs], multipliers)
+            loss_total = loss_total + ops.stop_gradient(scaled) / scale
+            statistics = statistics + micro_statistics
+            grads = micro_grads if grads is None else self.hyper_map(self.add, grads, micro_grads)
+        if self.all_reduce is not None:  # the rank's shares of the global loss and sums
+            loss_total = self.all_reduce(loss_total)
+            statistics = self.all_reduce(statistics)
+        grad_norm, finite, updated = self.apply_gradients(grads, scale)
+        loss = ops.depend(loss_total, updated)
+        return loss, grad_norm, ops.logical_not(finite), self.scale.value(), statistics

@@ -125,14 +125,13 @@ class Trainer:
         import mindspore as ms
 
         from mindspore_llm.checkpoint import load_weights
-        from mindspore_llm.data.dataset import build_dataset
         from mindspore_llm.lora import apply_lora
         from mindspore_llm.models.auto import build_model, load_quantized
         from mindspore_llm.models.moe import moe_blocks
         from mindspore_llm.models.quantized import QuantizedWeight
         from mindspore_llm.models.naming import OURS, tensor_layout
         from mindspore_llm.parallel.plan import apply_plan, validate_plan
-        from mindspore_llm.train.assembly import build_step, check_plan_structure
+        from mindspore_llm.train.assembly import check_plan_structure
 
         self.config = config
         self.context = setup_parallel(config.parallel, config.device_target)  # before any Tensor exists
@@ -144,16 +143,16 @@ class Trainer:
         self.rank_batch = (run.rank_batch_size(micro_batches) * self.context.data_parallel
                            // self.context.data_world_size)
 
-        self.dataset = None if dry_run else build_dataset(config.data, self.context.data_rank,
-                                                          self.context.data_world_size)
+        self.dataset = self._build_dataset(dry_run)
         self.total_steps = (run.steps or 1) if dry_run else run.total_steps(
             len(self.dataset) * self.context.data_world_size // self.context.data_parallel, micro_batches)
-        if config.schedule_follows_run:
-            config.schedule.total_steps = self.total_steps
+        if config.schedule_follows_run:  # the schedule counts optimizer updates
+            config.schedule.total_steps = self.total_steps * self.updates_per_step
             try:
                 config.schedule.validate()
             except ConfigError as err:
-                raise ConfigError(f"schedule: {err} (total_steps is the run's length, {self.total_steps} steps)")
+                raise ConfigError(f"schedule: {err} (total_steps is the run's length, "
+                                  f"{config.schedule.total_steps} updates)")
 
         ms.set_seed(run.seed)
         if self.context.world_size > 1 and not dry_run:
@@ -165,7 +164,7 @@ class Trainer:
         self.sliced = self.context.mode == SEMI_AUTO
         if self.sliced:
             validate_plan(self.model_config, config.parallel, self.context.world_size, self.global_batch,
-                          run.micro_batch_size, run.gradient_accumulation_steps, config.data.seq_length, quantization)
+                          run.micro_batch_size, run.gradient_accumulation_steps, config.seq_length, quantization)
             if not dry_run:  # a dry run compiles the real graph, whose strategies MindSpore checks itself
                 checked = check_plan_structure(config, self.context)  # minutes before the compile would say so
                 log.info("op strategies: %d checked against the shapes a toy twin of the model sees", checked)
@@ -212,7 +211,7 @@ class Trainer:
             trained = DistillationModel(self.model, config.distill, teacher)
         self.trained = trained
         self.moe = bool(moe_blocks(self.model))
-        self.step_cell, self.compiled = build_step(trained, self.model.trainable_params(), config, self.context)
+        self.step_cell, self.compiled = self._build_step(trained)
         if self.sliced and not dry_run:
             self._compile()
             if base_path is not None and quantization is None:
@@ -234,6 +233,25 @@ class Trainer:
 
             self.start_step = optimizer_state(config.model["path"], self.step_cell, self.model,
                                               config.model_layout(), "model.config")
+
+    # -- what a kind of training defines (``train/grpo.py`` defines them for kind grpo) ---------------------------
+    updates_per_step = 1  # optimizer updates per step of the run
+    curves = ("loss",)  # logged values drawn as <name>.png at the end
+
+    def _build_dataset(self, dry_run: bool):
+        """This rank's samples: ``len()`` and ``batches(rank_batch, start)``, resumable at any sample index (None for
+        a dry run, which reads no data)."""
+        from mindspore_llm.data.dataset import build_dataset
+
+        if dry_run:
+            return None
+        return build_dataset(self.config.data, self.context.data_rank, self.context.data_world_size)
+
+    def _build_step(self, trained):
+        """(the step cell, the cell to compile): ``assembly.build_step``, as ``msllm rehearse`` builds it."""
+        from mindspore_llm.train.assembly import build_step
+
+        return build_step(trained, self.model.trainable_params(), self.config, self.context)
 
     def _checkpoint_dir(self) -> Path:
         self.config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -284,6 +302,27 @@ class Trainer:
             positions = self.dataset.sample_positions(step * self.rank_batch, self.rank_batch)
             inputs += [ms.Tensor(a) for a in self.teacher_topk.rows(self.teacher_rows[positions])]
         return inputs
+
+    def _run_step(self, step: int, batch, stop_requested: bool) -> tuple[dict, bool]:
+        """Step `step` (counted from 0) on `batch`: (the values to log, whether any rank asked to stop)."""
+        inputs = self._step_inputs(batch, step)
+        set_dropout_key(self.model, self.config.train.seed, step, self.context.data_rank)
+        tick = time.perf_counter()
+        loss, grad_norm, overflow, loss_scale = self.compiled(*inputs)
+        # every rank learns the main rank's loss and whether any rank was asked to stop
+        loss, stopping = self.context.step_report(float(loss.asnumpy()), stop_requested)
+        seconds = time.perf_counter() - tick
+        values = {
+            "loss": loss,
+            # the rate this update used (the optimizer's schedule, counted from 1)
+            "lr": self._current_lr(),
+            "grad_norm": float(grad_norm.asnumpy()),
+            "loss_scale": float(loss_scale.asnumpy()),
+            "overflow": bool(overflow.asnumpy()),
+            "step_time_s": seconds,
+            **self.throughput(seconds),
+        }
+        return values, stopping
 
     def _teacher_topk(self):
         """Offline distillation: the stored top-k file, and the file row of each of this rank's sequences (row r
@@ -397,9 +436,9 @@ class Trainer:
 
         peak = self.config.logging.peak_tflops
         return Throughput(
-            tokens_per_step=self.global_batch * self.config.data.seq_length,
+            tokens_per_step=self.global_batch * self.config.seq_length,
             world_size=self.context.world_size,
-            flops_per_token=flops_per_token(self.model_config, self.config.data.seq_length),
+            flops_per_token=flops_per_token(self.model_config, self.config.seq_length),
             peak_tflops_per_device=peak_tflops(peak) if peak is not None else None)
 
     def run(self) -> TrainResult:
@@ -409,8 +448,8 @@ class Trainer:
         config, main = self.config, self.context.is_main
         started = time.perf_counter()
         metrics = (MetricsLogger(config.logging_dir, config.logging.tensorboard, config.logging.plot,
-                                 resume_step=self.start_step) if main else None)
-        throughput = self._throughput()
+                                 resume_step=self.start_step, curves=self.curves) if main else None)
+        self.throughput = self._throughput()
         watch = LossScaleWatch() if config.precision.loss_scale == "dynamic" else None
         result = TrainResult("completed", self.start_step, metrics_dir=config.logging_dir if main else None)
         batches = self.dataset.batches(self.rank_batch, start=self.start_step * self.rank_batch)
@@ -420,31 +459,14 @@ class Trainer:
             log.info("training %s from step %d to %d: global batch %d (micro %d x accumulation %d x data-parallel "
                      "%d), seq_length %d", self.model_config.architecture, self.start_step, self.total_steps,
                      self.global_batch, config.train.micro_batch_size, config.train.gradient_accumulation_steps,
-                     self.context.data_parallel, config.data.seq_length)
+                     self.context.data_parallel, config.seq_length)
         step = self.start_step
         self.set_train(True)
         try:
             with StopRequest() as stop, logging_redirect_tqdm():  # log lines print above the bar
                 while step < self.total_steps:
-                    batch = next(batches)
-                    inputs = self._step_inputs(batch, step)
-                    set_dropout_key(self.model, config.train.seed, step, self.context.data_rank)
-                    tick = time.perf_counter()
-                    loss, grad_norm, overflow, loss_scale = self.compiled(*inputs)
-                    # every rank learns the main rank's loss and whether any rank was asked to stop
-                    loss, stopping = self.context.step_report(float(loss.asnumpy()), stop.requested)
-                    seconds = time.perf_counter() - tick
+                    values, stopping = self._run_step(step, next(batches), stop.requested)
                     step += 1
-                    values = {
-                        "loss": loss,
-                        # the rate this update used (the optimizer's schedule, counted from 1)
-                        "lr": self._current_lr(),
-                        "grad_norm": float(grad_norm.asnumpy()),
-                        "loss_scale": float(loss_scale.asnumpy()),
-                        "overflow": bool(overflow.asnumpy()),
-                        "step_time_s": seconds,
-                        **throughput(seconds),
-                    }
                     if self.moe:
                         values.update(self._balance_experts(values["overflow"]))
                     result.losses.append((step, values["loss"]))
@@ -490,9 +512,8 @@ class Trainer:
         if teacher is not None:
             teacher.set_train(False)
 
-    def dry_run(self) -> str:
-        """Compile this rank's step once on a batch of the job's shapes (MindSpore's simulation when launched by
-        ``msllm train --dry-run``: the device is mocked, nothing executes) and say how it went."""
+    def _dry_run_inputs(self) -> list:
+        """The step's inputs for a dry run: a random batch of the job's shapes."""
         import mindspore as ms
 
         from mindspore_llm.train.assembly import toy_batch
@@ -504,6 +525,14 @@ class Trainer:
         if self.teacher_topk is not None:
             rows = np.arange(self.rank_batch) % len(self.teacher_topk)
             inputs += [ms.Tensor(a) for a in self.teacher_topk.rows(rows)]
+        return inputs
+
+    def dry_run(self) -> str:
+        """Compile this rank's step once on a batch of the job's shapes (MindSpore's simulation when launched by
+        ``msllm train --dry-run``: the device is mocked, nothing executes) and say how it went."""
+        import mindspore as ms
+
+        inputs = self._dry_run_inputs()
         self.set_train(True)
         tick = time.perf_counter()
         self.compiled(*inputs)
