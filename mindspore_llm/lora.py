@@ -110,6 +110,7 @@ class LoraLinear(layers.Linear):
         self.compute_dtype, self.activation_dtype = base.compute_dtype, base.activation_dtype
         self.weight, self.bias = base.weight, base.bias
         self.matmul, self.bias_add, self.cast = base.matmul, base.bias_add, base.cast
+        self.explicit_broadcast = base.explicit_broadcast
         precision = layers.Precision(base.weight.dtype, base.compute_dtype, base.activation_dtype)
         self.lora_A = layers.Linear(base.in_features, rank, False, precision, 0.0)
         self.lora_B = layers.Linear(rank, base.out_features, False, precision, 0.0)

@@ -166,9 +166,23 @@ def _capacity_dispatch(dp: int, ep: int) -> dict:
             "weigh": (batch, batch), "combine_sum": ((dp, 1, 1, 1),)}
 
 
+# The ops whose smaller operand a cell built for the CPU expands to the other's shape first
+# (``layers.broadcast_explicitly``: MindSpore's CPU kernels keep index maps for broadcasts); the two operands then
+# have one layout. Cells built for Ascend broadcast in the op, and the strategies below stand.
+EXPLICITLY_BROADCAST = ("bias_add", "mul", "mul_weight", "mul_cos", "mul_sin", "add_bias", "sub")
+
+
 def strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: nn.Cell | None = None) -> dict:
     """The strategies of one cell's primitives, keyed by the primitive's attribute name (a tuple: the input
     strategy; a ``Shard``: input and output strategies). Dispatches on the cell's type (and its parent's)."""
+    strategies = _strategies_for(name, cell, parallel, parent)
+    if getattr(cell, "explicit_broadcast", False):
+        strategies = {op: (strategy[0], strategy[0]) if op in EXPLICITLY_BROADCAST else strategy
+                      for op, strategy in strategies.items()}
+    return strategies
+
+
+def _strategies_for(name: str, cell: nn.Cell, parallel: ParallelConfig, parent: nn.Cell | None = None) -> dict:
     dp, mp, ep = parallel.data_parallel, parallel.model_parallel, parallel.expert_parallel
     sp = mp if parallel.sequence_parallel else 1
     vp = mp if parallel.vocab_parallel else 1
