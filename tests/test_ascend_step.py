@@ -257,11 +257,14 @@ def test_trainer_checks_the_op_strategies_before_compiling(tmp_path, monkeypatch
     parallel = dict(data_parallel=2, model_parallel=2)
     context = ParallelContext(0, 4, SEMI_AUTO, "test", 0, 1, 2)
     monkeypatch.setattr(trainer_module, "setup_parallel", lambda parallel, device: context)
+    # no processes behind this context: the shared-storage check's all-reduce has nothing to reduce with
+    monkeypatch.setattr(trainer_module.checkpointing, "check_shared_storage", lambda *args: None)
     raw = tiny_raw_config(tmp_path, parallel=parallel, train={"gradient_accumulation_steps": 1})
     trainer = trainer_module.Trainer(train_config_from_dict(raw, "semi.yaml"))
     assert trainer.compiled is not trainer.step_cell  # AutoParallel around the step
     norm = plan._rms_norm
-    monkeypatch.setattr(plan, "_rms_norm", lambda rank_mp, dp: {**norm(rank_mp, dp), "mul_weight": ((dp, 1), (1,))})
+    monkeypatch.setattr(plan, "_rms_norm", lambda rank_mp, dp, fused: {**norm(rank_mp, dp, fused),
+                                                                        "mul_weight": ((dp, 1), (1,))})
     with pytest.raises(ConfigError, match=r"input_layernorm.mul_weight: input 0 has shape \(4, 16, 64\) \(rank 3\) "
                                           r"but strategy \(2, 1\)"):
         trainer_module.Trainer(train_config_from_dict(raw, "semi.yaml"))
