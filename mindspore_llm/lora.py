@@ -111,7 +111,8 @@ class LoraLinear(layers.Linear):
         self.weight, self.bias = base.weight, base.bias
         self.matmul, self.bias_add, self.cast = base.matmul, base.bias_add, base.cast
         self.explicit_broadcast = base.explicit_broadcast
-        precision = layers.Precision(base.weight.dtype, base.compute_dtype, base.activation_dtype)
+        precision = layers.Precision(base.weight.dtype, base.compute_dtype, base.activation_dtype,
+                                     explicit_broadcast=base.explicit_broadcast)
         self.lora_A = layers.Linear(base.in_features, rank, False, precision, 0.0)
         self.lora_B = layers.Linear(rank, base.out_features, False, precision, 0.0)
         self.lora_A.weight.set_data(initializer(HeUniform(negative_slope=math.sqrt(5)), (rank, base.in_features),

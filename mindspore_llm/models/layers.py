@@ -49,6 +49,9 @@ class Precision:
     compute_dtype: ms.dtype = ms.float32
     activation_dtype: ms.dtype | None = None  # None: the compute dtype
     kernels: Kernels = field(default_factory=select_kernels)  # fused or decomposed, per op
+    # elementwise ops get same-shape operands (CPU's kernels; ``broadcast_explicitly``); False: the ops broadcast,
+    # as on Ascend, whose shapes the plan's strategy checks trace
+    explicit_broadcast: bool = field(default_factory=lambda: broadcast_explicitly())
 
     @property
     def activations(self) -> ms.dtype:
@@ -79,7 +82,7 @@ class Linear(nn.Cell):
         self.matmul = P.MatMul(transpose_b=True)
         self.bias_add = P.Add()
         self.cast = P.Cast()
-        self.explicit_broadcast = broadcast_explicitly()
+        self.explicit_broadcast = precision.explicit_broadcast
 
     def construct(self, x):
         out_shape = x.shape[:-1] + (self.out_features,)
@@ -174,7 +177,7 @@ class RMSNorm(nn.Cell):
         self.mul = P.Mul()
         self.mul_weight = P.Mul()
         self.cast = P.Cast()
-        self.explicit_broadcast = broadcast_explicitly()
+        self.explicit_broadcast = precision.explicit_broadcast
 
     def construct(self, x):
         dtype = x.dtype
@@ -278,7 +281,7 @@ class ApplyRotary(nn.Cell):
         self.neg = P.Neg()
         self.concat = P.Concat(-1)
         self.cast = P.Cast()
-        self.explicit_broadcast = broadcast_explicitly()
+        self.explicit_broadcast = precision.explicit_broadcast
 
     def construct(self, x, cos, sin):
         dtype = x.dtype
@@ -403,7 +406,7 @@ class DotProductAttention(nn.Cell):
         self.add_bias = P.Add()
         self.softmax = P.Softmax(-1)
         self.pv_matmul = P.BatchMatMul()
-        self.explicit_broadcast = broadcast_explicitly()
+        self.explicit_broadcast = precision.explicit_broadcast
         if self.flash and self.compute_dtype not in (ms.float16, ms.bfloat16):
             raise ConfigError(f"flash attention (FlashAttentionScore) takes float16 or bfloat16, but the model "
                               f"computes in {self.compute_dtype}: set precision.compute_dtype to bf16, or leave "

@@ -169,6 +169,12 @@ def build_toy_model(model_config, parallel: ParallelConfig, precision, lora=None
     return model, apply_plan(model, parallel)
 
 
+def cluster_shapes(precision):
+    """`precision` with its elementwise ops broadcasting in the op, as on Ascend (not CPU's same-shape operands):
+    the shapes the cluster's op strategies see, which a strategy check traces."""
+    return dataclasses.replace(precision, explicit_broadcast=False)
+
+
 def check_plan_structure(config, context) -> int:
     """Check the job's op strategies on a toy twin of its model fed a batch of the job's kind (micro-batch rows,
     attention mask, positions); raise ConfigError naming every op whose strategy does not fit; return the number of
@@ -178,8 +184,8 @@ def check_plan_structure(config, context) -> int:
     parallel = config.parallel
     model_config = toy_model_config(config.model_config(), parallel, quantization_block=quantization_block(config))
     toy_parallel_config = toy_parallel(parallel, model_config.num_hidden_layers)
-    model, applied = build_toy_model(model_config, toy_parallel_config, config.precision.model_precision(),
-                                     config.lora)
+    model, applied = build_toy_model(model_config, toy_parallel_config,
+                                     cluster_shapes(config.precision.model_precision()), config.lora)
     # one pipeline / accumulation micro-batch: micro_batch_size rows per data-parallel rank (semi-auto: full batch)
     rows = config.train.micro_batch_size * context.data_parallel // context.data_world_size
     seq = toy_seq_length(config.data.seq_length, parallel)

@@ -38,7 +38,7 @@ from mindspore_llm.models.layers import Precision
 from mindspore_llm.parallel.config import ParallelConfig
 from mindspore_llm.parallel.context import SEMI_AUTO, STANDALONE, ParallelContext
 from mindspore_llm.parallel.zero import describe
-from mindspore_llm.train.assembly import (build_step, build_toy_model, quantization_block, toy_batch,
+from mindspore_llm.train.assembly import (build_step, build_toy_model, cluster_shapes, quantization_block, toy_batch,
                                           toy_model_config, toy_parallel, toy_rollouts, toy_seq_length)
 from mindspore_llm.train.config import TrainConfig
 from mindspore_llm.train.optim import HOST, placement
@@ -199,7 +199,7 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
     # -- the plan on the toy twin: every stage, every op strategy against the shapes its op sees -----------------
     tick = time.perf_counter()
     ms.set_seed(run.seed)
-    twin, applied = build_toy_model(toy, toy_plan, _here(precision), compared_lora)
+    twin, applied = build_toy_model(toy, toy_plan, cluster_shapes(_here(precision)), compared_lora)
     stages = [layer.pipeline_stage for layer in twin.model.layers] if pipelined else [0] * toy.num_hidden_layers
     rng = np.random.default_rng(run.seed + 1)
     if grpo is None:
