@@ -186,18 +186,22 @@ class TensorFile:
         info = self.tensors[name]
         storage = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
         row_bytes = int(np.prod(info["shape"][1:], dtype=np.int64)) * storage.itemsize
-        first, count = start * row_bytes, (stop - start) * row_bytes
+        with open(self.path, "rb", buffering=0) as f:
+            out = self._read_span(f, name, start * row_bytes, (stop - start) * row_bytes)
+        return out.view(storage).reshape((stop - start, *info["shape"][1:]))
+
+    def _read_span(self, f, name: str, first: int, count: int) -> np.ndarray:
+        """Bytes first..first+count-1 of tensor `name` (across the .ckpt Values a large tensor is split into)."""
         out = np.empty(count, np.uint8)
         done = position = 0
-        with open(self.path, "rb", buffering=0) as f:
-            for offset, n in info["segments"]:
-                low, high = max(first, position), min(first + count, position + n)
-                if low < high:
-                    f.seek(offset + low - position)
-                    self._read_into(f, memoryview(out)[done:done + high - low], name)
-                    done += high - low
-                position += n
-        return out.view(storage).reshape((stop - start, *info["shape"][1:]))
+        for offset, n in self.tensors[name]["segments"]:
+            low, high = max(first, position), min(first + count, position + n)
+            if low < high:
+                f.seek(offset + low - position)
+                self._read_into(f, memoryview(out)[done:done + high - low], name)
+                done += high - low
+            position += n
+        return out
 
     def float32(self, name: str) -> np.ndarray:
         dtype = self.dtype(name)
@@ -263,15 +267,7 @@ class TensorFile:
                 return
             segment_start += n
         # the rows straddle two .ckpt Values (a tensor over 512 MB is split into several): read them
-        data = np.empty(length, np.uint8)
-        segment_start, filled = 0, 0
-        for offset, n in info["segments"]:
-            lo, hi = max(begin, segment_start), min(begin + length, segment_start + n)
-            if lo < hi:
-                f.seek(offset + lo - segment_start)
-                self._read_into(f, memoryview(data)[filled:filled + hi - lo], name)
-                filled += hi - lo
-            segment_start += n
+        data = self._read_span(f, name, begin, length)
         out[...] = data.view(storage).reshape(rows_shape)[(slice(None),) + inner]
 
 
