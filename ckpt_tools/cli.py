@@ -208,7 +208,7 @@ def ms2hf(src, dst, config_path, strategy, dtype, max_shard_size, overwrite, job
         from ckpt_tools.slices import merge
 
         _run(merge, src, dst, strategy, config_path, dtype, max_shard_size, overwrite, quiet,
-             layout_options(contiguous_attention, interleaved_mlp))
+             layout_options(contiguous_attention, interleaved_mlp), jobs, fsync)
         return
     from ckpt_tools.convert import LAYOUTS, convert
 
@@ -254,7 +254,7 @@ def shard(src, dst, train_config, dtype, overwrite, quiet):
 @click.option("--config", "config_path", type=click.Path(exists=True, path_type=Path),
               help="config.json (or its directory) of the model; default: the one in SRC.")
 @common_options
-def merge_slices(src, dst, strategy, config_path, dtype, max_shard_size, overwrite, quiet):
+def merge_slices(src, dst, strategy, config_path, dtype, max_shard_size, overwrite, jobs, fsync, quiet):
     """Per-rank slices SRC/rank_N/*.ckpt (a semi-auto parallel run's checkpoint step, or `shard` output) -> Hugging
     Face directory DST with the full tensors (DeepSeek's stacked experts as per-expert tensors); optimizer and
     loss-scale entries are left out. Streams a 64 MB window of each tensor at a time from the rank holding it:
@@ -268,7 +268,7 @@ def merge_slices(src, dst, strategy, config_path, dtype, max_shard_size, overwri
     """
     from ckpt_tools.slices import merge
 
-    _run(merge, src, dst, strategy, config_path, dtype, max_shard_size, overwrite, quiet)
+    _run(merge, src, dst, strategy, config_path, dtype, max_shard_size, overwrite, quiet, workers=jobs, fsync=fsync)
 
 
 @main.command()

@@ -73,7 +73,7 @@ def shard(src: Path, dst: Path, train_config: Path, dtype: str | None = None, ov
 
 def merge(src: Path, dst: Path, strategy: Path | None = None, config: Path | None = None, dtype: str | None = None,
           max_shard_bytes: int = 4 * 10 ** 9, overwrite: bool = False, quiet: bool = False,
-          options: LayoutOptions = LayoutOptions()) -> Path:
+          options: LayoutOptions = LayoutOptions(), workers: int = 2, fsync: bool = False) -> Path:
     """Per-rank slices SRC (a parallel run's checkpoint step, or `shard` output) -> Hugging Face directory DST.
     Slices in our names are joined parameter by parameter (stacked experts written per expert); in mindformers'
     namings (a mindformers run's per-rank checkpoints) they are joined tensor by tensor and converted from the
@@ -93,7 +93,7 @@ def merge(src: Path, dst: Path, strategy: Path | None = None, config: Path | Non
     if CheckpointView(files, model_config, options, str(config_path), strict=False).layout.naming != OURS:
         convert(src, dst, target_naming=OURS, layout=HF_SAFETENSORS, dtype=dtype,
                 max_shard_bytes=max_shard_bytes, config_path=config_path, overwrite=overwrite, quiet=quiet,
-                description="merge-slices", options=options, files=files)
+                description="merge-slices", options=options, files=files, workers=workers, fsync=fsync)
         return dst
     model, shapes = _weights(model_config)
     tensors = SlicedTensors(src, layouts, shapes)
@@ -106,7 +106,8 @@ def merge(src: Path, dst: Path, strategy: Path | None = None, config: Path | Non
     with _progress(total, "merge-slices", quiet) as bar:
         merge_slices(tensors, outputs, dst, HF_SAFETENSORS, DTYPES.get(dtype), max_shard_bytes, overwrite, bar,
                      side_files=lambda tmp: write_side_files(hf, side, tmp, False),
-                     manifest_extra={"format": "safetensors", "naming": "hf", "source": str(src)})
+                     manifest_extra={"format": "safetensors", "naming": "hf", "source": str(src)},
+                     workers=workers, fsync=fsync)
     return dst
 
 

@@ -344,16 +344,18 @@ def _slices(key) -> tuple[slice, ...]:
 def merge_slices(tensors: SlicedTensors, outputs: list[tuple[str, str, int | None]], dst: Path, layout: Layout,
                  dtype: str | None = None, max_shard_bytes: int = 4 * 10 ** 9, overwrite: bool = False,
                  progress=None, side_files: Callable[[Path], None] | None = None,
-                 manifest_extra: dict | None = None) -> dict:
+                 manifest_extra: dict | None = None, workers: int = 1, fsync: bool = True) -> dict:
     """Write the full tensors of `tensors` into the checkpoint directory DST: `outputs` lists (output name,
-    parameter, row of its first dimension or None) in order; `dtype` is the stored one if None."""
+    parameter, row of its first dimension or None) in order; `dtype` is the stored one if None; `workers` tensors
+    at a time; `fsync`: on disk before DST appears."""
     tensors.check()
     out = [OutTensor(out_name, tensors.shapes[name] if index is None else tensors.shapes[name][1:],
                      dtype or tensors.dtype(name)) for out_name, name, index in outputs]
     where = {t.name: (name, index) for t, (_, name, index) in zip(out, outputs)}
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
+    with atomic_directory(dst, overwrite=overwrite, fsync=fsync) as tmp:
         manifest = write_checkpoint(tmp, out, layout, max_shard_bytes,
-                                    lambda t: tensors.chunks(*where[t.name], t.dtype), progress, manifest_extra)
+                                    lambda t: tensors.chunks(*where[t.name], t.dtype), progress, manifest_extra,
+                                    workers)
         if side_files is not None:
             side_files(tmp)
     return manifest
