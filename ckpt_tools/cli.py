@@ -343,7 +343,7 @@ def inspect(path, allow_pickle):
 @click.option("--double-quant", is_flag=True,
               help="nf4: store the absmax values in 8 bits too (QLoRA's double quantization, ~0.37 bit/weight less).")
 @common_options
-def quantize(src, dst, method, double_quant, dtype, max_shard_size, overwrite, quiet):
+def quantize(src, dst, method, double_quant, dtype, max_shard_size, overwrite, jobs, fsync, quiet):
     """Model directory SRC -> DST with every linear layer's weight quantized, for QLoRA and inference.
 
     The weights of the decoder's linear layers become NF4 codes with their block scales (or int8 with row
@@ -362,7 +362,7 @@ def quantize(src, dst, method, double_quant, dtype, max_shard_size, overwrite, q
 
     config = _run(QuantizationConfig.of, QuantizationConfig(method=method, double_quant=double_quant))
     manifest = _run(quantize_checkpoint, src, dst, config, dtype=dtype, max_shard_bytes=max_shard_size,
-                    overwrite=overwrite, quiet=quiet)
+                    overwrite=overwrite, quiet=quiet, workers=jobs, fsync=fsync)
     click.echo(f"wrote {dst}: {manifest['total_size'] / 2 ** 20:.1f} MiB of tensors")
 
 

@@ -19,7 +19,8 @@ from mindspore_llm.quant import (QuantizationConfig, bnb_shapes, bnb_tensors, ch
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, config: QuantizationConfig, *, dtype: str | None = None,
-                        max_shard_bytes: int = 4 << 30, overwrite: bool = False, quiet: bool = False) -> dict:
+                        max_shard_bytes: int = 4 << 30, overwrite: bool = False, quiet: bool = False,
+                        workers: int = 2, fsync: bool = False) -> dict:
     """Model directory `src` (Hugging Face, `msllm-ckpt hf2ms` output, any naming) -> directory `dst` in Hugging
     Face names with its linear weights quantized; the other tensors as stored (or cast to `dtype`). Returns the
     manifest written."""
@@ -62,12 +63,13 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, config: QuantizationCo
 
     compute = next((s.out.dtype for s in sources if s.out.name in targets), "F32")
     description = f"quantize {config.method}" + (" double-quant" if config.double_quant else "")
-    with atomic_directory(dst, overwrite=overwrite) as tmp, \
+    with atomic_directory(dst, overwrite=overwrite, fsync=fsync) as tmp, \
             tqdm(total=sum(t.nbytes for t in outputs), unit="B", unit_scale=True, unit_divisor=1024,
                  desc=description, disable=quiet) as bar:
         manifest = write_checkpoint(tmp, outputs, LAYOUTS[("safetensors", "hf")], max_shard_bytes, chunks, bar,
                                     {"format": "safetensors", "naming": OURS, "source": str(src),
-                                     "quantization": {"method": config.method, "double_quant": config.double_quant}})
+                                     "quantization": {"method": config.method, "double_quant": config.double_quant}},
+                                    workers)
         # the source's own quantization_config (FP8 DeepSeek) gives way: its weights are dequantized on the way
         write_side_files({**hf_config, "quantization_config": hf_quantization_config(config, compute)}, [src], tmp,
                          dequantized=False)

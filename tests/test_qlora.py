@@ -28,6 +28,7 @@ from mindspore_llm.generation import GenerationConfig, Generator
 from mindspore_llm.lora import LoraConfig, apply_lora, lora_layers
 from mindspore_llm.models.auto import build_model
 from mindspore_llm.models.config import config_from_hf, load_config
+from mindspore_llm.models.kernels import Kernels
 from mindspore_llm.models.quantized import (Int8Weight, NF4Weight, model_quantization, quantize_model,
                                             quantized_weight_shapes)
 from mindspore_llm.parallel.config import ParallelConfig
@@ -402,8 +403,8 @@ def test_msllm_plan_fits_the_32b_qlora_config_on_one_server():
     assert result.exit_code == 0, result.output
     assert "in nf4 with double quantization" in result.output and "-> fits" in result.output
     quantized = next(line for line in result.output.splitlines() if line.strip().startswith("quantized weights"))
-    # 64 layers x 487.6M linear weights x (0.5 + 1/64 + 4/16384) bytes, over model_parallel 2
-    assert abs(float(quantized.split()[-1]) - 64 * 487.6e6 * (0.5 + 1 / 64 + 4 / 16384) / 2 / 2 ** 30) < 0.01
+    # 32 layers per pipeline stage x 487.6M linear weights x (0.5 + 1/64 + 4/16384) bytes, over model_parallel 2
+    assert abs(float(quantized.split()[-1]) - 32 * 487.6e6 * (0.5 + 1 / 64 + 4 / 16384) / 2 / 2 ** 30) < 0.01
 
 
 @pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
@@ -414,7 +415,7 @@ def test_planner_names_the_weights_the_model_quantizes(family):
     else:
         hf = {**transformers.DeepseekV3Config(**reference.DEEPSEEK_V3).to_dict(),
               "architectures": ["DeepseekV3ForCausalLM"]}
-    model = _representative_model(config_from_hf(hf))  # every linear layer's in_features a multiple of 64
+    model = _representative_model(config_from_hf(hf), Kernels())  # every linear's in_features a multiple of 64
     quantize_model(model, NF4)
     swapped = {name.rsplit(".", 1)[0] for name in model.parameters_dict() if name.endswith(".weight.codes")}
     assert swapped == {name for name, _ in quantized_weight_shapes(model.config)}
