@@ -417,7 +417,7 @@ class Trainer:
             if config.lora is not None:
                 return export_peft(self.model, config.lora, config.final_model_dir, overwrite=True)
             return checkpointing.save_model_directory(self.model, self.model_config, config.final_model_dir,
-                                                      config.data.tokenizer)
+                                                      config.tokenizer)
         checkpointing.wait_for_checkpoint(checkpoint)  # every rank's slices
         if config.lora is not None:
             shapes = {n: s for n, s in self.full_shapes.items() if n.endswith(ADAPTER_SUFFIXES)}
@@ -428,7 +428,7 @@ class Trainer:
         weights = {p.name for p in self.model.weights()}
         return checkpointing.export_from_slices(
             checkpoint, self._strategy_dir(), self.model, self.model_config,
-            {n: s for n, s in self.full_shapes.items() if n in weights}, config.final_model_dir, config.data.tokenizer)
+            {n: s for n, s in self.full_shapes.items() if n in weights}, config.final_model_dir, config.tokenizer)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _throughput(self) -> Throughput:
