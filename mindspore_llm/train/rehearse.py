@@ -118,9 +118,12 @@ def _job_context(config: TrainConfig, parallel: ParallelConfig) -> ParallelConte
 
 
 def _copy_weights(source, target) -> None:
+    """`source`'s values into `target`'s parameters of the same names (a dropout key only one of them has is the
+    step's to set)."""
     values = {p.name: p for p in source.get_parameters()}
     for param in target.get_parameters():
-        param.set_data(values[param.name].value().copy())
+        if param.name in values:
+            param.set_data(values[param.name].value().copy())
 
 
 def _moments(step) -> dict[str, np.ndarray]:
