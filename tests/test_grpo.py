@@ -161,7 +161,7 @@ def test_lora_reference_is_the_base_model_without_a_copy(sft_model, tmp_path):
     (["grpo=null"], "grpo: kind grpo needs the grpo section"),
     (["train.micro_batch_size=6", "train.gradient_accumulation_steps=1"],
      r"6 rollouts per rank and step must be a multiple of grpo.num_generations \(4\)"),
-    (["grpo.max_prompt_length=16"], r"grpo.max_prompt_length: .*reverse_words.jsonl:1 renders to 43 tokens"),
+    (["grpo.max_prompt_length=16"], r"grpo.max_prompt_length: .*reverse_words.jsonl:1 renders to 46 tokens"),
     (["grpo.rewards=[{name: accurcy}]"], r"grpo.rewards\[0\]: name: 'accurcy' is neither a built-in reward"),
     (["grpo.loss_aggregation=mean"], r"grpo.loss_aggregation: 'mean' is not one of"),
     (["grpo.num_generations=1"], "num_generations: must be >= 2"),
