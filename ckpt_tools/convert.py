@@ -109,7 +109,10 @@ def stored_bytes(source: Source) -> list[FileBytes] | None:
     if len(view.layout.tensors[stored_name].parts) != 1 or view.layout.tensors[stored_name].experts \
             or type(reader) is not StoredRows or reader.dtype != source.out.dtype:
         return None
-    segments = reader.file.tensors[reader.name]["segments"]
+    stored_tensors = getattr(reader.file, "tensors", None)  # per-rank slices joined in memory lie in no one file
+    if stored_tensors is None:
+        return None
+    segments = stored_tensors[reader.name]["segments"]
     if not segments:  # a pickle: its tensors are torch's to read
         return None
     return [FileBytes(reader.file.path, offset, n) for offset, n in segments if n]
