@@ -6,13 +6,15 @@ directory, then runs each command as a whole process (`python -m ckpt_tools ...`
 rounds, alternating the commands within a round, in two modes:
   page cache  the command alone: its output may still be dirty in the page cache when it returns, as cp's is
   on disk     the command followed by `sync`, both timed
-Before every run its output is removed and the disk synced (untimed), except for `hf2ms --overwrite`, which
+Before every run its output is removed, the disk synced and given --settle seconds to
+finish discarding the freed blocks (untimed), except for `hf2ms --overwrite`, which
 replaces the output of the `hf2ms` run before it, as re-running a conversion does. A process that only imports
 what a conversion imports is timed in the same rounds: what every conversion pays before its first byte. Peak RSS
 is the process's largest resident set (wait4, started from a small launcher), also given above that import-only
 process (MindSpore alone takes ~400 MB).
 
-    python bench/bench_convert.py [--size-gb 2.8] [--repeats 3] [--dtype bf16|fp32] [--workdir DIR] [--keep]
+    python bench/bench_convert.py [--size-gb 2.8] [--repeats 3] [--dtype bf16|fp32] [--workdir DIR]
+                                  [--settle 3] [--keep]
 """
 from __future__ import annotations
 
@@ -112,13 +114,17 @@ def run(command: list[str], sync: bool = False) -> tuple[float, int]:
     return float(seconds) + synced, int(peak_kib) * 1024
 
 
-def settle(output: Path, remove: bool = True) -> None:
-    """`output` removed (if `remove`), a replaced output that is deleted in the background gone, the disk synced."""
+def settle(output: Path, remove: bool = True, pause: float = 0.0) -> None:
+    """`output` removed (if `remove`), a replaced output that is deleted in the background gone, the disk synced,
+    then `pause` seconds: on a disk that discards freed blocks (ext4 mounted with `discard`, a thin-provisioned
+    virtual disk) the device is still trimming what was deleted after `sync` returns, and the next command's writes
+    would wait behind it by an amount that varies from run to run."""
     if remove:
         shutil.rmtree(output, ignore_errors=True)
     while any(output.parent.glob(f".{output.name}.*.old")):
         time.sleep(0.05)
     os.sync()
+    time.sleep(pause)
 
 
 def save_checkpoint_child(src: str, dst: str) -> None:
@@ -146,12 +152,17 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the checkpoint's dtype")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the timed commands (default 3)")
     parser.add_argument("--workdir", type=Path, help="where to make the temporary files (default: system temp)")
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds to wait after deleting the previous output and syncing, before each timed "
+                             "command (default 3: lets the disk finish discarding the freed blocks)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary files")
     parser.add_argument("--save-checkpoint-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.save_checkpoint_child:
         save_checkpoint_child(*args.save_checkpoint_child)
         return
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
     try:
         hf, ms_ckpt, out = work / "hf", work / "ms_ckpt", work / "out"
@@ -175,7 +186,7 @@ def main() -> None:
         for round_ in range(args.repeats):
             for mode in ("cache", "disk"):
                 for name, (command, fresh) in timed.items():
-                    settle(out, remove=fresh)
+                    settle(out, remove=fresh, pause=args.settle)
                     seconds, peak = run(command, sync=mode == "disk")
                     results[name, mode].append((seconds, peak, weights_bytes(out)))
             print(f"round {round_ + 1}/{args.repeats} done", file=sys.stderr)
@@ -213,7 +224,7 @@ def main() -> None:
         print("\nOnce each, page cache (disk synced before each):")
         print(f"{'command':40s} {'s':>6s} {'GB/s':>5s} {'vs cp':>6s} {'peak RSS':>9s} {'above':>9s} {'/ largest':>9s}")
         for name, command in once.items():
-            settle(out)
+            settle(out, pause=args.settle)
             seconds, peak = run(command)
             rate_once = weights_bytes(out) / seconds
             if name.startswith("hf2ms --naming"):
