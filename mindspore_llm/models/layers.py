@@ -33,13 +33,15 @@ DTYPES = {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float1
 
 
 def broadcast_explicitly() -> bool:
-    """Whether elementwise ops get operands of one shape (``ops.broadcast_to`` first) instead of broadcasting.
+    """Whether the layers take the forms that spare MindSpore 2.10's CPU kernels their index maps: elementwise ops
+    get operands of one shape (``ops.broadcast_to`` first), the attention softmax's gradient is written out
+    (``SoftmaxExpandedGrad``) and the loss uses LogSoftmax's kernel.
 
-    On CPU, MindSpore 2.10's kernel for a broadcasting Mul/Add/Sub keeps two int64 index maps of its output's size
-    for the life of the compiled graph, forward and backward: 16 bytes per output element (1 GB for the loss's
-    logits - row max at 2048 x 32000). BroadcastTo and same-shape ops keep none, and the expanded operand is a
-    transient pool buffer (docs/training_numerics.md, "Memory"). Ascend kernels broadcast in place, so there it would
-    only add a copy."""
+    On CPU, the kernel of a broadcasting Mul/Add/Sub (and of every RealDiv) keeps two int64 index maps of its
+    output's size for the life of the compiled graph, forward and backward: 16 bytes per output element (1 GB for
+    the loss's logits - row max at 2048 x 32000). BroadcastTo and same-shape ops keep none, and the expanded operand
+    is a transient pool buffer (docs/training_numerics.md, "Memory"). Ascend kernels broadcast in place, so there it
+    would only add a copy; a cluster's graph keeps the forms its plan shards."""
     return ms.get_context("device_target") == "CPU"
 
 
@@ -49,8 +51,8 @@ class Precision:
     compute_dtype: ms.dtype = ms.float32
     activation_dtype: ms.dtype | None = None  # None: the compute dtype
     kernels: Kernels = field(default_factory=select_kernels)  # fused or decomposed, per op
-    # elementwise ops get same-shape operands (CPU's kernels; ``broadcast_explicitly``); False: the ops broadcast,
-    # as on Ascend, whose shapes the plan's strategy checks trace
+    # the CPU kernels' memory-saving forms (``broadcast_explicitly``); False: the forms a cluster's graph uses, whose
+    # shapes the plan's strategy checks trace
     explicit_broadcast: bool = field(default_factory=lambda: broadcast_explicitly())
 
     @property
@@ -386,6 +388,24 @@ def repeat_kv(tile, x, heads: int):
     return x.reshape(batch, heads, seq_len, dim)
 
 
+class SoftmaxExpandedGrad(nn.Cell):
+    """`softmax` (a last-axis ``P.Softmax``) with its gradient written out, y * (dy - rowsum(dy * y)), the row sum
+    expanded to the scores' shape first. MindSpore 2.10's CPU SoftmaxGrad subtracts it broadcasting and keeps two
+    int64 index maps of the scores' size for the life of the graph (``broadcast_explicitly``): 128 MB per layer at
+    4 x 8 x 512 x 512. The primitive stays the parent's, so the plan's strategy for it still applies."""
+
+    def __init__(self, softmax):
+        super().__init__()
+        self.softmax = softmax
+
+    def construct(self, x):
+        return self.softmax(x)
+
+    def bprop(self, x, out, dout):
+        row = (dout * out).sum(-1, keepdims=True)
+        return (out * (dout - ops.broadcast_to(row, out.shape)),)
+
+
 class DotProductAttention(nn.Cell):
     """The attention core: queries (B, heads, S, D), keys (B, kv_heads, S, D) and values (B, kv_heads, S, Dv) ->
     (B, S, heads * Dv), softmax(q k^T * scaling, masked) v; ``mask`` is what ``AttentionMask`` returns for the same
@@ -407,6 +427,7 @@ class DotProductAttention(nn.Cell):
         self.softmax = P.Softmax(-1)
         self.pv_matmul = P.BatchMatMul()
         self.explicit_broadcast = precision.explicit_broadcast
+        self.probabilities = SoftmaxExpandedGrad(self.softmax) if self.explicit_broadcast else self.softmax
         if self.flash and self.compute_dtype not in (ms.float16, ms.bfloat16):
             raise ConfigError(f"flash attention (FlashAttentionScore) takes float16 or bfloat16, but the model "
                               f"computes in {self.compute_dtype}: set precision.compute_dtype to bf16, or leave "
@@ -441,7 +462,7 @@ class DotProductAttention(nn.Cell):
         if self.explicit_broadcast:
             mask = ops.broadcast_to(mask, scores.shape)
         scores = self.add_bias(self.scale(scores, self.scaling), mask)
-        probs = self.cast(self.softmax(scores), self.compute_dtype)
+        probs = self.cast(self.probabilities(scores), self.compute_dtype)
         out = self.cast(self.pv_matmul(probs, self.cast(value, self.compute_dtype)), self.activation_dtype)
         return self.merge_transpose(out, (0, 2, 1, 3)).reshape(batch, seq_len, -1)
 
@@ -633,7 +654,7 @@ class CausalLMLoss(nn.Cell):
     ForCausalLMLoss. Returns (sum of token losses, number of counted tokens) so that callers can average over
     several micro-batches exactly."""
 
-    def __init__(self):
+    def __init__(self, precision: Precision | None = None):
         super().__init__()
         self.reduce_max = P.ReduceMax(keep_dims=True)
         self.sub = P.Sub()
@@ -642,7 +663,11 @@ class CausalLMLoss(nn.Cell):
         self.log = P.Log()
         self.gather = P.GatherD()
         self.concat = P.Concat(1)
-        self.explicit_broadcast = broadcast_explicitly()
+        self.log_softmax = P.LogSoftmax(-1)
+        # CPU: LogSoftmax's kernel, which keeps no (tokens, vocab) intermediate beside its output (the decomposition
+        # keeps the shifted logits and their expanded row max: 0.5 GB at 2048 x 32000). The cluster's graph keeps
+        # the decomposition, whose reductions the plan splits along a vocab-parallel axis (LogSoftmax's cannot be).
+        self.cpu_kernel = (precision or Precision()).explicit_broadcast
 
     def construct(self, logits, labels):
         batch, _, vocab = logits.shape
@@ -650,14 +675,13 @@ class CausalLMLoss(nn.Cell):
         targets = self.concat((labels[:, 1:], ignore)).reshape(-1)
         logits = logits.reshape(-1, vocab)
         counted = targets != IGNORE_INDEX
-        safe_targets = ops.select(counted, targets, ops.zeros_like(targets)).astype(ms.int32)
-        row_max = ops.stop_gradient(self.reduce_max(logits, -1))
-        if self.explicit_broadcast:
-            row_max = ops.broadcast_to(row_max, logits.shape)
-        shifted = self.sub(logits, row_max)
-        log_normaliser = self.log(self.reduce_sum(self.exp(shifted), -1))
-        picked = self.gather(shifted, 1, safe_targets.reshape(-1, 1))
-        token_loss = (log_normaliser - picked).reshape(-1)
+        safe_targets = ops.select(counted, targets, ops.zeros_like(targets)).astype(ms.int32).reshape(-1, 1)
+        if self.cpu_kernel:
+            token_loss = -self.gather(self.log_softmax(logits), 1, safe_targets).reshape(-1)
+        else:
+            shifted = self.sub(logits, ops.stop_gradient(self.reduce_max(logits, -1)))
+            log_normaliser = self.log(self.reduce_sum(self.exp(shifted), -1))
+            token_loss = (log_normaliser - self.gather(shifted, 1, safe_targets)).reshape(-1)
         weights = counted.astype(ms.float32)
         return (token_loss * weights).sum(), weights.sum()
 
@@ -677,7 +701,7 @@ class CausalLM(nn.Cell):
         self.model = model
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, config.tie_word_embeddings, precision,
                               config.initializer_range)
-        self.loss_fn = CausalLMLoss()
+        self.loss_fn = CausalLMLoss(precision)
 
     def construct(self, input_ids, attention_mask=None, position_ids=None):
         return self.head(self.model(input_ids, attention_mask, position_ids))

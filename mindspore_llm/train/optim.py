@@ -100,8 +100,11 @@ def _update(beta1, beta2, eps, lr, step_size, bias_correction2_sqrt, apply, weig
     new_exp_avg = exp_avg + (grad - exp_avg) * (1.0 - beta1)
     new_exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1.0 - beta2)
     decayed = param * (1.0 - lr * weight_decay)
-    denom = ops.sqrt(new_exp_avg_sq) / bias_correction2_sqrt + eps
-    new_param = decayed - step_size * (new_exp_avg / denom)
+    # divisions as products with a reciprocal: MindSpore 2.10's CPU RealDiv keeps two int64 index maps of its
+    # output's size for the life of the graph, even on same-shape operands (32 bytes per parameter for these two);
+    # Mul and Reciprocal keep none (docs/training_numerics.md, "Memory")
+    denom = ops.sqrt(new_exp_avg_sq) * (1.0 / bias_correction2_sqrt) + eps
+    new_param = decayed - step_size * (new_exp_avg * ops.reciprocal(denom))
     # a full-shape condition: Select with the scalar one cost ~3 GB more peak memory on CPU (docs/training_numerics.md)
     apply = ops.broadcast_to(apply, param.shape)
     # select, not arithmetic blending: a skipped step's gradients are inf/nan and 0 * nan is nan

@@ -46,8 +46,11 @@ from mindspore_llm.train.trainer import BATCH_KEYS, check_parallel_settings
 
 # Agreement between the wrapped and the reference step (both run on this CPU, the same arithmetic on other batch
 # groupings): see the measured values in docs/ascend_readiness.md; each tolerance is ~10x the largest measured.
-TOLERANCE = {"fp32": {"loss": 1e-5, "grad_norm": 1e-5, "moment": 1e-4},
-             "fp16": {"loss": 2e-3, "grad_norm": 5e-3, "moment": 3e-2}}
+# "moment" holds after the first step; "later_moment" after the others: AdamW's first update is lr g / (|g| + eps),
+# about +-lr, so an element whose gradient is rounding noise can take the other sign on a last-bit difference, and
+# the next gradients then differ by ~1e-4 of their tensor's largest value (1.7e-4 measured on tiny_qwen_sft).
+TOLERANCE = {"fp32": {"loss": 1e-5, "grad_norm": 1e-5, "moment": 1e-4, "later_moment": 2e-3},
+             "fp16": {"loss": 2e-3, "grad_norm": 5e-3, "moment": 3e-2, "later_moment": 3e-2}}
 MICRO_BATCHES = 2
 
 
@@ -305,6 +308,8 @@ def rehearse(config: TrainConfig, source: str, steps: int = 2, echo: Callable[[s
             _compare_pipeline_gradients(pipeline_gradients, reference_step, want[1], job.optimizer, tolerance, result,
                                         say)
         for name, error in errors.items():
+            if name == "moment" and i:
+                name = "later_moment"
             if not error <= tolerance[name]:
                 result.mismatches.append(f"step {i + 1}: {name} differs by {error:.2e} (tolerance {tolerance[name]})")
     if lora is not None and lora.dropout > 0:
