@@ -427,7 +427,8 @@ class DotProductAttention(nn.Cell):
         self.softmax = P.Softmax(-1)
         self.pv_matmul = P.BatchMatMul()
         self.explicit_broadcast = precision.explicit_broadcast
-        self.probabilities = SoftmaxExpandedGrad(self.softmax) if self.explicit_broadcast else self.softmax
+        # CPU: the same primitive, inside a cell that writes its gradient out
+        self.softmax_expanded_grad = SoftmaxExpandedGrad(self.softmax) if self.explicit_broadcast else None
         if self.flash and self.compute_dtype not in (ms.float16, ms.bfloat16):
             raise ConfigError(f"flash attention (FlashAttentionScore) takes float16 or bfloat16, but the model "
                               f"computes in {self.compute_dtype}: set precision.compute_dtype to bf16, or leave "
@@ -462,7 +463,8 @@ class DotProductAttention(nn.Cell):
         if self.explicit_broadcast:
             mask = ops.broadcast_to(mask, scores.shape)
         scores = self.add_bias(self.scale(scores, self.scaling), mask)
-        probs = self.cast(self.probabilities(scores), self.compute_dtype)
+        probs = self.softmax(scores) if self.softmax_expanded_grad is None else self.softmax_expanded_grad(scores)
+        probs = self.cast(probs, self.compute_dtype)
         out = self.cast(self.pv_matmul(probs, self.cast(value, self.compute_dtype)), self.activation_dtype)
         return self.merge_transpose(out, (0, 2, 1, 3)).reshape(batch, seq_len, -1)
 
