@@ -58,16 +58,16 @@ def test_a_cast_goes_through_the_arrays(qwen2, tmp_path, decoded):
 
 
 def test_copy_windows_and_slices_smaller_than_a_tensor(qwen2, tmp_path, monkeypatch):
-    """Windows of 2 pages and .ckpt Values of 1000 bytes: every tensor crosses both, at unaligned offsets; the bytes,
-    the manifest's CRC32s and the file are the same as with one window and one Value per tensor."""
+    """Copy chunks of 1000 bytes and .ckpt Values of 1000 bytes: every tensor crosses both, at unaligned offsets;
+    the bytes, the manifest's CRC32s and the file are the same as with one chunk and one Value per tensor."""
     whole = tmp_path / "whole"
     assert run("hf2ms", qwen2, whole).exit_code == 0
-    monkeypatch.setattr(writer, "COPY_WINDOW", 2 * 4096)
+    monkeypatch.setattr(writer, "COPY_CHUNK", 1000)
     monkeypatch.setattr(writer, "CKPT_SLICE_BYTES", 1000)
     sliced = tmp_path / "sliced"
     assert run("hf2ms", qwen2, sliced).exit_code == 0
     back = tmp_path / "back"
-    assert run("ms2hf", sliced, back).exit_code == 0  # the source's Values are copied one window at a time
+    assert run("ms2hf", sliced, back).exit_code == 0  # the source's Values are copied a chunk at a time
     assert raw_tensors(back) == raw_tensors(qwen2)
     manifests = [json.loads((d / "manifest.json").read_text())["tensors"] for d in (whole, sliced, back)]
     assert manifests[0] == manifests[1]
