@@ -231,7 +231,8 @@ def main() -> None:
                 shutil.rmtree(work / "fused", ignore_errors=True)
                 out.rename(work / "fused")
             above = max(peak - baseline, 0)
-            print(f"{name:40s} {seconds:6.2f} {rate_once / GB:5.2f} {rate_once / rate(results['cp -r', 'cache']):5.2f}x "
+            vs_cp = rate_once / rate(results['cp -r', 'cache'])
+            print(f"{name:40s} {seconds:6.2f} {rate_once / GB:5.2f} {vs_cp:5.2f}x "
                   f"{peak / MiB:5.0f} MiB {above / MiB:5.0f} MiB {above / info['largest_tensor']:8.2f}x")
         settle(out)
         out.mkdir()

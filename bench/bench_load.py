@@ -67,12 +67,20 @@ def make_checkpoint(directory: Path, config) -> int:
     return sum(t.nbytes for t in tensors)
 
 
-def vm_hwm() -> int:
-    """This process's peak resident memory (bytes)."""
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmHWM: peak resident, VmRSS: resident now), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def vm_hwm() -> int:
+    return status_bytes("VmHWM")
+
+
+def vm_rss() -> int:
+    return status_bytes("VmRSS")
 
 
 def run_child(job: dict) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_convert import vm_hwm, vm_rss
+from bench_load import vm_hwm, vm_rss
 from bench_train_step import interleaved
 
 GB = 2 ** 30
@@ -123,6 +123,19 @@ def memory(args, work: Path) -> None:
           "and scales, the rest bf16); RSS growth and peak are the child's, above its baseline after imports.")
 
 
+class InProcessStep:
+    """A step run in this process, with the worker interface ``bench_train_step.interleaved`` alternates: ``ask``
+    runs it and answers its wall and process-CPU seconds."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def ask(self, command: str) -> dict:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.run()
+        return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+
+
 def step_time(args, work: Path) -> None:
     import mindspore as ms
     import torch
@@ -155,11 +168,9 @@ def step_time(args, work: Path) -> None:
         step = TrainStep(model, optimizer, PrecisionConfig(), accumulation_steps=1)
         losses[name] = float(step(ids, ids, mask, None)[0].asnumpy())  # compiles
 
-        def run(step=step):
-            step(ids, ids, mask, None)[0].asnumpy()
-
-        steps[name] = run
-    (lora_time, lora_cpu), (qlora_time, qlora_cpu) = interleaved(*steps.values(), args.warmup, args.steps)
+        steps[name] = InProcessStep(lambda step=step: step(ids, ids, mask, None)[0].asnumpy())
+    (lora_time, lora_cpu), (qlora_time, qlora_cpu) = interleaved(list(steps.values()), "step", args.warmup,
+                                                                 args.steps)
     print(f"\nstep time, 2 x 256 tokens, {args.threads} threads (first-step losses: "
           + ", ".join(f"{name} {loss:.4f}" for name, loss in losses.items()) + ")")
     print(f"  LoRA  {lora_time:6.2f} s/step ({lora_cpu:.2f} CPU-s)")
