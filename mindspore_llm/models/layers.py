@@ -389,10 +389,12 @@ def repeat_kv(tile, x, heads: int):
 
 
 class SoftmaxExpandedGrad(nn.Cell):
-    """`softmax` (a last-axis ``P.Softmax``) with its gradient written out, y * (dy - rowsum(dy * y)), the row sum
-    expanded to the scores' shape first. MindSpore 2.10's CPU SoftmaxGrad subtracts it broadcasting and keeps two
-    int64 index maps of the scores' size for the life of the graph (``broadcast_explicitly``): 128 MB per layer at
-    4 x 8 x 512 x 512. The primitive stays the parent's, so the plan's strategy for it still applies."""
+    """`softmax` (a last-axis ``P.Softmax`` of (B, heads, S, L) scores) with its gradient written out,
+    y * (dy - rowsum(dy * y)), the row sum expanded to the scores' shape first. MindSpore 2.10's CPU SoftmaxGrad
+    subtracts it broadcasting and keeps two int64 index maps of the scores' size for the life of the graph
+    (``broadcast_explicitly``): 128 MB per layer at 4 x 8 x 512 x 512. The primitive stays the parent's, so the
+    plan's strategy for it still applies. The row sum and its expansion are products with ones (BatchMatMul): on
+    this backend 9 and 4 ms at that shape, against 21 ms for ReduceSum and 17 ms for BroadcastTo."""
 
     def __init__(self, softmax):
         super().__init__()
@@ -402,8 +404,11 @@ class SoftmaxExpandedGrad(nn.Cell):
         return self.softmax(x)
 
     def bprop(self, x, out, dout):
-        row = (dout * out).sum(-1, keepdims=True)
-        return (out * (dout - ops.broadcast_to(row, out.shape)),)
+        rows, length = out.shape[:-1], out.shape[-1]
+        products = (dout * out).reshape(-1, rows[-1], length)
+        row_sums = ops.bmm(products, ops.ones((products.shape[0], length, 1), out.dtype))
+        expanded = ops.bmm(row_sums, ops.ones((products.shape[0], 1, length), out.dtype)).reshape(out.shape)
+        return (out * (dout - expanded),)
 
 
 class DotProductAttention(nn.Cell):
