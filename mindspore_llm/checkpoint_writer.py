@@ -137,6 +137,17 @@ class _Cancelled(Exception):
     """Another tensor failed: this one stops at its next piece or window."""
 
 
+_thread_state = threading.local()
+
+
+def _copy_buffer() -> memoryview:
+    """The calling thread's copy buffer of COPY_CHUNK bytes, made at its first use."""
+    buffer = getattr(_thread_state, "copy_buffer", None)
+    if buffer is None or len(buffer) != COPY_CHUNK:
+        buffer = _thread_state.copy_buffer = memoryview(bytearray(COPY_CHUNK))
+    return buffer
+
+
 class _TensorSink:
     """Writes one tensor's pieces to file descriptor `fd`, adding .ckpt slice headers at slice boundaries, and
     checksums its bytes."""
@@ -146,7 +157,6 @@ class _TensorSink:
         self.left = tensor.nbytes
         self.slice_left = 0
         self.crc = 0
-        self.buffer = None  # the copy buffer, made at the first FileBytes piece
         if ckpt and self.left == 0:
             _write(fd, _ckpt_value_header(tensor, 0))
 
@@ -182,17 +192,16 @@ class _TensorSink:
     def _copy(self, source: int, offset: int, nbytes: int) -> None:
         """Bytes `offset`.. of file `source` appended to the output, a chunk at a time through this sink's buffer,
         checksummed on the way."""
-        if self.buffer is None:
-            self.buffer = memoryview(bytearray(COPY_CHUNK))
+        buffer = _copy_buffer()
         end = offset + nbytes
         while offset < end:
             if self.cancelled.is_set():
                 raise _Cancelled
-            read = os.preadv(source, [self.buffer[:min(len(self.buffer), end - offset)]], offset)
+            read = os.preadv(source, [buffer[:min(len(buffer), end - offset)]], offset)
             if not read:
                 raise CheckpointError(f"tensor {self.tensor.name}: its source file ended at byte {offset} "
                                       f"(truncated while being read?)")
-            chunk = self.buffer[:read]
+            chunk = buffer[:read]
             self.crc = crc32(chunk, self.crc)
             _write(self.fd, chunk)
             offset += read

@@ -404,8 +404,8 @@ class SoftmaxExpandedGrad(nn.Cell):
         return self.softmax(x)
 
     def bprop(self, x, out, dout):
-        rows, length = out.shape[:-1], out.shape[-1]
-        products = (dout * out).reshape(-1, rows[-1], length)
+        rows, length = out.shape[-2:]
+        products = (dout * out).reshape(-1, rows, length)
         row_sums = ops.bmm(products, ops.ones((products.shape[0], length, 1), out.dtype))
         expanded = ops.bmm(row_sums, ops.ones((products.shape[0], 1, length), out.dtype)).reshape(out.shape)
         return (out * (dout - expanded),)
