@@ -113,8 +113,9 @@ def test_square_sum_carries_mindspore_global_norm_marker():
     (the attribute its ops.clip_by_global_norm sets), and its value is the sum of squares."""
     assert step_module._expand_dims.attrs.get("grad_scale") is True
     grad = Tensor(np.array([[1.0, -2.0], [3.0, 0.5]], np.float32))
-    square_sum = step_module._square_sum_tensor(grad)
-    assert square_sum.shape == (1,) and float(square_sum.asnumpy()[0]) == pytest.approx(14.25)
+    for rows_first in (False, True):  # the cluster's form and CPU's
+        square_sum = step_module._square_sum_tensor(rows_first, grad)
+        assert square_sum.shape == (1,) and float(square_sum.asnumpy()[0]) == pytest.approx(14.25)
 
 
 # -- the data-parallel degree -------------------------------------------------------------------------------------
