@@ -120,7 +120,8 @@ def build_deepseek_v3(config: DeepseekV3Config, precision: Precision) -> Deepsee
     layers = [DecoderLayer(config.hidden_size, config.rms_norm_eps, attention(), mlp(i), precision)
               for i in range(config.num_hidden_layers)]
     rotary = RotaryEmbedding(config.rope, config.qk_rope_head_dim, config.max_position_embeddings)
-    model = DecoderModel(config.vocab_size, config.hidden_size, config.rms_norm_eps, layers, rotary, precision, std)
+    model = DecoderModel(config.vocab_size, config.hidden_size, config.rms_norm_eps, layers, rotary, precision, std,
+                         config.num_attention_heads)
     return DeepseekV3ForCausalLM(config, model, precision)
 
 

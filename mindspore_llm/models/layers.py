@@ -325,11 +325,15 @@ class AttentionMask(nn.Cell):
     many ways the plan splits the rows, as the kernel's limit counts one device's), unused entries repeating the
     row's end (zero-length segments, as mindformers pads its compressed EOD lengths). A padding run is a segment of
     its own: real tokens never see it, and its queries' outputs are not trained on.
+
+    With the CPU forms (``explicit_broadcast``) the bias is expanded to (B, heads, S, S) here, once per step, rather
+    than in every layer's attention.
     """
 
-    def __init__(self, precision: Precision):
+    def __init__(self, precision: Precision, num_heads: int = 1):
         super().__init__()
         self.min_value = float(np.finfo(np.float32).min)
+        self.expanded_heads = num_heads if precision.explicit_broadcast else None
         self.flash = precision.kernels.flash_attention
         self.batch_split = 1
         self.smallest = P.TopK(sorted=True)
@@ -346,7 +350,10 @@ class AttentionMask(nn.Cell):
             query_doc = doc.reshape(doc.shape[0], 1, seq_len, 1)
             key_doc = doc.reshape(doc.shape[0], 1, 1, seq_len)
             allowed = ops.logical_and(allowed, ops.logical_and(query_doc == key_doc, key_doc != 0))
-        return self._bias(allowed)
+        bias = self._bias(allowed)
+        if self.expanded_heads is not None:
+            bias = ops.broadcast_to(bias, (batch, self.expanded_heads, seq_len, seq_len))
+        return bias
 
     def for_cache(self, key_mask, start, seq_len: int):
         """(B, 1, S, L) for S queries at cache slots start .. start + S - 1 over a cache of L slots: query i sees
@@ -463,11 +470,16 @@ class DotProductAttention(nn.Cell):
         batch, heads, seq_len, _ = query.shape
         key = repeat_kv(self.repeat_kv, key, heads)
         value = repeat_kv(self.repeat_kv, value, heads)
+        if self.explicit_broadcast:  # CPU: the scaling multiplies the queries, D / L as many elements as the scores
+            query = self.scale(query, self.scaling)
         scores = self.qk_matmul(self.cast(query, self.compute_dtype), self.cast(key, self.compute_dtype))
         scores = self.cast(scores, ms.float32)
         if self.explicit_broadcast:
-            mask = ops.broadcast_to(mask, scores.shape)
-        scores = self.add_bias(self.scale(scores, self.scaling), mask)
+            if mask.shape != scores.shape:  # AttentionMask expands the training mask once; the cached path's is not
+                mask = ops.broadcast_to(mask, scores.shape)
+        else:  # a cluster's graph scales the fp32 scores: no extra rounding of 16-bit queries
+            scores = self.scale(scores, self.scaling)
+        scores = self.add_bias(scores, mask)
         probs = self.softmax(scores) if self.softmax_expanded_grad is None else self.softmax_expanded_grad(scores)
         probs = self.cast(probs, self.compute_dtype)
         out = self.cast(self.pv_matmul(probs, self.cast(value, self.compute_dtype)), self.activation_dtype)
@@ -604,13 +616,13 @@ class DecoderModel(nn.Cell):
     """Embedding, decoder layers, final norm; named like Hugging Face's ``model.*`` so checkpoints map 1:1."""
 
     def __init__(self, vocab_size: int, hidden_size: int, rms_norm_eps: float, layers: list[nn.Cell],
-                 rotary_emb: RotaryEmbedding, precision: Precision, init_std: float):
+                 rotary_emb: RotaryEmbedding, precision: Precision, init_std: float, num_heads: int):
         super().__init__()
         self.embed_tokens = Embedding(vocab_size, hidden_size, precision, init_std)
         self.layers = nn.CellList(layers)
         self.norm = RMSNorm(hidden_size, rms_norm_eps, precision)
         self.rotary_emb = rotary_emb
-        self.attention_mask = AttentionMask(precision)
+        self.attention_mask = AttentionMask(precision, num_heads)
 
     def construct(self, input_ids, attention_mask=None, position_ids=None):
         batch, seq_len = input_ids.shape

@@ -24,5 +24,6 @@ def build_qwen(config: QwenConfig, precision: Precision) -> CausalLM:
         for _ in range(config.num_hidden_layers)
     ]
     rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
-    model = DecoderModel(config.vocab_size, config.hidden_size, config.rms_norm_eps, layers, rotary, precision, std)
+    model = DecoderModel(config.vocab_size, config.hidden_size, config.rms_norm_eps, layers, rotary, precision, std,
+                         config.num_attention_heads)
     return CausalLM(config, model, precision)

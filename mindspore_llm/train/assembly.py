@@ -29,12 +29,14 @@ TOY_SEQ_LENGTH = 16
 def build_step(trained, trainable_params, config, context, prompt_length: int | None = None):
     """(the step, the cell to compile) of training `trained` (the model, or a ``DistillationModel`` around it)
     under `context`, as the trainer builds it: a ``TrainStep``, or for ``kind: grpo`` a ``GRPOStep`` on rollouts of
-    `prompt_length` prompt slots; the AdamW moments in host memory with ``offload_optimizer: host``, the ZeRO stage
-    on the ``AutoParallel`` cell (``context.wrap_step``)."""
-    from mindspore_llm.train.optim import AdamW
+    `prompt_length` prompt slots; AdamW in the job's device target's form (``optim.fused_by_default``), its moments
+    in host memory with ``offload_optimizer: host``, the ZeRO stage on the ``AutoParallel`` cell
+    (``context.wrap_step``)."""
+    from mindspore_llm.train.optim import AdamW, fused_by_default
     from mindspore_llm.train.step import GRPOStep, TrainStep
 
-    optimizer = AdamW(trainable_params, config.optimizer, config.schedule, config.parallel.offloads_optimizer)
+    optimizer = AdamW(trainable_params, config.optimizer, config.schedule, config.parallel.offloads_optimizer,
+                      fused=fused_by_default(config.device_target))
     arguments = (trained, optimizer, config.precision, config.train.gradient_accumulation_steps,
                  config.optimizer.clip_grad_norm)
     parallelism = context.step_parallelism(optimizer.parameters)

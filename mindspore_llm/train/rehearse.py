@@ -41,7 +41,7 @@ from mindspore_llm.parallel.zero import describe
 from mindspore_llm.train.assembly import (build_step, build_toy_model, cluster_shapes, quantization_block, toy_batch,
                                           toy_model_config, toy_parallel, toy_rollouts, toy_seq_length)
 from mindspore_llm.train.config import TrainConfig
-from mindspore_llm.train.optim import HOST, placement
+from mindspore_llm.train.optim import HOST, fused_by_default, placement
 from mindspore_llm.train.trainer import BATCH_KEYS, check_parallel_settings
 
 # Agreement between the wrapped and the reference step (both run on this CPU, the same arithmetic on other batch
@@ -330,6 +330,8 @@ def _rehearse_kernels(config, toy, toy_plan, lora, sample, say, result) -> None:
     say(f"  kernels on {config.device_target}:")
     for line in cluster.describe():
         say(f"    {line}")
+    say("    adamw: " + ("AdamWeightDecay kernels" if fused_by_default(config.device_target) else
+                         "decomposed (elementwise ops per weight; compiled and run in the steps below)"))
     if not cluster.fused:
         return
     tick = time.perf_counter()
