@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ckpt_tools.convert import (DTYPES, LAYOUTS, open_files, plan, read_config, read_float32, tensor_data, view_of, write_side_files)
+from ckpt_tools.convert import (DTYPES, LAYOUTS, open_files, plan, read_config, read_float32, tensor_data, view_of,
+                                write_side_files)
 from mindspore_llm.checkpoint import cast, iter_tensors
 from mindspore_llm.checkpoint_writer import write_checkpoint
 from mindspore_llm.common import CheckpointError

@@ -225,7 +225,8 @@ def write_teacher_topk(teacher: nn.Cell, batches: Iterable[dict[str, np.ndarray]
     data_start = 8 + len(text)
     topk = _TopKLogits(freeze(teacher), top_k)
     row = 0
-    with atomic_path(path) as tmp, open(tmp, "wb") as f, tqdm(total=num_rows, desc="teacher top-k", disable=quiet) as bar:
+    with (atomic_path(path) as tmp, open(tmp, "wb") as f,
+          tqdm(total=num_rows, desc="teacher top-k", disable=quiet) as bar):
         f.write(len(text).to_bytes(8, "little") + text)
         f.truncate(data_start + 2 * size)
         for batch in batches:

@@ -135,7 +135,8 @@ def load_peft_adapter(model, directory: str | Path) -> LoraConfig:
     if in_file != set(wrapped):
         missing, unexpected = sorted(set(wrapped) - in_file), sorted(in_file - set(wrapped))
         raise CheckpointError(f"{directory}: the adapter's layers differ from the model's LoRA layers; "
-                              f"missing: {', '.join(missing[:4]) or '-'}; unexpected: {', '.join(unexpected[:4]) or '-'}")
+                              f"missing: {', '.join(missing[:4]) or '-'}; "
+                              f"unexpected: {', '.join(unexpected[:4]) or '-'}")
     for path, layer in wrapped.items():
         if layer.lora_A.weight.shape[0] != cfg.rank or layer.scaling != cfg.scaling:
             raise ConfigError(f"{directory}: r={cfg.rank}, lora_alpha={cfg.alpha} differ from the model's LoRA layer "

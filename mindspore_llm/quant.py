@@ -244,7 +244,8 @@ def _quant_state(config: QuantizationConfig, shape: tuple[int, int], dtype: str,
     return np.frombuffer(json.dumps(state).ljust(size).encode(), np.uint8)
 
 
-def bnb_shapes(config: QuantizationConfig, shape: tuple[int, int], dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+def bnb_shapes(config: QuantizationConfig, shape: tuple[int, int],
+               dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """suffix -> (shape, safetensors dtype) of each tensor ``bnb_tensors`` writes for an (out, in) weight."""
     out_features, in_features = shape
     if config.method == "int8":

@@ -123,7 +123,7 @@ def test_square_sum_carries_mindspore_global_norm_marker():
 class _SummingReducer(nn.DistributedGradReducer):
     """A reducer whose internals must not be read: the step takes the data-parallel degree from the context."""
 
-    def __init__(self):  # noqa: super().__init__ needs a process group
+    def __init__(self):  # not super().__init__: it needs a process group
         nn.Cell.__init__(self)
         self.mean = True
 

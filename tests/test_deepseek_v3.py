@@ -66,13 +66,15 @@ DEEPSEEK_V3_CONFIG = {
 def test_config_reads_the_published_deepseek_v3_config_and_names_bad_fields():
     config = config_from_hf(DEEPSEEK_V3_CONFIG)
     assert (config.q_lora_rank, config.n_group, config.topk_group, config.num_nextn_predict_layers) == (1536, 8, 4, 1)
-    assert (config.rope.rope_type, config.rope.factor, config.rope.original_max_position_embeddings) == ("yarn", 40, 4096)
+    rope = config.rope
+    assert (rope.rope_type, rope.factor, rope.original_max_position_embeddings) == ("yarn", 40, 4096)
     # 192^-0.5 * (0.1 ln 40 + 1)^2: the yarn mscale correction of the softmax scale
     assert softmax_scale(config) == pytest.approx(192 ** -0.5 * (0.1 * np.log(40) + 1) ** 2, rel=1e-12)
     assert config_from_yaml_section({**config.to_dict(), "seq_aux_loss_alpha": 1e-4}, "train.yaml: model") \
         .seq_aux_loss_alpha == 1e-4
     for bad, field in (({"n_routed_experts": 250}, "n_routed_experts"), ({"topk_group": 9}, "topk_group"),
-                       ({"num_key_value_heads": 8}, "num_key_value_heads"), ({"scoring_func": "softmax"}, "scoring_func"),
+                       ({"num_key_value_heads": 8}, "num_key_value_heads"),
+                       ({"scoring_func": "softmax"}, "scoring_func"),
                        ({"qk_rope_head_dim": 63}, "qk_rope_head_dim")):
         with pytest.raises(ConfigError, match=field):
             config_from_hf({**DEEPSEEK_V3_CONFIG, **bad}, "config.json")

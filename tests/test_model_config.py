@@ -21,7 +21,8 @@ def test_qwen2_config_maps_bias_and_rope():
     config = config_from_hf(hf)
     assert (config.qkv_bias, config.o_bias, config.qk_norm) == (True, False, False)
     assert config.head_dim == 64 // 4
-    assert (config.rope.rope_type, config.rope.factor, config.rope.original_max_position_embeddings) == ("yarn", 4.0, 64)
+    rope = config.rope
+    assert (rope.rope_type, rope.factor, rope.original_max_position_embeddings) == ("yarn", 4.0, 64)
 
 
 def test_qwen3_config_maps_head_dim_and_qk_norm():

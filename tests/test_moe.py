@@ -233,7 +233,8 @@ def test_balance_loss_gradient_through_accumulated_fp16_scaled_step_equals_the_c
 # -- config, plan, planner, FLOPs --------------------------------------------------------------------------------
 
 def test_dispatch_fields_are_validated():
-    for bad, field in (({"moe_dispatch": "sparse"}, "moe_dispatch"), ({"moe_capacity_factor": 0}, "moe_capacity_factor"),
+    for bad, field in (({"moe_dispatch": "sparse"}, "moe_dispatch"),
+                       ({"moe_capacity_factor": 0}, "moe_capacity_factor"),
                        ({"moe_drop_policy": "random"}, "moe_drop_policy")):
         with pytest.raises(ConfigError, match=field):
             dataclasses.replace(TINY, **bad).validate()

@@ -2,7 +2,8 @@
 
 Distillation: a tiny Qwen3 student learns from a frozen 1-layer Qwen2 teacher whose logits are peaked (embedding
 std 0.25: the KL to the student's near-uniform start is 2.8), with kd_lambda 1 (the loss is the KD term alone);
-checkpoints and the final directory hold the student only; offline with every logit stored equals online. DeepSeek-V3: the shipped configs/tiny_deepseek_v3.yaml, shortened; every
+checkpoints and the final directory hold the student only; offline with every logit stored equals online.
+DeepSeek-V3: the shipped configs/tiny_deepseek_v3.yaml, shortened; every
 step logs each MoE layer's expert load, the selection biases move, and one update counts the tokens of all the
 step's micro-batches (rows x seq_length x top_k per layer). Pipeline parallel needs Ascend and HCCL: the tests build
 everything the Ascend path builds that constructs without them (MindSpore's Pipeline, PipelineGradReducer and
@@ -194,7 +195,8 @@ def test_pipeline_step_is_assembled_from_mindspore_pipeline_pieces(tmp_path):
     context = pipeline_context()
     assert context.main_rank == 2 and context.is_main  # the first rank of the last stage logs (it has the loss)
     assert not pipeline_context(rank=0).is_main
-    model = build_model(config_from_yaml_section({**TEACHER, "num_hidden_layers": 2, "num_key_value_heads": 2}, "model"))
+    model = build_model(config_from_yaml_section({**TEACHER, "num_hidden_layers": 2, "num_key_value_heads": 2},
+                                                 "model"))
     apply_plan(model, PIPELINE)
     assert [layer.pipeline_stage for layer in model.model.layers] == [0, 1]
     assert (model.model.embed_tokens.pipeline_stage, model.lm_head.pipeline_stage) == (0, 1)

@@ -114,7 +114,8 @@ def test_the_rehearsal_builds_zero3_with_host_offload_on_the_2048_device_config(
     result = rehearse(config, str(DEEPSEEK_2048P), steps=1, echo=lambda line: None)
     report = "\n".join(result.lines)
     assert result.ok, report
-    assert "zero_stage 3 (hsdp level3, shard size -1, threshold 64 KB)" in report and "compiled as AutoParallel" in report
+    assert "zero_stage 3 (hsdp level3, shard size -1, threshold 64 KB)" in report
+    assert "compiled as AutoParallel" in report
     assert "AdamW moments placed on the host" in report
 
 
@@ -236,7 +237,8 @@ REFUSED = [  # (the project's fields, the key its error names, MindSpore's behav
     (dict(offload_optimizer="disk"), "offload_optimizer", _mindspore_has_no_nvme),
     (dict(zero_stage=2), "data_parallel is 1", _mindspore_ignores_a_group_of_one),
     (dict(zero_stage=3), "data_parallel is 1", _mindspore_ignores_a_group_of_one),
-    (dict(data_parallel=4, zero_stage=1, optimizer_shard_size=0), "optimizer_shard_size", _mindspore_refuses_shard_size_0),
+    (dict(data_parallel=4, zero_stage=1, optimizer_shard_size=0), "optimizer_shard_size",
+     _mindspore_refuses_shard_size_0),
     (dict(data_parallel=4, zero_stage=1, optimizer_shard_size=1), "optimizer_shard_size",
      _mindspore_ignores_a_group_of_one),
     (dict(data_parallel=4, zero_stage=1, optimizer_shard_size=3), "optimizer_shard_size",

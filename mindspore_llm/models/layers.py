@@ -7,8 +7,9 @@ here (CPU, and the numerical reference) or as Ascend's fused kernel, by ``Precis
 
 Precision policy: parameters live in ``param_dtype``; matmuls run in ``compute_dtype``; the activations between
 them (residual stream, MLP and rope products) are kept in ``activation_dtype`` (the compute dtype for O2, fp32
-for O1); norms, rotary tables, softmax and the loss run in fp32. Ops that a parallel plan may split are primitive instances (``P.MatMul()``...) so
-that ``mindspore_llm.parallel.plan`` can give each its strategy; the model code never decides a split.
+for O1); norms, rotary tables, softmax and the loss run in fp32. Ops that a parallel plan may split are primitive
+instances (``P.MatMul()``...) so that ``mindspore_llm.parallel.plan`` can give each its strategy; the model code never
+decides a split.
 """
 from __future__ import annotations
 

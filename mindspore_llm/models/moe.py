@@ -128,8 +128,9 @@ class StackedExperts(nn.Cell):
                    group_list=group_sizes, group_type=0, group_list_type=1)[0]
         up = gmm([rows], [self.cast(self.up_proj, self.compute_dtype).transpose(weight_in)],
                  group_list=group_sizes, group_type=0, group_list_type=1)[0]
-        return gmm([self.mul(self.silu(gate), up)], [self.cast(self.down_proj, self.compute_dtype).transpose(weight_in)],
-                   group_list=group_sizes, group_type=0, group_list_type=1)[0]
+        down = self.cast(self.down_proj, self.compute_dtype).transpose(weight_in)
+        return gmm([self.mul(self.silu(gate), up)], [down], group_list=group_sizes, group_type=0,
+                   group_list_type=1)[0]
 
 
 class DenseDispatch(nn.Cell):

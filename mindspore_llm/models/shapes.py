@@ -35,7 +35,8 @@ def routed_slots_per_token(config, seq_length: int) -> float:
 
 
 def _swiglu(prefix: str, hidden: int, intermediate: int) -> list[tuple[str, tuple[int, ...]]]:
-    return [(f"{prefix}.gate_proj.weight", (intermediate, hidden)), (f"{prefix}.up_proj.weight", (intermediate, hidden)),
+    return [(f"{prefix}.gate_proj.weight", (intermediate, hidden)),
+            (f"{prefix}.up_proj.weight", (intermediate, hidden)),
             (f"{prefix}.down_proj.weight", (hidden, intermediate))]
 
 

@@ -521,7 +521,8 @@ def zero_lines(inputs: PlanInputs, stages: list[StageMemory], offload: Offload) 
         lines.append(f"  host memory: {host / GB:.2f} GB per server of {offload.devices_per_server} devices ("
                      + ", ".join(f"{term} {b / GB:.2f} GB" for term, b in worst.host.items())
                      + f" per device of stage {worst.stage})")
-        lines.append(f"  host<->device traffic: {traffic / GB:.2f} GB per step and device, {traffic / 1e9 / offload.pcie_gb_per_s:.2f} s "
+        lines.append(f"  host<->device traffic: {traffic / GB:.2f} GB per step and device, "
+                     f"{traffic / 1e9 / offload.pcie_gb_per_s:.2f} s "
                      f"at an assumed {offload.pcie_gb_per_s:g} GB/s per device (not overlapped with compute; "
                      f"measure on the server)")
     return lines
@@ -536,6 +537,8 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float,
     validate_plan(config, parallel, device_num, inputs.global_batch_size, inputs.micro_batch_size,
                   inputs.gradient_accumulation_steps, work.seq_length, inputs.lora and inputs.lora.quantization)
     total, active = count_parameters(config)
+    global_batch = (parallel.data_parallel * inputs.micro_batch_size * parallel.micro_batch_num
+                    * inputs.gradient_accumulation_steps)
     lines = [f"plan for {inputs.source}",
              f"model: {config.architecture}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
              f"{_count(total)} parameters ({_count(active)} active per token)",
@@ -546,7 +549,7 @@ def plan_report(inputs: PlanInputs, device_num: int, hbm_gb: float,
              f"  zero_stage {parallel.zero_stage}, sequence_parallel {parallel.sequence_parallel}, "
              f"vocab_parallel {parallel.vocab_parallel}, micro_batch_num {parallel.micro_batch_num}",
              f"batch: seq_length {work.seq_length}, micro_batch_size {inputs.micro_batch_size}, global batch "
-             f"{parallel.data_parallel * inputs.micro_batch_size * parallel.micro_batch_num * inputs.gradient_accumulation_steps}"
+             f"{global_batch}"
              f", compute {'fp32' if work.compute_bytes == 4 else '16-bit (O2)'}"]
     lines.append("kernels: " + (", ".join(f"fused {name}" for name in inputs.kernels.fused) or "all decomposed")
                  + ("; flash attention stores no S x S scores" if work.flash_attention else
